@@ -1,0 +1,463 @@
+"""One typed config tree, resolved in layers.
+
+Resolution order (later wins):
+    dataclass defaults ← preset TOML (`presets/NAME.toml`) ← `--config FILE.toml`
+    ← repeatable `--set section.key=value` ← named CLI flags (`--model`, `--out`, …)
+
+Every layer is checked against the tree: an unknown section or key, or a value of the wrong type,
+raises `ConfigError` naming the key, where it came from and the valid choices. The resolved tree is
+written next to the outputs as `config.toml` and can be fed back with `--config`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from lorakit.errors import ConfigError
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to train on."""
+
+    name: str = ""
+    """`tiny:sd15` (offline random-weight model), a hub id, or a local diffusers folder."""
+    family: Literal["auto", "sd15"] = "auto"
+    """Model family; `auto` reads it from `tiny:FAMILY` or the folder's `model_index.json`."""
+    revision: str = ""
+    """Hub revision (branch, tag or commit); empty = default branch."""
+    variant: str = ""
+    """Weight variant to load, e.g. `fp16`; empty = full-precision files."""
+    allow_pickle: bool = False
+    """Allow loading `.bin`/`.ckpt` pickled weights. Off: only safetensors are read."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they become training samples."""
+
+    resolution: int = 512
+    """Training resolution in pixels (images are resized and center-cropped to a square)."""
+    caption_ext: str = ".txt"
+    """Extension of the caption file next to each image."""
+    trigger: str = ""
+    """Trigger word. Replaces `[trigger]`/`{trigger}` in captions, else is prefixed when absent."""
+    default_caption: str = ""
+    """Caption for images without a caption file (the trigger word is still applied)."""
+    center_crop: bool = True
+    """Center-crop after resizing the short side; off = random crop (seeded)."""
+    cache_latents: bool = True
+    """Encode every image with the VAE once before training."""
+    cache_text: bool = True
+    """Encode every caption once before training (the text encoder is frozen)."""
+
+
+@dataclass
+class LoraConfigSection:
+    """The adapter injected into the denoiser (UNet / transformer)."""
+
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the LoRA path during training."""
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Module name suffixes that get an adapter; default = attention projections."""
+    init: Literal["default", "gaussian"] = "default"
+    """Initialisation of lora_A (lora_B always starts at zero, so step 0 equals the base model)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation itself."""
+
+    out: str = "runs/lorakit"
+    """Output folder: adapters, `config.toml`, `samples/`, `checkpoints/`."""
+    steps: int = 1000
+    """Number of optimizer steps."""
+    batch_size: int = 1
+    """Images per step (per device)."""
+    grad_accum: int = 1
+    """Gradient accumulation: micro-batches per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant_with_warmup"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw8bit"
+    """`adamw` (torch) or `adamw8bit` (bitsandbytes, about a quarter of the optimizer memory)."""
+    optimizer_fallback: bool = False
+    """If the 8-bit optimizer cannot run here, fall back to torch AdamW instead of stopping."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 = off."""
+    seed: int = 42
+    """Seed for LoRA init, data order, noise and timesteps: same seed, same adapter."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: much less memory, ~30% slower."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Frozen weights and autocast dtype; LoRA weights stay in fp32."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` uses CUDA when available."""
+    save_every: int = 0
+    """Also export the adapter every N steps (0 = only at the end)."""
+    log_every: int = 10
+    """Print / log the smoothed loss every N steps."""
+
+
+@dataclass
+class SampleConfig:
+    """Preview grids rendered during training (rows = prompts, columns = seeds)."""
+
+    every: int = 0
+    """Render a grid at step 0 and every N steps (0 = never)."""
+    prompts: str | list[str] = field(default_factory=list)
+    """A prompt file (one prompt per line, `#` comments) or a list of prompts."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """One grid column per seed; the same seed gives the same image across runs."""
+    steps: int = 20
+    """Denoising steps per preview image."""
+    guidance: float = 7.5
+    """Classifier-free guidance scale."""
+    negative: str = ""
+    """Negative prompt."""
+    width: int = 0
+    """Preview width; 0 = data.resolution."""
+    height: int = 0
+    """Preview height; 0 = data.resolution."""
+    scheduler: Literal["default", "euler", "ddim", "dpm++"] = "default"
+    """Sampler for previews; `default` = the model's own scheduler."""
+
+
+@dataclass
+class ExportConfig:
+    """Adapter files written at every save and at the end."""
+
+    name: str = "lorakit"
+    """File stem of the adapter: `OUT/<name>.safetensors`."""
+    formats: list[str] = field(default_factory=lambda: ["kohya", "diffusers"])
+    """Formats to write: `kohya` (ComfyUI/A1111/Forge) and/or `diffusers`."""
+    title: str = ""
+    """`modelspec.title`; empty = export.name."""
+    description: str = ""
+    """`modelspec.description`."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfigSection = field(default_factory=LoraConfigSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return asdict(self)
+
+    def to_toml(self) -> str:
+        header = "# lorakit resolved config: feed it back with `lorakit train DATA --config THIS`\n"
+        return header + tomli_w.dumps(self.to_dict())
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+# Top-level keys a preset or config file may carry besides sections.
+META_KEYS = {"description", "preset"}
+
+
+def section_hints(section: str) -> dict[str, Any]:
+    return typing.get_type_hints(SECTIONS[section])
+
+
+def field_docs() -> dict[str, str]:
+    """`section.key` → the docstring under that field (parsed from this file's source)."""
+    import ast
+    import inspect
+
+    out: dict[str, str] = {}
+    tree = ast.parse(inspect.getsource(inspect.getmodule(Config)))
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    for section, cls in SECTIONS.items():
+        body = classes[cls.__name__].body
+        for node, nxt in zip(body, [*body[1:], None], strict=True):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+                if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                    out[f"{section}.{node.target.id}"] = nxt.value.value  # type: ignore[union-attr]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# type checking of user values
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
+        hint, str(hint)
+    )
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Return `value` converted to `hint`, or raise TypeError/ValueError."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ValueError
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in typing.get_args(hint):
+            try:
+                return _coerce(value, arg)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError(f"unsupported type {hint}")
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def check_layer(layer: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """Validate one layer (nested dict) and return it with values coerced to their types."""
+    out: dict[str, dict[str, Any]] = {}
+    for section, values in layer.items():
+        if section in META_KEYS:
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"Unknown config section '{section}' in {source}. Valid sections: "
+                f"{', '.join(SECTIONS)}.{_suggest(section, list(SECTIONS))}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"'{section}' in {source} must be a table of keys (e.g. [{section}] in TOML, or "
+                f"--set {section}.KEY=VALUE), not a single value."
+            )
+        hints = section_hints(section)
+        out[section] = {}
+        for key, value in values.items():
+            if key not in hints:
+                valid = ", ".join(f"{section}.{k}" for k in hints)
+                raise ConfigError(
+                    f"Unknown config key '{section}.{key}' in {source}. Valid keys in "
+                    f"[{section}]: {valid}.{_suggest(key, list(hints))}"
+                )
+            try:
+                out[section][key] = _coerce(value, hints[key])
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"Config key '{section}.{key}' in {source} must be {_describe(hints[key])}, "
+                    f"got {value!r} ({type(value).__name__}). Fix the value and run again."
+                ) from None
+    return out
+
+
+def _merge(base: dict[str, dict[str, Any]], layer: dict[str, dict[str, Any]]) -> None:
+    for section, values in layer.items():
+        base.setdefault(section, {}).update(values)
+
+
+def parse_set(item: str) -> dict[str, dict[str, Any]]:
+    """`section.key=value` → {section: {key: value}}; the value is read as TOML, else as text."""
+    if "=" not in item:
+        raise ConfigError(
+            f"--set '{item}' is not of the form section.key=value "
+            "(for example --set train.steps=500)."
+        )
+    dotted, raw = item.split("=", 1)
+    dotted = dotted.strip()
+    if dotted.count(".") != 1:
+        raise ConfigError(
+            f"--set '{item}': the key must be section.key (for example train.lr), "
+            f"with a section among {', '.join(SECTIONS)}."
+        )
+    section, key = dotted.split(".")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare text, e.g. --set model.name=org/model
+    return {section: {key: value}}
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} '{path}' does not exist. Check the path.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} '{path}' cannot be read ({e}).") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} '{path}' is not valid TOML: {e}. Fix the file.") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+
+
+def presets_dir() -> Path:
+    """Presets ship inside the wheel (`lorakit/presets`); a source checkout has `presets/`."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "presets", here.parent / "presets"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError("lorakit's presets folder is missing from this installation; reinstall it.")
+
+
+def list_presets() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(presets_dir().glob("*.toml"))}
+
+
+def preset_path(name: str) -> Path:
+    available = list_presets()
+    if name not in available:
+        raise ConfigError(
+            f"Unknown preset '{name}'. Available presets: {', '.join(available)}."
+            f"{_suggest(name, list(available))} A path to your own TOML file goes to --config."
+        )
+    return available[name]
+
+
+def preset_description(name: str) -> str:
+    return str(read_toml(preset_path(name), f"preset '{name}'").get("description", ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution
+
+
+def build(merged: dict[str, dict[str, Any]]) -> Config:
+    return Config(**{s: SECTIONS[s](**merged.get(s, {})) for s in SECTIONS})
+
+
+def resolve(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    sets: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> Config:
+    """Resolve the layers into one validated `Config`.
+
+    `flags` maps dotted keys to values; `None` values (flags not given) are skipped.
+    """
+    merged: dict[str, dict[str, Any]] = check_layer(asdict(Config()), "the defaults")
+    file_layer: dict[str, Any] = {}
+    if config_file is not None:
+        file_layer = read_toml(Path(config_file), "Config file")
+        if preset is None and "preset" in file_layer:
+            preset = str(file_layer["preset"])
+    if preset:
+        _merge(merged, check_layer(read_toml(preset_path(preset), "preset"), f"preset '{preset}'"))
+    if config_file is not None:
+        _merge(merged, check_layer(file_layer, f"config file '{config_file}'"))
+    for item in sets or []:
+        _merge(merged, check_layer(parse_set(item), f"--set {item}"))
+    for dotted, value in (flags or {}).items():
+        if value is None:
+            continue
+        section, key = dotted.split(".")
+        _merge(merged, check_layer({section: {key: value}}, f"the --{key} flag"))
+    config = build(merged)
+    validate(config)
+    return config
+
+
+def validate(c: Config) -> None:
+    """Cross-field and range checks that types alone cannot express."""
+    positive = {
+        "data.resolution": c.data.resolution,
+        "lora.rank": c.lora.rank,
+        "train.steps": c.train.steps,
+        "train.batch_size": c.train.batch_size,
+        "train.grad_accum": c.train.grad_accum,
+        "sample.steps": c.sample.steps,
+        "train.log_every": c.train.log_every,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"Config key '{key}' must be greater than 0, got {value}.")
+    for key, value in {
+        "train.save_every": c.train.save_every,
+        "sample.every": c.sample.every,
+        "train.warmup_steps": c.train.warmup_steps,
+        "sample.width": c.sample.width,
+        "sample.height": c.sample.height,
+        "train.max_grad_norm": c.train.max_grad_norm,
+        "train.weight_decay": c.train.weight_decay,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"Config key '{key}' must be 0 or more, got {value}.")
+    if not c.train.lr > 0:
+        raise ConfigError(f"Config key 'train.lr' must be greater than 0, got {c.train.lr}.")
+    if c.data.resolution % 8:
+        raise ConfigError(
+            f"Config key 'data.resolution' must be a multiple of 8 (the VAE downsamples by 8), "
+            f"got {c.data.resolution}."
+        )
+    if not 0.0 <= c.lora.dropout < 1.0:
+        raise ConfigError(f"Config key 'lora.dropout' must be in [0, 1), got {c.lora.dropout}.")
+    if not c.lora.target_modules:
+        raise ConfigError("Config key 'lora.target_modules' must name at least one module.")
+    from lorakit.export import EXPORTERS  # local: export imports models, which import config
+
+    bad = [f for f in c.export.formats if f not in EXPORTERS]
+    if bad or not c.export.formats:
+        raise ConfigError(
+            f"Config key 'export.formats' has {bad or 'no formats'}; valid formats: "
+            f"{', '.join(EXPORTERS)}."
+        )
+    if not c.export.name or any(ch in c.export.name for ch in "/\\"):
+        raise ConfigError(
+            f"Config key 'export.name' must be a plain file stem without slashes, "
+            f"got {c.export.name!r}."
+        )
+    if not c.sample.seeds:
+        raise ConfigError("Config key 'sample.seeds' must list at least one seed.")

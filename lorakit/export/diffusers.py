@@ -1,0 +1,91 @@
+"""diffusers / peft format: `unet.<path>.lora_A.weight`, `…lora_B.weight`, no alpha tensors.
+
+Alpha and per-module ranks go into the `lora_adapter_metadata` header (JSON of LoraConfig kwargs
+per component, keys prefixed `unet.`), which `load_lora_weights` reads. Without it a LoRA trained
+with alpha ≠ rank reloads at the wrong strength.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from lorakit.errors import LorakitError
+from lorakit.export import metadata as md
+from lorakit.lora import Adapter, LoraWeights
+from lorakit.models.base import Family
+
+METADATA_KEY = "lora_adapter_metadata"
+FILENAME = "pytorch_lora_weights.safetensors"
+
+
+def to_state_dict(adapter: Adapter, family: Family) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for (component, path), w in sorted(adapter.modules.items()):
+        out[f"{component}.{path}.lora_A.weight"] = w.down.contiguous()
+        out[f"{component}.{path}.lora_B.weight"] = w.up.contiguous()
+    return out
+
+
+def peft_metadata(adapter: Adapter) -> dict:
+    packed: dict = {}
+    for component in adapter.components():
+        rank, alpha, rank_pattern, alpha_pattern = adapter.rank_alpha(component)
+        paths = sorted(p for c, p in adapter.modules if c == component)
+        kwargs = {
+            "r": rank,
+            "lora_alpha": alpha,
+            "target_modules": paths,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "use_dora": False,
+            "use_rslora": False,
+        }
+        packed.update({f"{component}.{k}": v for k, v in kwargs.items()})
+    return packed
+
+
+def detect(keys: list[str]) -> bool:
+    return bool(keys) and all(".lora_A." in k or ".lora_B." in k for k in keys)
+
+
+def from_state_dict(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str], family: Family
+) -> Adapter:
+    components = {t.component for t in family.targets}
+    packed = json.loads(meta[METADATA_KEY]) if meta.get(METADATA_KEY) else {}
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    unmapped = []
+    for key, t in tensors.items():
+        component, _, rest = key.partition(".")
+        path, _, kind = rest.rpartition(".lora_")
+        if component not in components or path not in family.known_modules(component):
+            unmapped.append(key)
+            continue
+        pairs.setdefault((component, path), {})[kind.split(".")[0]] = t
+    if unmapped:
+        raise LorakitError(
+            f"{len(unmapped)} diffusers keys do not name a module of {family.name}: "
+            f"{', '.join(unmapped[:8])}{' …' if len(unmapped) > 8 else ''}. Nothing was written."
+        )
+    modules = {}
+    for (component, path), parts in pairs.items():
+        if set(parts) != {"A", "B"}:
+            raise LorakitError(f"diffusers module '{component}.{path}' lacks lora_A or lora_B.")
+        down = parts["A"].float()
+        alpha = packed.get(f"{component}.alpha_pattern", {}).get(path)
+        if alpha is None:
+            alpha = packed.get(f"{component}.lora_alpha", down.shape[0])
+        modules[(component, path)] = LoraWeights(down, parts["B"].float(), float(alpha))
+    return Adapter(family.name, modules, dict(meta))
+
+
+def write_metadata(adapter: Adapter, family: Family, tensors) -> dict[str, str]:
+    rank, alpha, _, _ = adapter.rank_alpha(adapter.components()[0])
+    meta = md.finalize(adapter.metadata, family, tensors, rank, alpha)
+    meta[METADATA_KEY] = json.dumps(peft_metadata(adapter), indent=2, sort_keys=True)
+    meta["format"] = "pt"
+    return meta

@@ -1,0 +1,94 @@
+"""The contract between the training loop and a model family.
+
+A family module (`models/sd15.py`, …) implements `Family`. The training loop, sampling and
+exporters only talk to this protocol, so adding a family never adds branches to them.
+
+Conventions every family documents in its own docstring:
+- pixel tensors are `[B, 3, H, W]` float in [-1, 1];
+- latents are what the denoiser sees, already multiplied by the VAE scaling factor;
+- `cond` is a dict of named conditioning tensors whose first dimension is the batch, so it can be
+  cached per caption, stacked and indexed without knowing what is inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class AdapterTarget:
+    """Where a component's LoRA lives in the exported files."""
+
+    component: str
+    """Attribute name on the components object / diffusers prefix (`unet`, `text_encoder`)."""
+    kohya_prefix: str
+    """Key prefix in kohya-format files (`lora_unet_`, `lora_te_`)."""
+
+
+class Family(Protocol):
+    name: str
+    """Registry key, e.g. `sd15`."""
+    pipeline_class_names: tuple[str, ...]
+    """`_class_name` values in `model_index.json` that belong to this family."""
+    base_model_version: str
+    """kohya `ss_base_model_version` (A1111 filters LoRAs by it)."""
+    modelspec_architecture: str
+    """`modelspec.architecture` of a LoRA for this family, ending in `/lora`."""
+    denoiser_name: str
+    """Attribute holding the module that gets the LoRA (`unet` or `transformer`)."""
+    targets: tuple[AdapterTarget, ...]
+    """Components that can carry an adapter, in export order."""
+    tiny_resolution: int
+    """A resolution that suits the tiny model (tests, demo)."""
+
+    def build_tiny(self, seed: int = 0) -> Any:
+        """Random-weight components with the family's real structure, offline, in seconds."""
+
+    def load(self, name: str, *, revision: str, variant: str, allow_pickle: bool) -> Any:
+        """Components from a local diffusers folder or a hub id through `from_pretrained`."""
+
+    def save(self, components: Any, folder: str) -> None:
+        """Save components as a diffusers folder that `load` (and diffusers) read back."""
+
+    def known_modules(self, component: str) -> frozenset[str]:
+        """Fixed table: every module name of the REAL architecture that can carry a LoRA."""
+
+    def encode_images(self, components: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, H, W]` in [-1, 1] → scaled latents."""
+
+    def encode_prompts(self, components: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Captions → conditioning dict (batch-first tensors)."""
+
+    def noise_and_timesteps(
+        self, components: Any, latents: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw the training noise and timesteps for a batch of latents (on CPU, seeded)."""
+
+    def loss(
+        self,
+        components: Any,
+        denoiser: torch.nn.Module,
+        latents: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """Scalar fp32 training loss for one batch."""
+
+    def predict(
+        self,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The denoiser's raw output for given inputs (used by loss and by tests)."""
+
+    def pipeline(self, components: Any, scheduler: str = "default") -> Any:
+        """A diffusers pipeline sharing these components, for preview sampling."""
+
+    def frozen_modules(self, components: Any) -> dict[str, torch.nn.Module]:
+        """Frozen modules by name (moved/cast by the loop; never trained)."""
