@@ -196,9 +196,13 @@ def field_docs() -> dict[str, str]:
     for section, cls in SECTIONS.items():
         body = classes[cls.__name__].body
         for node, nxt in zip(body, [*body[1:], None], strict=True):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
-                if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                    out[f"{section}.{node.target.id}"] = nxt.value.value  # type: ignore[union-attr]
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                out[f"{section}.{node.target.id}"] = nxt.value.value  # type: ignore[union-attr]
     return out
 
 

@@ -76,7 +76,9 @@ def peft_config(cfg: LoraConfigSection, target_modules: list[str] | None = None)
     )
 
 
-def inject_lora(module: torch.nn.Module, cfg: LoraConfigSection, seed: int) -> list[torch.nn.Parameter]:
+def inject_lora(
+    module: torch.nn.Module, cfg: LoraConfigSection, seed: int
+) -> list[torch.nn.Parameter]:
     """Add a trainable LoRA to `module` (in place); return its parameters.
 
     Seeded so the initial lora_A is the same for the same seed (lora_B starts at zero).

@@ -48,7 +48,9 @@ class Reporter:
                 transient=False,
             )
             self._progress.__enter__()
-            self._task = self._progress.add_task("train", total=self.total, loss="-", lr="-", speed="")
+            self._task = self._progress.add_task(
+                "train", total=self.total, loss="-", lr="-", speed=""
+            )
         return self
 
     def __exit__(self, *exc) -> None:

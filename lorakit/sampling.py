@@ -51,7 +51,9 @@ def read_prompts(source: str | list[str], trigger: str) -> list[str]:
     prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         raise LorakitError(f"No prompts in sample.prompts ({source!r}); add at least one line.")
-    return [apply_trigger(p, trigger) if "trigger]" in p or "{trigger}" in p else p for p in prompts]
+    return [
+        apply_trigger(p, trigger) if "trigger]" in p or "{trigger}" in p else p for p in prompts
+    ]
 
 
 def grid_spec(cfg: SampleConfig, trigger: str, resolution: int) -> GridSpec:
@@ -99,7 +101,9 @@ def compose_grid(rows: list[list[Image.Image]], spec: GridSpec, title: str) -> I
     draw = ImageDraw.Draw(grid)
     draw.text((pad, 4), title, fill=(20, 20, 20), font=font)
     for j, seed in enumerate(spec.seeds):
-        draw.text((label_w + j * (cell_w + pad) + pad, 22), f"seed {seed}", fill=(60, 60, 60), font=font)
+        draw.text(
+            (label_w + j * (cell_w + pad) + pad, 22), f"seed {seed}", fill=(60, 60, 60), font=font
+        )
     for i, (prompt, row) in enumerate(zip(spec.prompts, rows, strict=True)):
         y = head_h + i * (cell_h + pad)
         wrapped = textwrap.wrap(prompt, 34)[: max(1, cell_h // 12)]
@@ -119,3 +123,84 @@ def save_png(image: Image.Image, path: Path) -> Path:
 
 def render_grid(pipe, spec: GridSpec, title: str, path: Path) -> Path:
     return save_png(compose_grid(render_images(pipe, spec), spec, title), path)
+
+
+def sample_adapter(
+    adapter_path: Path,
+    *,
+    base: str | None = None,
+    prompts: str | None = None,
+    seeds: list[int] | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    scale: float = 1.0,
+    trigger: str | None = None,
+    resolution: int | None = None,
+    out_path: Path | None = None,
+) -> Path:
+    """Render a grid from a saved adapter (file or run folder) on its base model.
+
+    Defaults come from the run's `config.toml` when given a run folder, else from the adapter's
+    metadata (`lorakit.base_model`, `modelspec.trigger_phrase`, `modelspec.resolution`).
+    """
+    from lorakit import config as cfg
+    from lorakit.export import EXPORTERS, read_adapter
+    from lorakit.lora import apply_adapter
+    from lorakit.models import load_model
+
+    run_cfg = None
+    if adapter_path.is_dir():
+        toml = adapter_path / "config.toml"
+        if not toml.is_file():
+            raise LorakitError(
+                f"'{adapter_path}' is a folder without config.toml: not a lorakit run."
+            )
+        run_cfg = cfg.build(cfg.check_layer(cfg.read_toml(toml, "Run config"), str(toml)))
+        candidates = [
+            EXPORTERS[f].default_path(adapter_path, run_cfg.export.name)
+            for f in run_cfg.export.formats
+        ]
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            raise LorakitError(f"Run folder '{adapter_path}' has no finished adapter yet.")
+        adapter_file = found[0]
+        default_out = adapter_path / "samples" / "sample.png"
+    else:
+        adapter_file = adapter_path
+        default_out = adapter_path.with_suffix(".png")
+    adapter, _ = read_adapter(adapter_file)
+    meta = adapter.metadata
+    model_cfg = run_cfg.model if run_cfg else cfg.ModelConfig()
+    model_cfg.name = base or model_cfg.name or meta.get("lorakit.base_model", "")
+    if not model_cfg.name:
+        raise LorakitError(
+            f"'{adapter_file}' does not record its base model; pass --base (e.g. --base tiny:sd15)."
+        )
+    sample_cfg = run_cfg.sample if run_cfg else cfg.SampleConfig()
+    if prompts is not None:
+        sample_cfg.prompts = prompts
+    if seeds:
+        sample_cfg.seeds = seeds
+    if steps is not None:
+        sample_cfg.steps = steps
+    if guidance is not None:
+        sample_cfg.guidance = guidance
+    if trigger is None:
+        trigger = run_cfg.data.trigger if run_cfg else meta.get("modelspec.trigger_phrase", "")
+    if resolution is None:
+        if run_cfg:
+            resolution = run_cfg.data.resolution
+        else:
+            resolution = int(meta.get("modelspec.resolution", "512x512").split("x")[0])
+    family, comps = load_model(model_cfg)
+    if family.name != adapter.family:
+        raise LorakitError(
+            f"The adapter is for {adapter.family} but the base model '{model_cfg.name}' is "
+            f"{family.name}."
+        )
+    apply_adapter(family, comps, adapter, scale=scale)
+    spec = grid_spec(sample_cfg, trigger, resolution)
+    title = f"{adapter_file.name} - scale {scale:g} - {model_cfg.name}"
+    return render_grid(
+        family.pipeline(comps, sample_cfg.scheduler), spec, title, out_path or default_out
+    )

@@ -4,7 +4,8 @@
       read images + captions → load the base model → cache latents and caption embeddings
       → inject LoRA → optimizer + LR schedule → [sample at step 0] → loop:
           batch from the cache → family.loss → backward → clip → step
-          → log every `train.log_every`, export every `train.save_every`, sample every `sample.every`
+          → log every `train.log_every`, export every `train.save_every`,
+            sample every `sample.every`
       → final export (kohya + diffusers) and sample grid.
 
 Everything random (LoRA init, data order, noise, timesteps) comes from generators seeded by
@@ -105,7 +106,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     order_gen = torch.Generator("cpu").manual_seed(c.train.seed + 1)
     batches = _batches(len(items), c.train.batch_size, order_gen)
     started = time.time()
-    meta = training_metadata(c, family, captions, len(items), started, 0)
+    meta = training_metadata(c, family, captions, len(items), started, 0, Path(data_dir).name)
 
     sample_spec = grid_spec(c.sample, c.data.trigger, c.data.resolution) if c.sample.every else None
     result = TrainResult(out, {}, [], {}, family, comps, c)
@@ -129,7 +130,9 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         folders = [out / "checkpoints" / f"step-{step:06d}"] if not final else []
         for folder in [*folders, out]:
             for fmt in c.export.formats:
-                path = write_adapter(adapter, fmt, EXPORTERS[fmt].default_path(folder, c.export.name))
+                path = write_adapter(
+                    adapter, fmt, EXPORTERS[fmt].default_path(folder, c.export.name)
+                )
                 if folder == out:
                     result.adapters[fmt] = path
         if folders:
@@ -230,7 +233,9 @@ def _encode_images(family: Family, comps, items, c: Config, device) -> torch.Ten
     out = []
     for start in range(0, len(items), 8):
         chunk = items[start : start + 8]
-        pixels = torch.stack([load_image(it.path, c.data.resolution, c.data.center_crop) for it in chunk])
+        pixels = torch.stack(
+            [load_image(it.path, c.data.resolution, c.data.center_crop) for it in chunk]
+        )
         out.append(family.encode_images(comps, pixels.to(device)).float().cpu())
     return torch.cat(out)
 
@@ -276,10 +281,14 @@ def bnb_8bit_problem(device_type: str) -> str | None:
             p.grad = torch.ones_like(p)
             opt.step()
             state = opt.state[p]
-            ok = state["state1"].dtype == torch.uint8 and not torch.equal(p.detach(), torch.ones_like(p))
+            ok = state["state1"].dtype == torch.uint8 and not torch.equal(
+                p.detach(), torch.ones_like(p)
+            )
             _BNB_PROBLEM[device_type] = None if ok else "the 8-bit step did not update the weights"
         except Exception as e:  # any failure means: not usable here
-            _BNB_PROBLEM[device_type] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            _BNB_PROBLEM[device_type] = (
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            )
     return _BNB_PROBLEM[device_type]
 
 
@@ -318,7 +327,9 @@ def _banner(reporter: Reporter, c: Config, n_images: int, data_dir: str, procs: 
     eff = c.train.batch_size * c.train.grad_accum * procs
     per_epoch = max(1, n_images // c.train.batch_size)
     epochs = c.train.steps * c.train.grad_accum / per_epoch
-    saves = f"every {c.train.save_every} steps and at the end" if c.train.save_every else "at the end"
+    saves = (
+        f"every {c.train.save_every} steps and at the end" if c.train.save_every else "at the end"
+    )
     samples = f"step 0 and every {c.sample.every} steps" if c.sample.every else "off"
     reporter.message(
         f"[bold]lorakit[/bold] {c.model.name}: {n_images} images from {data_dir} → "

@@ -47,9 +47,7 @@ def scan_folder(
             "images with same-name .txt captions, e.g. samples/brand."
         )
     ext = caption_ext if caption_ext.startswith(".") else f".{caption_ext}"
-    images = sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
-    )
+    images = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not images:
         raise LorakitError(
             f"No images found in '{folder}' (looked for {', '.join(sorted(IMAGE_EXTS))}, "

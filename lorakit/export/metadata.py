@@ -25,6 +25,7 @@ def training_metadata(
     num_images: int,
     started_at: float,
     step: int,
+    dataset_name: str = "data",
 ) -> dict[str, str]:
     """What a run knows about itself; stored in every adapter it writes."""
     c = config
@@ -39,7 +40,7 @@ def training_metadata(
         "ss_sd_model_name": c.model.name,
         "ss_output_name": c.export.name,
         "ss_resolution": f"({res}, {res})",
-        "ss_tag_frequency": json.dumps({"data": dict(tags)}, ensure_ascii=False),
+        "ss_tag_frequency": json.dumps({dataset_name: dict(tags)}, ensure_ascii=False),
         "ss_num_train_images": str(num_images),
         "ss_learning_rate": str(c.train.lr),
         "ss_unet_lr": str(c.train.lr),
@@ -67,7 +68,9 @@ def training_metadata(
     return meta
 
 
-def finalize(meta: dict[str, str], family: Family, tensors, rank: int, alpha: float) -> dict[str, str]:
+def finalize(
+    meta: dict[str, str], family: Family, tensors, rank: int, alpha: float
+) -> dict[str, str]:
     """Add what depends on the written tensors: dims, hashes, architecture, date."""
     out = dict(meta)
     digest = tensor_data_sha256(tensors)

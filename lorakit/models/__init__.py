@@ -1,4 +1,4 @@
-"""Model families (a plain registry) and the one function that turns `model.name` into components."""
+"""Model families (a plain registry) and the function that turns `model.name` into components."""
 
 from __future__ import annotations
 
@@ -76,7 +76,9 @@ def resolve_family(cfg: ModelConfig) -> tuple[Family, str]:
                 "Point model.name at the folder that contains model_index.json, or set "
                 "model.family if the layout is right but the index is missing."
             )
-        return _family_from_index(json.loads(index.read_text(encoding="utf-8")), str(index)), "local"
+        return _family_from_index(
+            json.loads(index.read_text(encoding="utf-8")), str(index)
+        ), "local"
     if _HUB_ID.match(name):
         if cfg.family != "auto":
             return get_family(cfg.family), "hub"

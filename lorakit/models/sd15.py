@@ -14,7 +14,7 @@ Tensor conventions:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -50,7 +50,7 @@ _ATTN_LEAVES = (
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def sd15_unet_modules() -> frozenset[str]:
     """Every Linear/Conv module of the SD1.5 UNet that a LoRA/LoCon can target."""
     names: set[str] = {"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"}
@@ -72,7 +72,7 @@ def sd15_unet_modules() -> frozenset[str]:
     return frozenset(names)
 
 
-@lru_cache(maxsize=None)
+@cache
 def clip_l_modules(layers: int = 12) -> frozenset[str]:
     """CLIP ViT-L/14 text encoder projections, with the `text_model.` level all formats use."""
     leaves = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
@@ -192,7 +192,7 @@ class SD15:
             vae = AutoencoderKL.from_pretrained(name, subfolder="vae", **weights)
             unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **weights)
             scheduler = _load_scheduler(name, common)
-        except (OSError, EnvironmentError, ValueError) as e:
+        except (OSError, ValueError) as e:
             hint = (
                 " The folder or repo has only pickled weights (.bin/.ckpt): convert them to "
                 "safetensors, or allow unpickling with --set model.allow_pickle=true if you "

@@ -21,7 +21,7 @@ ink white black red blue green yellow orange pink purple brown grey gray dark li
 table shop street city window wall paper print minimal simple clean bold color colors colour
 palette design graphic studio product shot close up view front side top icon shape stripes
 stripe circle half disc lines shapes modern retro vintage art drawing painting texture
-""".split()
+""".split()  # noqa: SIM905
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -1,0 +1,402 @@
+"""`lorakit` command line: a thin Typer layer over the library functions.
+
+Errors a user can fix (`LorakitError`) are printed as one paragraph with a non-zero exit code and
+no traceback. Heavy libraries are imported inside commands so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from lorakit import __version__
+from lorakit.errors import LorakitError
+
+app = typer.Typer(
+    name="lorakit",
+    help="Train LoRA adapters of a brand's visual style on diffusion models, preview them, and "
+    "export files that ComfyUI, Automatic1111/Forge and diffusers load.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+presets_app = typer.Typer(help="List, show and copy the shipped presets.", no_args_is_help=True)
+app.add_typer(presets_app, name="presets")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def friendly(fn):
+    """Run a command; turn LorakitError (and surprises) into a short message and exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LorakitError as e:
+            err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("Interrupted.")
+            raise typer.Exit(130) from None
+        except Exception as e:
+            if os.environ.get("LORAKIT_DEBUG"):
+                raise
+            err.print(
+                f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}. This is a lorakit "
+                "bug or an unexpected environment problem; rerun with LORAKIT_DEBUG=1 for the "
+                "traceback and include it in a bug report.",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"lorakit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    from lorakit.quiet import quiet
+
+    quiet()
+
+
+# -- shared options -------------------------------------------------------------------------------
+
+PresetOpt = Annotated[
+    str | None, typer.Option("--preset", "-p", help="Preset name (see `lorakit presets ls`).")
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file (same sections as config.toml)."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override one key: section.key=value (repeatable)."),
+]
+
+
+def _resolve(preset, config, sets, **flags):
+    from lorakit import config as cfg
+
+    return cfg.resolve(preset=preset, config_file=config, sets=sets or [], flags=flags)
+
+
+# -- train ----------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly
+def train(
+    data: Annotated[Path, typer.Argument(help="Folder of images with same-name .txt captions.")],
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[
+        str | None, typer.Option(help="model.name: tiny:sd15, hub id or folder.")
+    ] = None,
+    out_dir: Annotated[
+        str | None, typer.Option("--out", "-o", help="train.out: output folder.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="train.steps.")] = None,
+    rank: Annotated[int | None, typer.Option(help="lora.rank.")] = None,
+    lr: Annotated[float | None, typer.Option(help="train.lr.")] = None,
+    trigger: Annotated[str | None, typer.Option(help="data.trigger: the trigger word.")] = None,
+) -> None:
+    """Train a LoRA on a folder of captioned images.
+
+    Example (offline tiny model, a few minutes on a laptop CPU):
+
+      lorakit train samples/brand --preset tiny-cpu --out runs/demo
+
+    Real model on a GPU:
+
+      lorakit train my_brand/ --preset sd15 --trigger mybrnd --out runs/mybrand
+    """
+    c = _resolve(
+        preset,
+        config,
+        set_,
+        **{
+            "model.name": model,
+            "train.out": out_dir,
+            "train.steps": steps,
+            "lora.rank": rank,
+            "train.lr": lr,
+            "data.trigger": trigger,
+        },
+    )
+    from lorakit.train import train as run_training
+
+    result = run_training(c, data)
+    out.print("\n[bold green]done.[/bold green]")
+    for fmt, path in result.adapters.items():
+        out.print(f"  adapter ({fmt}): {path}", highlight=False)
+    if result.samples:
+        out.print(
+            f"  sample grids: {result.samples[0].parent}/ ({len(result.samples)} grids)",
+            highlight=False,
+        )
+    out.print(f"  config: {result.out_dir / 'config.toml'}", highlight=False)
+
+
+# -- sample ---------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly
+def sample(
+    adapter: Annotated[
+        Path, typer.Argument(help="Adapter .safetensors (any lorakit format) or a run folder.")
+    ],
+    base: Annotated[
+        str | None, typer.Option(help="Base model; default: the one the adapter was trained on.")
+    ] = None,
+    prompts: Annotated[str | None, typer.Option(help="Prompt file, one prompt per line.")] = None,
+    seeds: Annotated[
+        str, typer.Option(help="Comma-separated seeds, one grid column each.")
+    ] = "0,1",
+    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
+    guidance: Annotated[float | None, typer.Option(help="CFG scale.")] = None,
+    scale: Annotated[float, typer.Option(help="LoRA strength (0 = base model).")] = 1.0,
+    trigger: Annotated[
+        str | None, typer.Option(help="Trigger word for [trigger] in prompts.")
+    ] = None,
+    resolution: Annotated[int | None, typer.Option(help="Image size in pixels.")] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Output PNG.")] = None,
+) -> None:
+    """Render a preview grid (rows = prompts, columns = seeds) from a saved adapter.
+
+    Example:
+
+      lorakit sample runs/demo                     # uses the run's base model and prompts
+
+      lorakit sample runs/demo/lorakit.safetensors --base tiny:sd15 --prompts samples/prompts.txt
+    """
+    from lorakit.sampling import sample_adapter
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise LorakitError(
+            f"--seeds '{seeds}' must be comma-separated integers, e.g. 0,1,2."
+        ) from None
+    path = sample_adapter(
+        adapter,
+        base=base,
+        prompts=prompts,
+        seeds=seed_list,
+        steps=steps,
+        guidance=guidance,
+        scale=scale,
+        trigger=trigger,
+        resolution=resolution,
+        out_path=out_path,
+    )
+    out.print(f"sample grid: {path}", highlight=False)
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly
+def export(
+    src: Annotated[
+        Path, typer.Argument(help="A lorakit run folder or an adapter .safetensors file.")
+    ],
+    format_: Annotated[
+        str, typer.Option("--format", "-f", help="kohya, diffusers or all.")
+    ] = "kohya",
+    out_path: Annotated[
+        Path, typer.Option("--out", "-o", help="Output file (.safetensors) or folder.")
+    ] = Path("."),
+) -> None:
+    """Write an adapter in another format (exact: same weights, same strength).
+
+    Example:
+
+      lorakit export runs/demo --format diffusers --out exported/
+
+      lorakit export runs/demo/lorakit.safetensors --format all --out exported/
+    """
+    from lorakit.export import EXPORTERS, read_adapter, write_adapter
+
+    formats = list(EXPORTERS) if format_ == "all" else [format_]
+    if any(f not in EXPORTERS for f in formats):
+        raise LorakitError(
+            f"--format '{format_}' is unknown; choose {', '.join(EXPORTERS)} or all."
+        )
+    source = _adapter_file(src)
+    adapter, src_fmt = read_adapter(source)
+    name = adapter.metadata.get("ss_output_name") or source.stem
+    for fmt in formats:
+        if out_path.suffix == ".safetensors":
+            if len(formats) > 1:
+                raise LorakitError("--format all writes several files: give --out a folder.")
+            target = out_path
+        else:
+            target = EXPORTERS[fmt].default_path(out_path, name)
+        if target.resolve() == source.resolve():
+            raise LorakitError(
+                f"Refusing to overwrite the source '{source}'; choose another --out."
+            )
+        write_adapter(adapter, fmt, target)
+        out.print(
+            f"{src_fmt} → {fmt}: {target} ({len(adapter.modules)} modules; loads in "
+            f"{EXPORTERS[fmt].loads_in})",
+            highlight=False,
+        )
+
+
+def _adapter_file(src: Path) -> Path:
+    if src.is_dir():
+        from lorakit import config as cfg
+
+        toml = src / "config.toml"
+        if not toml.is_file():
+            raise LorakitError(f"'{src}' is a folder without config.toml, so not a lorakit run.")
+        c = cfg.build(cfg.check_layer(cfg.read_toml(toml, "Run config"), str(toml)))
+        from lorakit.export import EXPORTERS
+
+        for fmt in c.export.formats:
+            path = EXPORTERS[fmt].default_path(src, c.export.name)
+            if path.is_file():
+                return path
+        raise LorakitError(f"Run folder '{src}' has no finished adapter yet (training not done?).")
+    return src
+
+
+# -- presets, config, tiny-model ------------------------------------------------------------------
+
+
+@presets_app.command("ls")
+@friendly
+def presets_ls() -> None:
+    """List the shipped presets.
+
+    Example:  lorakit presets ls
+    """
+    from lorakit.config import list_presets, preset_description
+
+    for name in list_presets():
+        out.print(f"[bold]{name:<14}[/bold] {preset_description(name)}", highlight=False)
+
+
+@presets_app.command("show")
+@friendly
+def presets_show(name: Annotated[str, typer.Argument(help="Preset name.")]) -> None:
+    """Print a preset's TOML.
+
+    Example:  lorakit presets show tiny-cpu
+    """
+    from lorakit.config import preset_path
+
+    sys.stdout.write(preset_path(name).read_text(encoding="utf-8"))
+
+
+@presets_app.command("cp")
+@friendly
+def presets_cp(
+    name: Annotated[str, typer.Argument(help="Preset name.")],
+    dest: Annotated[Path, typer.Argument(help="Where to write the copy (file or folder).")],
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Copy a preset to edit it, then use it with --config.
+
+    Example:  lorakit presets cp sd15 my.toml && lorakit train data/ --config my.toml
+    """
+    from lorakit.config import preset_path
+    from lorakit.fileio import atomic_write_bytes
+
+    src = preset_path(name)
+    target = dest / src.name if dest.is_dir() else dest
+    if target.exists() and not force:
+        raise LorakitError(f"'{target}' already exists; pass --force to overwrite it.")
+    atomic_write_bytes(target, src.read_bytes())
+    out.print(f"copied preset {name} → {target}", highlight=False)
+
+
+@app.command("config")
+@friendly
+def show_config(
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    keys: Annotated[
+        bool, typer.Option("--keys", help="List every key with its documentation.")
+    ] = False,
+) -> None:
+    """Print the resolved config (or, with --keys, every documented key).
+
+    Example:  lorakit config --preset tiny-cpu --set train.steps=50
+    """
+    from lorakit import config as cfg
+
+    if keys:
+        defaults = cfg.Config().to_dict()
+        for dotted, doc in cfg.field_docs().items():
+            section, key = dotted.split(".")
+            out.print(
+                f"[bold]{dotted}[/bold] = {defaults[section][key]!r}\n    {doc}", highlight=False
+            )
+        return
+    sys.stdout.write(_resolve(preset, config, set_).to_toml())
+
+
+@app.command("tiny-model")
+@friendly
+def tiny_model(
+    family: Annotated[str, typer.Argument(help="Model family, e.g. sd15.")],
+    folder: Annotated[Path, typer.Argument(help="Output folder (a diffusers model folder).")],
+    force: Annotated[bool, typer.Option(help="Write into an existing non-empty folder.")] = False,
+) -> None:
+    """Save the offline tiny random-weight model of a family as a diffusers folder.
+
+    Example:
+
+      lorakit tiny-model sd15 models/tiny-sd15
+
+      lorakit train samples/brand --preset tiny-cpu --model models/tiny-sd15
+    """
+    from lorakit.models import get_family
+
+    fam = get_family(family)
+    if folder.exists() and any(folder.iterdir()) and not force:
+        raise LorakitError(
+            f"'{folder}' exists and is not empty; pass --force or choose another folder."
+        )
+    tmp = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fam.save(fam.build_tiny(seed=0), str(tmp))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)  # the folder appears only once it is complete
+    out.print(f"saved tiny {family} model → {folder}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
