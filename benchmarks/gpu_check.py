@@ -48,7 +48,8 @@ def cli_runs(dry: bool) -> list[dict]:
             "--set", f"train.device='{'cpu' if dry else 'cuda'}'",
             "--set", f"train.mixed_precision='{precision}'",
             "--set", f"train.optimizer='{optimizer}'", "--set", "train.optimizer_fallback=false",
-            "--set", "sample.every=10", "--set", f"sample.prompts='{ROOT / 'samples' / 'prompts.txt'}'",
+            "--set", "sample.every=10",
+            "--set", f"sample.prompts='{ROOT / 'samples' / 'prompts.txt'}'",
         ]  # fmt: skip
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -60,9 +61,15 @@ def cli_runs(dry: bool) -> list[dict]:
                 "exit": proc.returncode,
                 "seconds": round(time.time() - t0, 1),
                 "losses": run.get("losses"),
-                "files_ok": all((out / p).is_file() for p in (
-                    "lorakit.safetensors", "diffusers/pytorch_lora_weights.safetensors",
-                    "config.toml", "samples/step-000020.png")),  # fmt: skip
+                "files_ok": all(
+                    (out / p).is_file()
+                    for p in (
+                        "lorakit.safetensors",
+                        "diffusers/pytorch_lora_weights.safetensors",
+                        "config.toml",
+                        "samples/step-000020.png",
+                    )
+                ),
                 "tail": (proc.stdout + proc.stderr)[-1500:],
             }
         )
@@ -95,7 +102,11 @@ def sd15_step(checkpointing: bool, dry: bool, steps: int = 12) -> dict:
     opt = build_optimizer(params, TrainConfig(optimizer="adamw" if dry else "adamw8bit"), device)
     side = config["sample_size"]
     latents = torch.randn(1, 4, side, side, device=device, dtype=dtype)
-    cond = {"encoder_hidden_states": torch.randn(1, 77, config["cross_attention_dim"], device=device, dtype=dtype)}
+    cond = {
+        "encoder_hidden_states": torch.randn(
+            1, 77, config["cross_attention_dim"], device=device, dtype=dtype
+        )
+    }
     gen = torch.Generator().manual_seed(0)
     scaler = torch.amp.GradScaler(enabled=not dry)
     if not dry:

@@ -56,11 +56,7 @@ class DataConfig:
     default_caption: str = ""
     """Caption for images without a caption file (the trigger word is still applied)."""
     center_crop: bool = True
-    """Center-crop after resizing the short side; off = random crop (seeded)."""
-    cache_latents: bool = True
-    """Encode every image with the VAE once before training."""
-    cache_text: bool = True
-    """Encode every caption once before training (the text encoder is frozen)."""
+    """Center-crop after resizing the short side; off = one random crop per image (seeded)."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,12 +230,16 @@ def _batches(n: int, batch_size: int, gen: torch.Generator):
 
 @torch.no_grad()
 def _encode_images(family: Family, comps, items, c: Config, device) -> torch.Tensor:
-    """All images → latents, once (kept on CPU; a batch is moved to the device when used)."""
+    """All images → latents, once (kept on CPU; a batch is moved to the device when used).
+
+    With `data.center_crop = false` each image gets one random crop drawn from `train.seed`.
+    """
+    rng = None if c.data.center_crop else random.Random(c.train.seed)
     out = []
     for start in range(0, len(items), 8):
         chunk = items[start : start + 8]
         pixels = torch.stack(
-            [load_image(it.path, c.data.resolution, c.data.center_crop) for it in chunk]
+            [load_image(it.path, c.data.resolution, c.data.center_crop, rng) for it in chunk]
         )
         out.append(family.encode_images(comps, pixels.to(device)).float().cpu())
     return torch.cat(out)

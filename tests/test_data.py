@@ -56,3 +56,22 @@ def test_corrupt_image_is_named(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
     with pytest.raises(LorakitError, match=r"broken\.png"):
         load_image(tmp_path / "broken.png", 32)
+
+
+def test_random_crop_is_seeded_and_differs_from_center(tmp_path):
+    import random
+
+    img = Image.new("RGB", (128, 32))
+    for x in range(128):
+        for y in range(32):
+            img.putpixel((x, y), (x * 2, y * 8, 0))
+    img.save(tmp_path / "wide.png")
+    center = load_image(tmp_path / "wide.png", 16)
+    a = load_image(tmp_path / "wide.png", 16, center_crop=False, rng=random.Random(3))
+    b = load_image(tmp_path / "wide.png", 16, center_crop=False, rng=random.Random(3))
+    assert torch.equal(a, b)
+    crops = {
+        load_image(tmp_path / "wide.png", 16, False, random.Random(s)).sum().item()
+        for s in range(8)
+    }
+    assert len(crops) > 1 and center.shape == a.shape
