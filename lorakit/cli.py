@@ -121,6 +121,9 @@ def train(
     rank: Annotated[int | None, typer.Option(help="lora.rank.")] = None,
     lr: Annotated[float | None, typer.Option(help="train.lr.")] = None,
     trigger: Annotated[str | None, typer.Option(help="data.trigger: the trigger word.")] = None,
+    overwrite: Annotated[
+        bool | None, typer.Option("--overwrite", help="train.overwrite: replace a run in --out.")
+    ] = None,
 ) -> None:
     """Train a LoRA on a folder of captioned images.
 
@@ -143,6 +146,7 @@ def train(
             "lora.rank": rank,
             "train.lr": lr,
             "data.trigger": trigger,
+            "train.overwrite": overwrite,
         },
     )
     from lorakit.train import train as run_training

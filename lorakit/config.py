@@ -81,6 +81,8 @@ class TrainConfig:
 
     out: str = "runs/lorakit"
     """Output folder: adapters, `config.toml`, `samples/`, `checkpoints/`."""
+    overwrite: bool = False
+    """Replace a finished or aborted run in `train.out` (off: refuse, nothing is touched)."""
     steps: int = 1000
     """Number of optimizer steps."""
     batch_size: int = 1

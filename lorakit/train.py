@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,8 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             f"train.batch_size = {c.train.batch_size} but '{data_dir}' has only {len(items)} "
             f"images. Lower train.batch_size to {len(items)} or less, or add images."
         )
+    if accelerator.is_main_process:
+        _claim_output(out, c.train.overwrite)
     family, comps = load_model(c.model)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         c.train.mixed_precision
@@ -192,6 +195,39 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+RUN_OUTPUTS = ("checkpoints", "samples", "diffusers", "run.json", "config.toml")
+
+
+def _claim_output(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds another run or other files, unless allowed."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"train.out '{out}' is a file; choose a folder for the run's outputs.")
+    if (out / "config.toml").is_file():
+        has_work = any(out.glob("*.safetensors")) or any(
+            (out / d).is_dir() and any((out / d).iterdir()) for d in ("checkpoints", "samples")
+        )
+        if has_work and not overwrite:
+            raise ConfigError(
+                f"'{out}' already holds a lorakit run. Choose another --out, or pass --overwrite "
+                "to replace that run's outputs (its adapters, checkpoints and sample grids)."
+            )
+        for name in RUN_OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        for adapter in out.glob("*.safetensors"):
+            adapter.unlink()
+    elif any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"train.out '{out}' is a non-empty folder that is not a lorakit run. Choose an empty "
+            "or new folder (lorakit does not write among other files unless you pass --overwrite)."
+        )
 
 
 def _use_cpu(t: TrainConfig) -> bool:

@@ -89,3 +89,26 @@ def test_plain_progress_lines_when_not_a_tty(tmp_path):
     assert "step 1/2" in result.output and "step 2/2" in result.output
     assert "it/s" in result.output and "eta" in result.output
     assert "adapter (kohya)" in result.output
+
+
+def test_existing_run_or_foreign_folder_is_not_overwritten(trained_run, tmp_path):
+    from conftest import FAST, SAMPLES, cli
+
+    before = (trained_run / "lorakit.safetensors").read_bytes()
+    r = cli("train", SAMPLES, *FAST, "--out", trained_run, "--steps", 1, expect=2)
+    assert "already holds a lorakit run" in r.output and "--overwrite" in r.output
+    assert (trained_run / "lorakit.safetensors").read_bytes() == before
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    r = cli("train", SAMPLES, *FAST, "--out", mine, "--steps", 1, expect=2)
+    assert "not a lorakit run" in r.output
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+    run = tmp_path / "run"
+    cli("train", SAMPLES, *FAST, "--out", run, "--steps", 2, "--set", "train.save_every=1")
+    assert (run / "checkpoints" / "step-000001").is_dir()
+    cli("train", SAMPLES, *FAST, "--out", run, "--steps", 1, "--overwrite")
+    assert not (run / "checkpoints").exists(), "the replaced run's checkpoints are gone"
+    assert (run / "lorakit.safetensors").is_file()
