@@ -115,9 +115,9 @@ def sd15_step(checkpointing: bool, dry: bool, steps: int = 12) -> dict:
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        noise, t = fam.noise_and_timesteps(comps, latents, gen)
+        noise, t = fam.noise_and_timesteps(comps, latents, gen, TrainConfig())
         with torch.autocast(device.type, dtype=dtype, enabled=not dry):
-            loss = fam.loss(comps, unet, latents, cond, noise, t)
+            loss = fam.loss(comps, unet, latents, cond, noise, t, TrainConfig())
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()

@@ -105,6 +105,10 @@ class TrainConfig:
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 = off."""
+    noise_offset: float = 0.0
+    """Noise offset (eps/v models): per-channel constant noise; helps very dark/light images."""
+    min_snr_gamma: float = 0.0
+    """Min-SNR loss weighting γ for eps/v models (5 is common); 0 = off."""
     seed: int = 42
     """Seed for LoRA init, data order, noise and timesteps: same seed, same adapter."""
     gradient_checkpointing: bool = True

@@ -14,7 +14,7 @@ import torch
 
 from lorakit.config import LoraConfigSection
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.models.base import Family
+from lorakit.models.base import AdapterTarget, Family
 
 ADAPTER_NAME = "default"
 
@@ -124,7 +124,8 @@ def extract_adapter(family: Family, components, metadata: dict[str, str] | None 
         if comp is None:
             continue
         known = family.known_modules(target.component)
-        for name, layer in lora_layers(comp):
+        for runtime_name, layer in lora_layers(comp):
+            name = canonical_name(target, runtime_name)
             if name not in known:
                 raise LorakitError(
                     f"The {target.component} module '{name}' carries a LoRA but is not a module "
@@ -141,14 +142,39 @@ def extract_adapter(family: Family, components, metadata: dict[str, str] | None 
     return Adapter(family.name, modules, dict(metadata or {}))
 
 
+def canonical_name(target: AdapterTarget, runtime_name: str) -> str:
+    """Module path as every LoRA format writes it (adds e.g. the `text_model.` level that
+    transformers 5 dropped from CLIPTextModel)."""
+    prefix = target.canonical_prefix
+    if prefix and not runtime_name.startswith(prefix):
+        return prefix + runtime_name
+    return runtime_name
+
+
+def runtime_name(target: AdapterTarget, module: torch.nn.Module, canonical: str) -> str:
+    """Inverse of `canonical_name` for the installed library version."""
+    prefix = target.canonical_prefix
+    if prefix and canonical.startswith(prefix) and not hasattr(module, prefix.rstrip(".")):
+        return canonical[len(prefix) :]
+    return canonical
+
+
 def apply_adapter(family: Family, components, adapter: Adapter, scale: float = 1.0) -> None:
     """Inject a saved adapter into components (for sampling / checks), optionally scaled."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
+    targets = {t.component: t for t in family.targets}
     for component in adapter.components():
         module = getattr(components, component)
-        items = {p: w for (c, p), w in adapter.modules.items() if c == component}
+        target = targets[component]
+        items = {
+            runtime_name(target, module, p): w
+            for (c, p), w in adapter.modules.items()
+            if c == component
+        }
         rank, alpha, rank_pattern, alpha_pattern = adapter.rank_alpha(component)
+        rank_pattern = {runtime_name(target, module, p): r for p, r in rank_pattern.items()}
+        alpha_pattern = {runtime_name(target, module, p): a for p, a in alpha_pattern.items()}
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha * scale,

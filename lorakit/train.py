@@ -156,9 +156,11 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                     idx = next(batches)
                     lat = latents[idx].to(device, weight_dtype)
                     batch_cond = {k: v[idx].to(device, weight_dtype) for k, v in cond.items()}
-                    noise, timesteps = family.noise_and_timesteps(comps, lat, noise_gen)
+                    noise, timesteps = family.noise_and_timesteps(comps, lat, noise_gen, c.train)
                     with accelerator.accumulate(denoiser), accelerator.autocast():
-                        loss = family.loss(comps, denoiser, lat, batch_cond, noise, timesteps)
+                        loss = family.loss(
+                            comps, denoiser, lat, batch_cond, noise, timesteps, c.train
+                        )
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and c.train.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(params, c.train.max_grad_norm)

@@ -19,7 +19,9 @@ def test_thirty_steps_on_a_fixed_batch_cut_the_loss():
     items = scan_folder(SAMPLES)[:2]
     latents = fam.encode_images(comps, torch.stack([load_image(i.path, 64) for i in items]))
     cond = fam.encode_prompts(comps, [i.caption for i in items])
-    noise, timesteps = fam.noise_and_timesteps(comps, latents, torch.Generator().manual_seed(0))
+    noise, timesteps = fam.noise_and_timesteps(
+        comps, latents, torch.Generator().manual_seed(0), TrainConfig()
+    )
     params = inject_lora(comps.unet, LoraConfigSection(rank=8, alpha=8.0), seed=0)
     opt = build_optimizer(
         params, TrainConfig(lr=1e-2, optimizer="adamw", weight_decay=0.0), torch.device("cpu")
@@ -27,7 +29,7 @@ def test_thirty_steps_on_a_fixed_batch_cut_the_loss():
     comps.unet.train()
 
     def loss():
-        return fam.loss(comps, comps.unet, latents, cond, noise, timesteps)
+        return fam.loss(comps, comps.unet, latents, cond, noise, timesteps, TrainConfig())
 
     first = loss().item()
     for _ in range(30):

@@ -13,9 +13,12 @@ Conventions every family documents in its own docstring:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from lorakit.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,9 @@ class AdapterTarget:
     """Attribute name on the components object / diffusers prefix (`unet`, `text_encoder`)."""
     kohya_prefix: str
     """Key prefix in kohya-format files (`lora_unet_`, `lora_te_`)."""
+    canonical_prefix: str = ""
+    """Prefix every LoRA format puts before module paths of this component but some library
+    versions do not have (transformers 5 dropped CLIPTextModel's `text_model.` level)."""
 
 
 class Family(Protocol):
@@ -62,10 +68,25 @@ class Family(Protocol):
     def encode_prompts(self, components: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Captions → conditioning dict (batch-first tensors)."""
 
+    def image_conditioning(
+        self,
+        components: Any,
+        original_size: tuple[int, int],
+        crop_top_left: tuple[int, int],
+        target_size: tuple[int, int],
+    ) -> dict[str, torch.Tensor]:
+        """Per-image conditioning (batch dim 1), merged into `cond` next to the caption's.
+        Sizes are (height, width) in pixels. Empty for families without micro-conditioning."""
+
     def noise_and_timesteps(
-        self, components: Any, latents: torch.Tensor, generator: torch.Generator
+        self,
+        components: Any,
+        latents: torch.Tensor,
+        generator: torch.Generator,
+        train: TrainConfig,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw the training noise and timesteps for a batch of latents (on CPU, seeded)."""
+        """Draw the training noise and timesteps for a batch of latents (on CPU, seeded).
+        What "timesteps" holds (integer steps or flow sigmas) is the family's documented choice."""
 
     def loss(
         self,
@@ -75,8 +96,9 @@ class Family(Protocol):
         cond: dict[str, torch.Tensor],
         noise: torch.Tensor,
         timesteps: torch.Tensor,
+        train: TrainConfig,
     ) -> torch.Tensor:
-        """Scalar fp32 training loss for one batch."""
+        """Scalar fp32 training loss for one batch (noise offset, loss weighting from `train`)."""
 
     def predict(
         self,

@@ -7,7 +7,9 @@ Tensor conventions:
 - `cond = {"encoder_hidden_states": [B, 77, D]}` — CLIP last hidden state (D = 768 for SD1.5).
 - timesteps: integers in [0, num_train_timesteps) (1000), drawn uniformly.
 - target: `noise` (epsilon) or `scheduler.get_velocity(latents, noise, t)` (v-prediction), read
-  from the scheduler config's `prediction_type`.
+  from the scheduler config's `prediction_type`. Optional noise offset
+  (`noise += offset * randn(B, C, 1, 1)`) and min-SNR-γ weighting
+  (`w = min(SNR, γ) / SNR` for epsilon, `min(SNR, γ) / (SNR + 1)` for v-prediction).
 - LoRA goes into `unet`; exported with kohya prefix `lora_unet_` and diffusers prefix `unet.`.
 """
 
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lorakit.config import TrainConfig
 from lorakit.errors import LorakitError
 from lorakit.models.base import AdapterTarget
 
@@ -149,7 +152,7 @@ class SD15:
     denoiser_name = "unet"
     targets = (
         AdapterTarget("unet", "lora_unet_"),
-        AdapterTarget("text_encoder", "lora_te_"),
+        AdapterTarget("text_encoder", "lora_te_", canonical_prefix="text_model."),
     )
     tiny_resolution = 64
 
@@ -245,12 +248,22 @@ class SD15:
 
     # -- training ------------------------------------------------------------------------------
 
+    def image_conditioning(self, components, original_size, crop_top_left, target_size):
+        return {}
+
     def noise_and_timesteps(
-        self, components: SD15Components, latents: torch.Tensor, generator: torch.Generator
+        self,
+        components: SD15Components,
+        latents: torch.Tensor,
+        generator: torch.Generator,
+        train: TrainConfig,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, ch = latents.shape[:2]
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+        if train.noise_offset:
+            noise += train.noise_offset * torch.randn((b, ch, 1, 1), generator=generator)
         steps = components.scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator)
+        timesteps = torch.randint(0, steps, (b,), generator=generator)
         return noise, timesteps
 
     def predict(
@@ -270,6 +283,7 @@ class SD15:
         cond: dict[str, torch.Tensor],
         noise: torch.Tensor,
         timesteps: torch.Tensor,
+        train: TrainConfig,
     ) -> torch.Tensor:
         sched = _training_scheduler(components)
         noise = noise.to(latents.device, latents.dtype)
@@ -286,7 +300,12 @@ class SD15:
                 "models with 'epsilon' or 'v_prediction' targets."
             )
         pred = self.predict(denoiser, noisy, timesteps, cond)
-        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+        if not train.min_snr_gamma:
+            return F.mse_loss(pred.float(), target.float(), reduction="mean")
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(
+            dim=tuple(range(1, pred.dim()))
+        )
+        return (per_sample * min_snr_weights(sched, timesteps, train.min_snr_gamma, kind)).mean()
 
     # -- sampling ------------------------------------------------------------------------------
 
@@ -315,6 +334,14 @@ def _freeze(c: SD15Components) -> None:
     for m in (c.unet, c.vae, c.text_encoder):
         m.requires_grad_(False)
         m.eval()
+
+
+def min_snr_weights(sched, timesteps: torch.Tensor, gamma: float, kind: str) -> torch.Tensor:
+    """Min-SNR-γ weights (Hang et al. 2023) for a DDPM schedule, per sample."""
+    alphas = sched.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if kind == "v_prediction" else clipped / snr
 
 
 def _training_scheduler(c: SD15Components):
