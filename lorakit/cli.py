@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lorakit import __version__
 from lorakit.errors import LorakitError
@@ -43,7 +44,14 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except LorakitError as e:
-            err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            from lorakit.train import Interrupted
+
+            label = (
+                "[bold yellow]stopped:[/bold yellow]"
+                if isinstance(e, Interrupted)
+                else ("[bold red]error:[/bold red]")
+            )
+            err.print(f"{label} {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("Interrupted.")
@@ -52,9 +60,9 @@ def friendly(fn):
             if os.environ.get("LORAKIT_DEBUG"):
                 raise
             err.print(
-                f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}. This is a lorakit "
-                "bug or an unexpected environment problem; rerun with LORAKIT_DEBUG=1 for the "
-                "traceback and include it in a bug report.",
+                f"[bold red]internal error:[/bold red] {type(e).__name__}: {escape(str(e))}. "
+                "This is a lorakit bug or an unexpected environment problem; rerun with "
+                "LORAKIT_DEBUG=1 for the traceback and include it in a bug report.",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -124,6 +132,10 @@ def train(
     overwrite: Annotated[
         bool | None, typer.Option("--overwrite", help="train.overwrite: replace a run in --out.")
     ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="train.resume: `latest` or a checkpoint folder to continue exactly."),
+    ] = None,
 ) -> None:
     """Train a LoRA on a folder of captioned images.
 
@@ -134,6 +146,10 @@ def train(
     Real model on a GPU:
 
       lorakit train my_brand/ --preset sd15 --trigger mybrnd --out runs/mybrand
+
+    Continue a stopped run exactly (same command plus):
+
+      lorakit train my_brand/ --preset sd15 --trigger mybrnd --out runs/mybrand --resume latest
     """
     c = _resolve(
         preset,
@@ -147,6 +163,7 @@ def train(
             "train.lr": lr,
             "data.trigger": trigger,
             "train.overwrite": overwrite,
+            "train.resume": resume,
         },
     )
     from lorakit.train import train as run_training
@@ -163,6 +180,66 @@ def train(
     out.print(f"  config: {result.out_dir / 'config.toml'}", highlight=False)
 
 
+# -- prepare --------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly
+def prepare(
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="Images: folder (+ .txt captions, N_name repeat folders), "
+            "imagefolder with metadata.jsonl/.csv, save_to_disk folder, or hf:DATASET."
+        ),
+    ],
+    dest: Annotated[Path, typer.Argument(help="Output folder (created or updated atomically).")],
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    trigger: Annotated[str | None, typer.Option(help="data.trigger: the trigger word.")] = None,
+    resolution: Annotated[int | None, typer.Option(help="data.resolution.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="train.batch_size: checked against buckets.")
+    ] = None,
+    reg: Annotated[
+        str | None, typer.Option("--reg", help="data.reg_folder: regularization images.")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Any problem (even a warning) fails, exit 1.")
+    ] = False,
+) -> None:
+    """Check, normalise, caption and bucket an image set into OUT (never touches SRC).
+
+    Re-runs only process new or changed images. Exit 0 = prepared (warnings listed),
+    1 = nothing usable or something to fix (OUT untouched), 2 = bad usage/config.
+
+    Example:
+
+      lorakit prepare samples/brand prepared/brand --preset tiny-cpu --batch-size 2
+    """
+    c = _resolve(
+        preset,
+        config,
+        set_,
+        **{
+            "data.trigger": trigger,
+            "data.resolution": resolution,
+            "train.batch_size": batch_size,
+            "data.reg_folder": reg,
+        },
+    )
+    from lorakit.data.prepare import prepare as run_prepare
+    from lorakit.data.prepare import print_result
+
+    result = run_prepare(
+        src, dest, c.data, batch_size=c.train.batch_size, strict=strict, console=err
+    )
+    print_result(result, dest, out)
+    if result.fatal:
+        raise LorakitError(result.fatal + " OUT was not changed.")
+
+
 # -- sample ---------------------------------------------------------------------------------------
 
 
@@ -175,24 +252,34 @@ def sample(
     base: Annotated[
         str | None, typer.Option(help="Base model; default: the one the adapter was trained on.")
     ] = None,
-    prompts: Annotated[str | None, typer.Option(help="Prompt file, one prompt per line.")] = None,
+    prompts: Annotated[
+        str | None,
+        typer.Option(help="Prompt file: one prompt per line with kohya flags, or .toml."),
+    ] = None,
     seeds: Annotated[
         str, typer.Option(help="Comma-separated seeds, one grid column each.")
     ] = "0,1",
     steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
     guidance: Annotated[float | None, typer.Option(help="CFG scale.")] = None,
     scale: Annotated[float, typer.Option(help="LoRA strength (0 = base model).")] = 1.0,
+    scales: Annotated[
+        str | None,
+        typer.Option(help="LoRA-scale sweep, e.g. 0,0.5,1: each seed column once per scale."),
+    ] = None,
     trigger: Annotated[
         str | None, typer.Option(help="Trigger word for [trigger] in prompts.")
     ] = None,
     resolution: Annotated[int | None, typer.Option(help="Image size in pixels.")] = None,
     out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Output PNG.")] = None,
 ) -> None:
-    """Render a preview grid (rows = prompts, columns = seeds) from a saved adapter.
+    """Render a preview grid (rows = prompts, columns = seeds) from a saved adapter; for a
+    run folder, one grid per saved checkpoint (and the final adapter) side by side.
 
     Example:
 
-      lorakit sample runs/demo                     # uses the run's base model and prompts
+      lorakit sample runs/demo                     # every checkpoint, the run's model and prompts
+
+      lorakit sample runs/demo --scales 0,0.5,1    # add a LoRA-strength sweep (0 = base model)
 
       lorakit sample runs/demo/lorakit.safetensors --base tiny:sd15 --prompts samples/prompts.txt
     """
@@ -204,6 +291,12 @@ def sample(
         raise LorakitError(
             f"--seeds '{seeds}' must be comma-separated integers, e.g. 0,1,2."
         ) from None
+    try:
+        scale_list = [float(s) for s in scales.split(",") if s.strip()] if scales else None
+    except ValueError:
+        raise LorakitError(
+            f"--scales '{scales}' must be comma-separated numbers, e.g. 0,0.5,1."
+        ) from None
     path = sample_adapter(
         adapter,
         base=base,
@@ -212,6 +305,7 @@ def sample(
         steps=steps,
         guidance=guidance,
         scale=scale,
+        scales=scale_list,
         trigger=trigger,
         resolution=resolution,
         out_path=out_path,

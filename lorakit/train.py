@@ -15,9 +15,11 @@ Everything random (LoRA init, data order, noise, timesteps) comes from generator
 from __future__ import annotations
 
 import json
-import math
+import os
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lorakit import checkpoint as ckpt
 from lorakit.config import Config, TrainConfig
 from lorakit.data import load_image, scan_folder
 from lorakit.errors import ConfigError, LorakitError
@@ -65,14 +68,18 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     _check_precision(c.train, accelerator.device)
     torch.manual_seed(c.train.seed)
 
-    # -- data and model -----------------------------------------------------------------------
+    # -- data, model, resume point ----------------------------------------------------------
     items = scan_folder(data_dir, c.data.caption_ext, c.data.trigger, c.data.default_caption)
     if c.train.batch_size > len(items):
         raise ConfigError(
             f"train.batch_size = {c.train.batch_size} but '{data_dir}' has only {len(items)} "
             f"images. Lower train.batch_size to {len(items)} or less, or add images."
         )
-    if accelerator.is_main_process:
+    resume_from = ckpt.resolve_resume(out, c.train.resume) if c.train.resume else None
+    state = ckpt.load_state(resume_from) if resume_from else None
+    if resume_from:
+        _check_resume_config(resume_from, c)
+    elif accelerator.is_main_process:
         _claim_output(out, c.train.overwrite)
     family, comps = load_model(c.model)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
@@ -95,7 +102,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         for module in family.frozen_modules(comps).values():
             module.to("cpu")  # only the denoiser is needed from here on
 
-    # -- adapter, optimizer, schedule -----------------------------------------------------------
+    # -- adapter, optimizer, schedule -------------------------------------------------------
     params = inject_lora(denoiser, c.lora, c.train.seed)
     for p in params:
         p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
@@ -107,85 +114,111 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     denoiser, optimizer, lr_schedule = accelerator.prepare(denoiser, optimizer, lr_schedule)
 
     noise_gen = torch.Generator("cpu").manual_seed(c.train.seed)
-    order_gen = torch.Generator("cpu").manual_seed(c.train.seed + 1)
-    batches = _batches(len(items), c.train.batch_size, order_gen)
+    order = BatchOrder(len(items), c.train.batch_size, c.train.seed)
+    result = TrainResult(out, {}, [], {}, family, comps, c)
+    start_step = 0
+    if state is not None:
+        start_step = _restore(state, params, optimizer, lr_schedule, accelerator, noise_gen, order)
+        result.losses = {int(k): v for k, v in state.history.get("losses", {}).items()}
+        result.samples = [Path(p) for p in state.history.get("samples", [])]
     started = time.time()
     meta = training_metadata(c, family, captions, len(items), started, 0, Path(data_dir).name)
-
     sample_spec = grid_spec(c.sample, c.data.trigger, c.data.resolution) if c.sample.every else None
-    result = TrainResult(out, {}, [], {}, family, comps, c)
     reporter = reporter or Reporter(c.train.steps)
-    _banner(reporter, c, len(items), str(data_dir), accelerator.num_processes)
+    _banner(reporter, c, len(items), str(data_dir), accelerator.num_processes, order, resume_from)
 
     def sample(step: int) -> None:
         if sample_spec is None or not accelerator.is_main_process:
             return
         path = out / "samples" / f"step-{step:06d}.png"
-        _render(family, comps, denoiser, accelerator, sample_spec, c, step, path)
+        with torch.random.fork_rng(devices=_cuda_devices(device)):  # never perturb training RNG
+            _render(family, comps, denoiser, accelerator, sample_spec, c, step, path)
         result.samples.append(path)
         reporter.message(f"sample grid: {path}")
 
-    def save(step: int, final: bool) -> None:
+    def export_to(folder: Path, step: int) -> dict[str, Path]:
+        meta.update(ss_steps=str(step))
+        adapter = extract_adapter(family, comps, meta)
+        return {
+            fmt: write_adapter(adapter, fmt, EXPORTERS[fmt].default_path(folder, c.export.name))
+            for fmt in c.export.formats
+        }
+
+    def save_checkpoint(step: int) -> None:
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return
-        meta.update(ss_steps=str(step))
-        adapter = extract_adapter(family, comps, meta)
-        folders = [out / "checkpoints" / f"step-{step:06d}"] if not final else []
-        for folder in [*folders, out]:
-            for fmt in c.export.formats:
-                path = write_adapter(
-                    adapter, fmt, EXPORTERS[fmt].default_path(folder, c.export.name)
-                )
-                if folder == out:
-                    result.adapters[fmt] = path
-        if folders:
-            result.checkpoints.append(folders[0])
-            reporter.message(f"saved step {step}: {folders[0]}")
+        history = {"losses": result.losses, "samples": [str(p) for p in result.samples]}
+        try:
+            tmp = ckpt.begin(out, step)
+            export_to(tmp, step)
+            atomic_write_text(tmp / "config.toml", c.to_toml())
+            _fault("save", step)
+            ckpt.save_state(tmp, _capture(step, order, params, optimizer, lr_schedule,
+                                          accelerator, noise_gen, history))  # fmt: skip
+            final = ckpt.commit(out, step, tmp, {"step": step, "time": time.time()})
+        except OSError as e:
+            shutil.rmtree(ckpt.partial_dir(out, step), ignore_errors=True)
+            raise _save_failed(out, step, e) from None
+        ckpt.prune(out, c.train.keep_last)
+        result.checkpoints.append(final)
+        reporter.message(f"saved step {step}: {final}")
 
-    # -- the loop -------------------------------------------------------------------------------
-    step = 0
+    # -- the loop ---------------------------------------------------------------------------
+    step = start_step
     window = torch.zeros((), device=device)
     window_n = 0
-    with reporter:
-        if c.sample.every:
+    guard = FiniteGuard(device)
+    with reporter, StopRequest() as stop:
+        if c.sample.every and start_step == 0:
             sample(0)
-        try:
-            for step in range(1, c.train.steps + 1):
-                for _ in range(c.train.grad_accum):
-                    idx = next(batches)
-                    lat = latents[idx].to(device, weight_dtype)
-                    batch_cond = {k: v[idx].to(device, weight_dtype) for k, v in cond.items()}
-                    noise, timesteps = family.noise_and_timesteps(comps, lat, noise_gen, c.train)
-                    with accelerator.accumulate(denoiser), accelerator.autocast():
-                        loss = family.loss(
-                            comps, denoiser, lat, batch_cond, noise, timesteps, c.train
-                        )
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and c.train.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(params, c.train.max_grad_norm)
-                        optimizer.step()
-                        lr_schedule.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    window += loss.detach()  # summed on device: no host sync per step
-                    window_n += 1
-                if step % c.train.log_every == 0 or step == c.train.steps:
-                    mean = (window / window_n).item()
-                    _check_finite(mean, step, c.train)
-                    result.losses[step] = mean
-                    reporter.update(step, mean, lr_schedule.get_last_lr()[0])
-                    window.zero_()
-                    window_n = 0
-                if c.train.save_every and step % c.train.save_every == 0 and step < c.train.steps:
-                    save(step, final=False)
-                if c.sample.every and step % c.sample.every == 0:
-                    sample(step)
-        except KeyboardInterrupt:
-            if step > 0:
-                save(step, final=False)
-                reporter.message(f"Interrupted at step {step}; the adapter so far was saved.")
-            raise
-        save(c.train.steps, final=True)
+        for step in range(start_step + 1, c.train.steps + 1):
+            epoch_before = order.epoch
+            for _ in range(c.train.grad_accum):
+                idx = order.next()
+                lat = latents[idx].to(device, weight_dtype)
+                batch_cond = {k: v[idx].to(device, weight_dtype) for k, v in cond.items()}
+                noise, timesteps = family.noise_and_timesteps(comps, lat, noise_gen, c.train)
+                with accelerator.accumulate(denoiser), accelerator.autocast():
+                    loss = family.loss(comps, denoiser, lat, batch_cond, noise, timesteps, c.train)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and c.train.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, c.train.max_grad_norm)
+                    optimizer.step()
+                    lr_schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window += loss.detach()  # summed on device: no host sync per step
+                window_n += 1
+                if guard.bad(loss, step):
+                    raise _diverged(guard.bad_step, c.train, out)
+            if step % c.train.log_every == 0 or step == c.train.steps:
+                mean = (window / window_n).item()
+                result.losses[step] = mean
+                reporter.update(step, mean, lr_schedule.get_last_lr()[0])
+                window.zero_()
+                window_n = 0
+            epoch_done = order.epoch > epoch_before
+            if step < c.train.steps and (
+                (c.train.save_every and step % c.train.save_every == 0)
+                or (
+                    c.train.save_every_epochs
+                    and epoch_done
+                    and order.epoch % c.train.save_every_epochs == 0
+                )
+                or stop.requested
+            ):
+                save_checkpoint(step)
+            if c.sample.every and step % c.sample.every == 0:
+                sample(step)
+            if stop.requested and step < c.train.steps:
+                raise Interrupted(stop.requested, step, out)
+        if guard.bad(None, step):
+            raise _diverged(guard.bad_step, c.train, out)
+        if (c.train.save_every or c.train.save_every_epochs) and step > start_step:
+            save_checkpoint(c.train.steps)  # resumable: a finished run can be extended
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            result.adapters = export_to(out, c.train.steps)
         if c.sample.every and c.train.steps % c.sample.every:
             sample(c.train.steps)
     accelerator.wait_for_everyone()
@@ -197,6 +230,209 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+class BatchOrder:
+    """Which images form the next batch. A pure function of (seed, epoch) per epoch, so the
+    position (epoch, index) is all a checkpoint needs to continue the exact same order."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._batches = self._for_epoch(0)
+
+    def _for_epoch(self, epoch: int) -> list[torch.Tensor]:
+        gen = torch.Generator("cpu").manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=gen)
+        # the last partial batch is dropped: every step sees a full batch
+        return [
+            perm[i : i + self.batch_size]
+            for i in range(0, self.n - self.batch_size + 1, self.batch_size)
+        ]
+
+    def per_epoch(self) -> int:
+        return len(self._batches)
+
+    def seek(self, epoch: int, position: int) -> None:
+        self.epoch, self.position = epoch, position
+        self._batches = self._for_epoch(epoch)
+
+    def next(self) -> torch.Tensor:
+        batch = self._batches[self.position]
+        self.position += 1
+        if self.position == len(self._batches):
+            self.seek(self.epoch + 1, 0)
+        return batch
+
+
+class FiniteGuard:
+    """Detects a non-finite loss within one step without stalling the GPU: on CUDA the check of
+    step k reads a flag copied asynchronously and is done while step k+1 is already queued."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: tuple[torch.Tensor, torch.cuda.Event, int] | None = None
+        self.bad_step = 0
+
+    def bad(self, loss: torch.Tensor | None, step: int) -> bool:
+        if not self.cuda:
+            if loss is not None and not bool(torch.isfinite(loss.detach())):
+                self.bad_step = step
+                return True
+            return False
+        found = False
+        if self.pending is not None:
+            flag, event, at = self.pending
+            event.synchronize()
+            if not bool(flag):
+                self.bad_step, found = at, True
+        self.pending = None
+        if loss is not None:
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_(torch.isfinite(loss.detach()), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (flag, event, step)
+        return found
+
+
+class Interrupted(LorakitError):
+    """SIGINT/SIGTERM: the run stopped cleanly after a checkpoint."""
+
+    def __init__(self, signum: int, step: int, out: Path):
+        name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(signum, f"signal {signum}")
+        super().__init__(
+            f"Stopped by {name} at step {step}; checkpoint saved in "
+            f"{ckpt.step_dir(out, step)}. Continue with the same command plus --resume latest."
+        )
+        self.exit_code = 128 + int(signum)
+
+
+class StopRequest:
+    """First SIGINT/SIGTERM: finish the current step, checkpoint, stop. Second: abort now
+    (still no torn files: every write is atomic)."""
+
+    def __init__(self) -> None:
+        self.requested = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.requested = signum
+        print("\nStopping after this step and saving a checkpoint (press Ctrl-C again to abort).")
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def _fault(point: str, step: int) -> None:
+    """Fault injection for crash-safety tests: LORAKIT_FAULT=kill-during-save@N kills the process
+    in the middle of writing the checkpoint of step N."""
+    if os.environ.get("LORAKIT_FAULT") == f"kill-during-{point}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def _capture(step, order, params, optimizer, lr_schedule, accelerator, noise_gen, history):
+    return ckpt.TrainState(
+        step=step,
+        epoch=order.epoch,
+        position=order.position,
+        params=[p.detach() for p in params],
+        optimizer=optimizer.state_dict(),
+        scheduler=lr_schedule.state_dict(),
+        scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        noise_generator=noise_gen.get_state(),
+        rng=ckpt.rng_state(),
+        history=history,
+    )
+
+
+def _restore(state, params, optimizer, lr_schedule, accelerator, noise_gen, order) -> int:
+    if len(state.params) != len(params) or any(
+        a.shape != b.shape for a, b in zip(state.params, params, strict=True)
+    ):
+        raise LorakitError(
+            "The checkpoint's LoRA does not match this config's LoRA (rank or target modules "
+            "differ). Resume with the run's own config.toml."
+        )
+    with torch.no_grad():
+        for p, saved in zip(params, state.params, strict=True):
+            p.copy_(saved.to(p.device, p.dtype))
+    optimizer.load_state_dict(state.optimizer)
+    lr_schedule.load_state_dict(state.scheduler)
+    if state.scaler is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state.scaler)
+    noise_gen.set_state(state.noise_generator)
+    order.seek(state.epoch, state.position)
+    ckpt.set_rng_state(state.rng)
+    return state.step
+
+
+# Keys that may change between a run and its resumption; everything else must match.
+_RESUMABLE_CHANGES = {
+    "train.steps", "train.save_every", "train.save_every_epochs", "train.keep_last",
+    "train.log_every", "train.resume", "train.overwrite", "train.device", "export.title",
+    "export.description",
+}  # fmt: skip
+
+
+def _check_resume_config(folder: Path, c: Config) -> None:
+    from lorakit import config as cfg
+
+    saved = cfg.build(
+        cfg.check_layer(cfg.read_toml(folder / "config.toml", "Checkpoint config"), str(folder))
+    )
+    now, then = c.to_dict(), saved.to_dict()
+    diff = [
+        f"{s}.{k} ({then[s][k]!r} → {now[s][k]!r})"
+        for s in now
+        for k in now[s]
+        if now[s][k] != then[s][k] and f"{s}.{k}" not in _RESUMABLE_CHANGES and s != "sample"
+    ]
+    if diff:
+        raise ConfigError(
+            f"Cannot resume from {folder}: the config differs in {', '.join(diff)}. Resume with "
+            "the same settings (only steps, save/log intervals, samples and device may change)."
+        )
+
+
+def _diverged(step: int, t: TrainConfig, out: Path) -> LorakitError:
+    found = ckpt.complete_checkpoints(out)
+    last = (
+        f"The last good checkpoint is {found[-1][1]}." if found else "No checkpoint was saved yet."
+    )
+    return LorakitError(
+        f"The training loss became NaN/inf at step {step}: training diverged and was stopped. "
+        f"Lower train.lr (now {t.lr}), keep train.max_grad_norm > 0, or use "
+        f"train.mixed_precision = 'bf16' instead of 'fp16'. {last}"
+    )
+
+
+def _save_failed(out: Path, step: int, e: OSError) -> LorakitError:
+    found = [p for s, p in ckpt.complete_checkpoints(out) if s != step]
+    last = (
+        f"The previous checkpoint {found[-1]} is intact"
+        if found
+        else "No earlier checkpoint exists"
+    )
+    return LorakitError(
+        f"Could not write the checkpoint for step {step} under '{out}': {e.strerror or e}. Free "
+        f"disk space or fix the folder's permissions. {last}; continue with --resume latest."
+    )
 
 
 RUN_OUTPUTS = ("checkpoints", "samples", "diffusers", "run.json", "config.toml")
@@ -246,24 +482,6 @@ def _check_precision(t: TrainConfig, device: torch.device) -> None:
         raise ConfigError(
             "train.mixed_precision = 'fp16' needs a GPU; on the CPU use 'bf16' or 'no'."
         )
-
-
-def _check_finite(loss: float, step: int, t: TrainConfig) -> None:
-    if not math.isfinite(loss):
-        raise LorakitError(
-            f"The training loss became {loss} at step {step}: training diverged. Lower train.lr "
-            f"(now {t.lr}), keep train.max_grad_norm > 0, or use train.mixed_precision = 'bf16' "
-            "instead of 'fp16'. Adapters saved before this step are intact."
-        )
-
-
-def _batches(n: int, batch_size: int, gen: torch.Generator):
-    """Endless stream of index batches: a fresh seeded permutation each epoch, last partial
-    batch dropped (every step sees a full batch)."""
-    while True:
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield perm[start : start + batch_size]
 
 
 @torch.no_grad()
@@ -366,10 +584,14 @@ def _render(family, comps, denoiser, accelerator, spec, c: Config, step: int, pa
             torch.cuda.empty_cache()
 
 
-def _banner(reporter: Reporter, c: Config, n_images: int, data_dir: str, procs: int) -> None:
+def _banner(reporter: Reporter, c: Config, n_images: int, data_dir: str, procs: int,
+            order: BatchOrder, resume_from: Path | None) -> None:  # fmt: skip
     eff = c.train.batch_size * c.train.grad_accum * procs
-    per_epoch = max(1, n_images // c.train.batch_size)
-    epochs = c.train.steps * c.train.grad_accum / per_epoch
+    epochs = c.train.steps * c.train.grad_accum / order.per_epoch()
+    if resume_from is not None:
+        reporter.message(
+            f"resuming from {resume_from} (epoch {order.epoch}, batch {order.position})"
+        )
     saves = (
         f"every {c.train.save_every} steps and at the end" if c.train.save_every else "at the end"
     )

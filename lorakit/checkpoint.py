@@ -1,0 +1,230 @@
+"""Resumable checkpoints that are either complete or invisible.
+
+A checkpoint is a folder `OUT/checkpoints/step-NNNNNN/` holding the exported adapters plus
+`state.safetensors` (every tensor: LoRA parameters, optimizer state, RNG states) and `state.json`
+(everything else: step, epoch, position in the epoch's batch list, scheduler, grad scaler, python
+and numpy RNG, loss history). It is written as `.step-NNNNNN.partial/`, each file atomically,
+then a `COMPLETE` marker, then the folder is renamed into place — so `--resume latest` can never
+pick a torn checkpoint: a folder without the marker, or still named `.partial`, is ignored.
+
+No pickle anywhere: optimizer and scheduler state dicts are split into tensors (safetensors) and
+JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from lorakit.errors import LorakitError
+from lorakit.fileio import atomic_write_text, save_safetensors
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def step_dir(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:06d}"
+
+
+def partial_dir(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f".step-{step:06d}.partial"
+
+
+def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    folder = out / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir() and (child / MARKER).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def resolve_resume(out: Path, resume: str) -> Path:
+    """`latest` → newest complete checkpoint of the run in `out`; otherwise a checkpoint folder."""
+    if resume == "latest":
+        found = complete_checkpoints(out)
+        if not found:
+            raise LorakitError(
+                f"--resume latest: '{out}' has no complete checkpoint to resume from (checkpoints "
+                "are written every train.save_every steps). Start a new run instead."
+            )
+        return found[-1][1]
+    path = Path(resume)
+    if not (path / MARKER).is_file() or not (path / "state.json").is_file():
+        raise LorakitError(
+            f"--resume '{resume}' is not a complete lorakit checkpoint folder (expected "
+            f"{path}/state.json and {path}/{MARKER}). Use --resume latest or a folder under "
+            "OUT/checkpoints/."
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# state (de)serialisation without pickle
+
+
+def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace tensors in a nested structure by {"__tensor__": key}; collect them in `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}"
+        tensors[key] = obj.detach().to("cpu").contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        pairs = [
+            [_split(k, f"{prefix}.k{i}", tensors), _split(v, f"{prefix}.{i}", tensors)]
+            for i, (k, v) in enumerate(obj.items())
+        ]
+        return {"__dict__": pairs}
+    if isinstance(obj, (list, tuple)):
+        items = [_split(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, np.ndarray):
+        # stored as int64/float64 (safetensors has no uint32); the dtype is restored on load
+        wide = obj.astype(np.float64 if obj.dtype.kind == "f" else np.int64)
+        tensors[prefix] = torch.from_numpy(wide)
+        return {"__ndarray__": prefix, "dtype": str(obj.dtype)}
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot serialise {type(obj).__name__} in checkpoint state")
+
+
+def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].numpy().astype(obj["dtype"])
+        if "__tuple__" in obj:
+            return tuple(_join(v, tensors) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {_join(k, tensors): _join(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    return obj
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    step: int
+    epoch: int
+    position: int
+    """Index into the epoch's batch list of the next batch to train on."""
+    params: list[torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None
+    noise_generator: torch.Tensor
+    rng: dict[str, Any]
+    history: dict[str, Any]
+
+
+def save_state(folder: Path, state: TrainState) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    doc = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "position": state.position,
+        "params": _split(state.params, "param", tensors),
+        "optimizer": _split(state.optimizer, "optim", tensors),
+        "scheduler": _split(state.scheduler, "sched", tensors),
+        "scaler": _split(state.scaler, "scaler", tensors),
+        "noise_generator": _split(state.noise_generator, "noise_gen", tensors),
+        "rng": _split(state.rng, "rng", tensors),
+        "history": state.history,
+    }
+    save_safetensors(folder / "state.safetensors", tensors)
+    atomic_write_text(folder / "state.json", json.dumps(doc))
+
+
+def load_state(folder: Path) -> TrainState:
+    try:
+        tensors = load_file(str(folder / "state.safetensors"))
+        doc = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LorakitError(f"Checkpoint '{folder}' cannot be read ({e}).") from None
+    return TrainState(
+        step=doc["step"],
+        epoch=doc["epoch"],
+        position=doc["position"],
+        params=_join(doc["params"], tensors),
+        optimizer=_join(doc["optimizer"], tensors),
+        scheduler=_join(doc["scheduler"], tensors),
+        scaler=_join(doc["scaler"], tensors),
+        noise_generator=_join(doc["noise_generator"], tensors),
+        rng=_join(doc["rng"], tensors),
+        history=doc["history"],
+    )
+
+
+def begin(out: Path, step: int) -> Path:
+    """Start writing checkpoint `step`: a fresh hidden `.partial` folder."""
+    tmp = partial_dir(out, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(out: Path, step: int, tmp: Path, summary: dict[str, Any]) -> Path:
+    """Mark the partial folder complete and move it into place (one rename)."""
+    atomic_write_text(tmp / MARKER, json.dumps(summary))
+    final = step_dir(out, step)
+    if final.exists():  # an older checkpoint of the same step (e.g. a replaced run)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def prune(out: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints (0 = keep all) and any
+    leftover partial folders. Returns what was removed."""
+    removed = []
+    folder = out / "checkpoints"
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.name.endswith(".partial"):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    if keep_last > 0:
+        for _, path in complete_checkpoints(out)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

@@ -1,0 +1,171 @@
+"""Checkpoints, exact resume, crash safety, signals, divergence and disk-full handling."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, ROOT, SAMPLES, cli
+from safetensors.torch import load_file
+
+from lorakit import checkpoint as ckpt
+
+RUN = [*FAST, "--set", "train.log_every=5"]
+
+
+def _same_adapter(a: Path, b: Path) -> None:
+    x, y = load_file(a), load_file(b)
+    assert x.keys() == y.keys()
+    for k in x:
+        assert x[k].numpy().tobytes() == y[k].numpy().tobytes(), k
+
+
+def _subprocess(args: list, env_extra: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "lorakit", "train", *map(str, args)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() - t0 < timeout, "timed out waiting for " + str(path)
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The reference: 24 steps without interruption."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    cli("train", SAMPLES, *RUN, "--out", out, "--steps", 24, "--set", "train.save_every=4")
+    return out
+
+
+def test_checkpoints_are_complete_and_pruned(straight):
+    found = ckpt.complete_checkpoints(straight)
+    # keep_last = 3 (default): the newest three, the final step included
+    assert [s for s, _ in found] == [16, 20, 24]
+    for _, folder in found:
+        assert {p.name for p in folder.iterdir()} >= {
+            "COMPLETE", "state.json", "state.safetensors", "config.toml", "lorakit.safetensors",
+        }  # fmt: skip
+    assert not list((straight / "checkpoints").glob(".*partial"))
+
+
+def test_sigkill_then_resume_is_bit_identical(straight, tmp_path):
+    out = tmp_path / "run"
+    args = [SAMPLES, *RUN, "--out", out, "--steps", 24, "--set", "train.save_every=4"]
+    proc = _subprocess(args)
+    _wait_for(ckpt.step_dir(out, 4) / ckpt.MARKER, proc)
+    time.sleep(random.uniform(0.0, 0.6))  # die somewhere after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "lorakit.safetensors").exists(), "the run must not have finished"
+    cli("train", *args, "--resume", "latest")
+    _same_adapter(straight / "lorakit.safetensors", out / "lorakit.safetensors")
+
+
+def test_kill_during_checkpoint_write_is_never_resumed_from(straight, tmp_path):
+    out = tmp_path / "run"
+    args = [SAMPLES, *RUN, "--out", out, "--steps", 24, "--set", "train.save_every=4"]
+    proc = _subprocess(args, {"LORAKIT_FAULT": "kill-during-save@8"})
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert ckpt.partial_dir(out, 8).is_dir(), "the torn checkpoint is left as .partial"
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [4]
+    assert ckpt.resolve_resume(out, "latest") == ckpt.step_dir(out, 4)
+    cli("train", *args, "--resume", "latest")
+    _same_adapter(straight / "lorakit.safetensors", out / "lorakit.safetensors")
+
+
+def test_sigint_checkpoints_and_exits_130_then_resumes(straight, tmp_path):
+    out = tmp_path / "run"
+    args = [SAMPLES, *RUN, "--out", out, "--steps", 24, "--set", "train.save_every=4"]
+    proc = _subprocess(args)
+    _wait_for(ckpt.step_dir(out, 4) / ckpt.MARKER, proc)
+    proc.send_signal(signal.SIGINT)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, text
+    assert "--resume latest" in text and "Traceback" not in text
+    stopped = ckpt.complete_checkpoints(out)[-1][0]
+    assert 4 <= stopped < 24
+    cli("train", *args, "--resume", "latest")
+    _same_adapter(straight / "lorakit.safetensors", out / "lorakit.safetensors")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_resume_from_a_checkpoint_in_process(tmp_path, optimizer):
+    out = tmp_path / "run"
+    args = [SAMPLES, *RUN, "--out", out, "--steps", 8, "--set", "train.save_every=3",
+            "--set", f"train.optimizer='{optimizer}'", "--set", "train.optimizer_fallback=false",
+            "--set", "train.keep_last=0", "--set", "lora.dropout=0.1"]  # fmt: skip
+    cli("train", *args)
+    first = (out / "lorakit.safetensors").read_bytes()
+    reference = tmp_path / "final.safetensors"
+    reference.write_bytes(first)
+    r = cli("train", *args, "--resume", ckpt.step_dir(out, 3))
+    assert "resuming from" in r.output
+    _same_adapter(reference, out / "lorakit.safetensors")
+
+
+def test_resume_refuses_a_changed_config(straight, tmp_path):
+    r = cli("train", SAMPLES, *RUN, "--out", straight, "--steps", 30, "--lr", 0.5,
+            "--set", "train.save_every=4", "--resume", "latest", expect=2)  # fmt: skip
+    assert "train.lr" in r.output and "Traceback" not in r.output
+    r = cli("train", SAMPLES, *RUN, "--out", tmp_path / "none", "--resume", "latest", expect=1)
+    assert "no complete checkpoint" in r.output
+
+
+def test_nan_stops_within_one_step_and_names_last_checkpoint(tmp_path, monkeypatch):
+    from lorakit.models import FAMILIES
+
+    fam = FAMILIES["sd15"]
+    real_loss = fam.loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(fam, "loss", poisoned)
+    out = tmp_path / "run"
+    r = cli("train", SAMPLES, *RUN, "--out", out, "--steps", 10, "--set", "train.save_every=2",
+            expect=1)  # fmt: skip
+    assert "step 5" in r.output and "NaN" in r.output and "Traceback" not in r.output
+    assert "step-000004" in r.output.replace("\n", "")
+    assert calls["n"] == 5, "training stopped at the poisoned step"
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2, 4]
+    state = ckpt.load_state(ckpt.step_dir(out, 4))
+    assert all(torch.isfinite(p).all() for p in state.params)
+
+
+def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    real = ckpt.save_state
+    calls = {"n": 0}
+
+    def failing(folder, state):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(folder, state)
+
+    monkeypatch.setattr(ckpt, "save_state", failing)
+    out = tmp_path / "run"
+    r = cli("train", SAMPLES, *RUN, "--out", out, "--steps", 10, "--set", "train.save_every=2",
+            expect=1)  # fmt: skip
+    assert "No space left on device" in r.output and "step-000002" in r.output.replace("\n", "")
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2]
+    assert not ckpt.partial_dir(out, 4).exists()
