@@ -32,15 +32,25 @@ class ModelConfig:
     """Which base model to train on."""
 
     name: str = ""
-    """`tiny:sd15` (offline random-weight model), a hub id, or a local diffusers folder."""
-    family: Literal["auto", "sd15"] = "auto"
-    """Model family; `auto` reads it from `tiny:FAMILY` or the folder's `model_index.json`."""
+    """`tiny:sd15` (offline random-weight model), a hub id, a local diffusers folder, or a
+    single-file `.safetensors` checkpoint (SD1.5/SDXL as downloaded from model sites)."""
+    family: Literal["auto", "sd15", "sdxl", "sd3", "flux"] = "auto"
+    """Model family; `auto` = from `tiny:FAMILY`, `model_index.json` or a checkpoint's keys."""
     revision: str = ""
     """Hub revision (branch, tag or commit); empty = default branch."""
     variant: str = ""
     """Weight variant to load, e.g. `fp16`; empty = full-precision files."""
     allow_pickle: bool = False
     """Allow loading `.bin`/`.ckpt` pickled weights. Off: only safetensors are read."""
+    single_file_config: str = ""
+    """For a `.safetensors` checkpoint: a local diffusers folder with its configs and tokenizers;
+    empty = the family's built-in real configs (tokenizers then from the local HF cache)."""
+    t5_max_length: int = 0
+    """SD3/FLUX: T5 tokens per caption; 0 = the pipeline's default (SD3 256, FLUX 512)."""
+    drop_t5: bool = False
+    """SD3: leave the T5 encoder out (saves ~9 GB; T5 tokens are zeros, weaker prompt following)."""
+    quantize: Literal["none", "nf4", "int8"] = "none"
+    """SD3/FLUX: load the frozen transformer 4-bit NF4 or 8-bit (bitsandbytes, CUDA only)."""
 
 
 @dataclass
@@ -54,9 +64,49 @@ class DataConfig:
     trigger: str = ""
     """Trigger word. Replaces `[trigger]`/`{trigger}` in captions, else is prefixed when absent."""
     default_caption: str = ""
-    """Caption for images without a caption file (the trigger word is still applied)."""
+    """Caption for images without a caption (trigger applied); `{name}` = the file name's words."""
     center_crop: bool = True
     """Center-crop after resizing the short side; off = one random crop per image (seeded)."""
+    repeats: int = 1
+    """Times each image is seen per epoch; a kohya `N_name` sub-folder sets N for its images."""
+    reg_folder: str = ""
+    """Regularization (prior-preservation) images: any layout `lorakit prepare` reads; "" = none."""
+    reg_repeats: int = 1
+    """Times each regularization image is seen per epoch."""
+    image_column: str = "image"
+    """Image column of a `datasets` source (save_to_disk folder or hf:SPEC)."""
+    caption_column: str = "text"
+    """Caption column of a `datasets` source or imagefolder metadata (falls back to text/caption)."""
+    dataset_split: str = "train"
+    """Split of a `datasets` source (DatasetDict folder or hf:SPEC)."""
+    shuffle_tags: bool = False
+    """Shuffle the comma-separated tags of a caption at every step, keeping the first data.keep_tags."""
+    keep_tags: int = 1
+    """Leading tags that tag shuffling keeps in place (1 keeps a prefixed trigger word first)."""
+    caption_dropout: float = 0.0
+    """Probability in [0, 1) that a step trains on the empty caption (applied at train time)."""
+    bucketing: bool = True
+    """Aspect-ratio buckets around data.resolution² (off: one square bucket)."""
+    bucket_step: int = 0
+    """Bucket side step in px (multiple of 8); 0 = 64, or 8 when data.resolution < 256."""
+    bucket_max_ratio: float = 2.0
+    """Most elongated bucket allowed (long side / short side)."""
+    no_upscale: bool = False
+    """Never enlarge an image: one smaller than its bucket gets its own smaller bucket."""
+    small_buckets: Literal["error", "merge", "drop"] = "error"
+    """Buckets that cannot fill a batch: stop and say so, merge into the nearest, or drop them."""
+    background: str = "white"
+    """Colour that transparent images are flattened onto (name or #rrggbb)."""
+    min_side: int = 0
+    """Images with a shorter side are left out; 0 = data.resolution / 2."""
+    near_duplicate_distance: int = 4
+    """Perceptual-hash distance (bits of 64) that counts as a near duplicate; -1 = no check."""
+    max_caption_tokens: int = 75
+    """Captions longer than this many tokens are reported (the text encoder cuts them); 0 = off."""
+    workers: int = 0
+    """Processes that decode and resize images; 0 = one per CPU core."""
+    cache_dir: str = ""
+    """Folder where raw sources are prepared and kept between runs; "" = prepare in memory."""
 
 
 @dataclass
@@ -73,6 +123,16 @@ class LoraConfigSection:
     """Module name suffixes that get an adapter; default = attention projections."""
     init: Literal["default", "gaussian"] = "default"
     """Initialisation of lora_A (lora_B always starts at zero, so step 0 equals the base model)."""
+    train_text_encoder: bool = False
+    """Also train a LoRA on the CLIP text encoder(s); captions are then encoded every step."""
+    text_encoder_rank: int = 0
+    """Rank of the text-encoder LoRA; 0 = lora.rank."""
+    text_encoder_alpha: float = 0.0
+    """Alpha of the text-encoder LoRA; 0 = lora.alpha."""
+    text_encoder_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    """Text-encoder module name suffixes that get an adapter (add `fc1`, `fc2` for the MLPs)."""
 
 
 @dataclass
@@ -109,6 +169,18 @@ class TrainConfig:
     """Noise offset (eps/v models): per-channel constant noise; helps very dark/light images."""
     min_snr_gamma: float = 0.0
     """Min-SNR loss weighting γ for eps/v models (5 is common); 0 = off."""
+    timestep_sampling: Literal["uniform", "logit_normal", "sigmoid", "shift"] = "shift"
+    """SD3/FLUX sigma sampler; `shift` = logit-normal, then the family's shift (models/flow.py)."""
+    logit_mean: float = 0.0
+    """SD3/FLUX: mean of the logit-normal sigma sampler."""
+    logit_std: float = 1.0
+    """SD3/FLUX: standard deviation (scale) of the logit-normal / sigmoid sigma sampler."""
+    flow_shift: float = 0.0
+    """SD3/FLUX `shift` sampler: constant shift; 0 = family default (SD3 3, FLUX by resolution)."""
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    """SD3/FLUX loss weighting over sigmas (diffusers' `compute_loss_weighting_for_sd3`)."""
+    guidance: float = 1.0
+    """FLUX.1-dev: guidance value fed to the guidance embedding while training (schnell: unused)."""
     seed: int = 42
     """Seed for LoRA init, data order, noise and timesteps: same seed, same adapter."""
     gradient_checkpointing: bool = True
@@ -118,7 +190,13 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` uses CUDA when available."""
     save_every: int = 0
-    """Also export the adapter every N steps (0 = only at the end)."""
+    """Save a resumable checkpoint every N steps (0 = only the final adapter at the end)."""
+    save_every_epochs: int = 0
+    """Also save a checkpoint every N epochs (0 = off)."""
+    keep_last: int = 3
+    """Keep the newest N checkpoints (0 = keep all); the final adapter is always kept."""
+    resume: str = ""
+    """`latest` or a checkpoint folder to continue from exactly; empty = a fresh run."""
     log_every: int = 10
     """Print / log the smoothed loss every N steps."""
 
@@ -145,6 +223,12 @@ class SampleConfig:
     """Preview height; 0 = data.resolution."""
     scheduler: Literal["default", "euler", "ddim", "dpm++"] = "default"
     """Sampler for previews; `default` = the model's own scheduler."""
+    scales: list[float] = field(default_factory=list)
+    """LoRA-scale sweep: each seed column repeated at these strengths (0 = base model); [] = off."""
+    every_minutes: float = 0.0
+    """Also render a grid when this many minutes passed since the last one (0 = off)."""
+    save_individual: bool = False
+    """Also write every cell as its own PNG under `samples/step-NNNNNN/`."""
 
 
 @dataclass
@@ -162,6 +246,34 @@ class ExportConfig:
 
 
 @dataclass
+class LogConfig:
+    """Experiment trackers (the console progress display is always on)."""
+
+    tensorboard: bool = True
+    """Write TensorBoard logs to `OUT/logs` (loss, lr, grad norm, grids) when it is installed."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb` and a login)."""
+    wandb_project: str = "lorakit"
+    """Weights & Biases project name."""
+
+
+@dataclass
+class EvalConfig:
+    """Brand-fidelity numbers for the run report: held-out loss and palette distance."""
+
+    every: int = 0
+    """Score the held-out loss every N steps; 0 = at every save (and at step 0 and the end)."""
+    images: int = 4
+    """Size of the fixed validation subset, picked evenly from the training images (0 = off)."""
+    timesteps: int = 4
+    """Noise draws (timesteps) per validation image; fixed by eval.seed, averaged."""
+    seed: int = 1234
+    """Seed of the validation noise and timesteps, independent of train.seed."""
+    palette_colors: int = 6
+    """Brand-palette size extracted from the training images (k-means in CIELAB; 0 = off)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -169,6 +281,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return asdict(self)
@@ -426,6 +540,7 @@ def validate(c: Config) -> None:
         "train.grad_accum": c.train.grad_accum,
         "sample.steps": c.sample.steps,
         "train.log_every": c.train.log_every,
+        "eval.timesteps": c.eval.timesteps,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -436,7 +551,13 @@ def validate(c: Config) -> None:
         "train.warmup_steps": c.train.warmup_steps,
         "sample.width": c.sample.width,
         "sample.height": c.sample.height,
+        "sample.every_minutes": c.sample.every_minutes,
+        "eval.every": c.eval.every,
+        "eval.images": c.eval.images,
+        "eval.palette_colors": c.eval.palette_colors,
         "train.max_grad_norm": c.train.max_grad_norm,
+        "train.save_every_epochs": c.train.save_every_epochs,
+        "train.keep_last": c.train.keep_last,
         "train.weight_decay": c.train.weight_decay,
     }.items():
         if value < 0:
@@ -452,8 +573,20 @@ def validate(c: Config) -> None:
         raise ConfigError(f"Config key 'lora.dropout' must be in [0, 1), got {c.lora.dropout}.")
     if not c.lora.target_modules:
         raise ConfigError("Config key 'lora.target_modules' must name at least one module.")
+    if c.lora.text_encoder_rank < 0 or c.lora.text_encoder_alpha < 0:
+        raise ConfigError(
+            "Config keys 'lora.text_encoder_rank' and 'lora.text_encoder_alpha' must be 0 (= the "
+            f"UNet's value) or more, got {c.lora.text_encoder_rank}, {c.lora.text_encoder_alpha}."
+        )
+    if c.lora.train_text_encoder and not c.lora.text_encoder_target_modules:
+        raise ConfigError(
+            "Config key 'lora.text_encoder_target_modules' must name at least one module when "
+            "lora.train_text_encoder is true (e.g. ['q_proj', 'k_proj', 'v_proj', 'out_proj'])."
+        )
+    from lorakit.data.prepare import check_data  # local: data imports torch
     from lorakit.export import EXPORTERS  # local: export imports models, which import config
 
+    check_data(c.data)
     bad = [f for f in c.export.formats if f not in EXPORTERS]
     if bad or not c.export.formats:
         raise ConfigError(
@@ -467,3 +600,14 @@ def validate(c: Config) -> None:
         )
     if not c.sample.seeds:
         raise ConfigError("Config key 'sample.seeds' must list at least one seed.")
+    if c.train.logit_std <= 0 or c.train.flow_shift < 0 or c.model.t5_max_length < 0:
+        raise ConfigError(
+            "Config keys 'train.logit_std' must be > 0, 'train.flow_shift' and "
+            "'model.t5_max_length' must be 0 or more; got "
+            f"{c.train.logit_std}, {c.train.flow_shift}, {c.model.t5_max_length}."
+        )
+    if c.model.quantize != "none" and c.train.device == "cpu":
+        raise ConfigError(
+            f"model.quantize = '{c.model.quantize}' needs a CUDA GPU (bitsandbytes 4/8-bit "
+            "weights), but train.device = 'cpu'. Set model.quantize = 'none' to train on the CPU."
+        )
