@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
 
-from rich.console import Console
+import torch
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -14,6 +17,14 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
+
+
+def peak_memory_gib(device: torch.device | None = None) -> float:
+    """CUDA max allocated on a GPU, peak resident set size of this process on the CPU."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -24,9 +35,18 @@ def _fmt_eta(seconds: float) -> str:
 class Reporter:
     """`update()` is called at the logging interval only (the loss is read from the device then)."""
 
-    def __init__(self, total: int, console: Console | None = None, live: bool | None = None):
+    def __init__(
+        self,
+        total: int,
+        console: Console | None = None,
+        live: bool | None = None,
+        device: torch.device | None = None,
+    ):
         self.console = console or Console(stderr=False)
         self.total = total
+        self.device = device
+        self.last_checkpoint = "-"
+        self.last_grid = "-"
         self.live = self.console.is_terminal if live is None else live
         self._progress: Progress | None = None
         self._task = None
@@ -39,47 +59,54 @@ class Reporter:
             self._progress = Progress(
                 TextColumn("[bold]step"),
                 MofNCompleteColumn(),
-                BarColumn(),
-                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]}"),
+                BarColumn(bar_width=24),
+                TextColumn("{task.fields[speed]}"),
                 TimeElapsedColumn(),
                 TextColumn("eta"),
                 TimeRemainingColumn(),
                 console=self.console,
-                transient=False,
             )
-            self._progress.__enter__()
-            self._task = self._progress.add_task(
-                "train", total=self.total, loss="-", lr="-", speed=""
+            self._task = self._progress.add_task("train", total=self.total, speed="")
+            self._status = Text("")
+            self._live = Live(
+                Group(self._progress, self._status), console=self.console, refresh_per_second=4
             )
+            self._live.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
-            self._progress.__exit__(*exc)
+            self._live.__exit__(*exc)
 
-    def update(self, step: int, loss: float, lr: float) -> None:
-        elapsed = time.perf_counter() - self._t0
-        rate = step / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else 0.0
+    def start_at(self, step: int) -> None:
+        """A resumed run: rates and ETA count from here."""
+        self._first_step = step
         if self._progress is not None:
-            self._progress.update(
-                self._task,
-                completed=step,
-                loss=f"{loss:.4f}",
-                lr=f"{lr:.2e}",
-                speed=f"{rate:.2f} it/s",
+            self._progress.update(self._task, completed=step)
+
+    def update(self, step: int, loss: float, lr: float, epoch: int = 0) -> None:
+        elapsed = time.perf_counter() - self._t0
+        done = step - getattr(self, "_first_step", 0)
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        mem = f"{peak_memory_gib(self.device):.2f} GiB"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, speed=f"{rate:.2f} it/s")
+            self._status.plain = (
+                f"  epoch {epoch}  loss {loss:.4f}  lr {lr:.2e}  peak mem {mem}\n"
+                f"  last checkpoint {self.last_checkpoint}\n  last grid {self.last_grid}"
             )
         else:
             print(
-                f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {rate:.2f} it/s  "
-                f"eta {_fmt_eta(eta)}",
+                f"step {step}/{self.total}  epoch {epoch}  loss {loss:.4f}  lr {lr:.2e}  "
+                f"{rate:.2f} it/s  eta {_fmt_eta(eta)}  peak mem {mem}",
                 flush=True,
             )
         self._last_step = step
 
     def message(self, text: str) -> None:
         if self._progress is not None:
-            self._progress.console.print(text)
+            self._live.console.print(text)
         else:
             self.console.print(text, highlight=False)
             sys.stdout.flush()

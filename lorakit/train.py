@@ -124,7 +124,8 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     started = time.time()
     meta = training_metadata(c, family, captions, len(items), started, 0, Path(data_dir).name)
     sample_spec = grid_spec(c.sample, c.data.trigger, c.data.resolution) if c.sample.every else None
-    reporter = reporter or Reporter(c.train.steps)
+    reporter = reporter or Reporter(c.train.steps, device=device)
+    reporter.start_at(start_step)
     _banner(reporter, c, len(items), str(data_dir), accelerator.num_processes, order, resume_from)
 
     def sample(step: int) -> None:
@@ -134,6 +135,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         with torch.random.fork_rng(devices=_cuda_devices(device)):  # never perturb training RNG
             _render(family, comps, denoiser, accelerator, sample_spec, c, step, path)
         result.samples.append(path)
+        reporter.last_grid = str(path)
         reporter.message(f"sample grid: {path}")
 
     def export_to(folder: Path, step: int) -> dict[str, Path]:
@@ -162,6 +164,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             raise _save_failed(out, step, e) from None
         ckpt.prune(out, c.train.keep_last)
         result.checkpoints.append(final)
+        reporter.last_checkpoint = str(final)
         reporter.message(f"saved step {step}: {final}")
 
     # -- the loop ---------------------------------------------------------------------------
@@ -194,7 +197,8 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             if step % c.train.log_every == 0 or step == c.train.steps:
                 mean = (window / window_n).item()
                 result.losses[step] = mean
-                reporter.update(step, mean, lr_schedule.get_last_lr()[0])
+                reporter.update(step, mean, lr_schedule.get_last_lr()[0], order.epoch)
+                _check_scaler(accelerator, step, c.train, out)
                 window.zero_()
                 window_n = 0
             epoch_done = order.epoch > epoch_before
@@ -407,6 +411,20 @@ def _check_resume_config(folder: Path, c: Config) -> None:
         raise ConfigError(
             f"Cannot resume from {folder}: the config differs in {', '.join(diff)}. Resume with "
             "the same settings (only steps, save/log intervals, samples and device may change)."
+        )
+
+
+def _check_scaler(accelerator, step: int, t: TrainConfig, out: Path) -> None:
+    """fp16: the grad scaler skips steps whose gradients overflow and halves its scale each time.
+    A scale that fell below 1 (from 65536) means many recent skips: training is not progressing."""
+    scaler = accelerator.scaler
+    if scaler is not None and scaler.is_enabled() and scaler.get_scale() < 1.0:
+        found = ckpt.complete_checkpoints(out)
+        last = f"The last good checkpoint is {found[-1][1]}." if found else ""
+        raise LorakitError(
+            f"fp16 gradients kept overflowing up to step {step} (the grad scaler skipped most "
+            f"recent steps). Use train.mixed_precision = 'bf16' if the GPU supports it, or lower "
+            f"train.lr (now {t.lr}). {last}"
         )
 
 

@@ -20,16 +20,21 @@ def test_live_progress_bar_on_a_terminal():
     console = Console(file=buf, force_terminal=True, width=140)
     with Reporter(10, console=console) as rep:
         assert rep.live
-        rep.update(5, 0.1234, 1e-4)
-        rep.update(10, 0.0987, 5e-5)
+        rep.update(5, 0.1234, 1e-4, epoch=1)
+        rep.last_checkpoint = "runs/x/checkpoints/step-000010"
+        rep.last_grid = "runs/x/samples/step-000010.png"
+        rep.update(10, 0.0987, 5e-5, epoch=2)
     text = buf.getvalue()
     assert "10/10" in text and "0.0987" in text and "5.00e-05" in text and "it/s" in text
+    assert "epoch 2" in text and "GiB" in text
+    assert "step-000010" in text and "step-000010.png" in text
 
 
-def test_plain_reporter_prints_eta():
-    buf = io.StringIO()
-    with Reporter(4, console=Console(file=buf, force_terminal=False), live=False) as rep:
-        rep.update(2, 0.5, 1e-3)
+def test_plain_reporter_prints_eta_epoch_and_memory(capsys):
+    with Reporter(4, console=Console(file=io.StringIO()), live=False) as rep:
+        rep.update(2, 0.5, 1e-3, epoch=3)
+    line = capsys.readouterr().out
+    assert "step 2/4" in line and "epoch 3" in line and "eta" in line and "peak mem" in line
 
 
 @pytest.mark.parametrize(
