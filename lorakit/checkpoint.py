@@ -152,7 +152,6 @@ class TrainState:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     scaler: dict[str, Any] | None
-    noise_generator: torch.Tensor
     rng: dict[str, Any]
     history: dict[str, Any]
 
@@ -167,7 +166,6 @@ def save_state(folder: Path, state: TrainState) -> None:
         "optimizer": _split(state.optimizer, "optim", tensors),
         "scheduler": _split(state.scheduler, "sched", tensors),
         "scaler": _split(state.scaler, "scaler", tensors),
-        "noise_generator": _split(state.noise_generator, "noise_gen", tensors),
         "rng": _split(state.rng, "rng", tensors),
         "history": state.history,
     }
@@ -189,7 +187,6 @@ def load_state(folder: Path) -> TrainState:
         optimizer=_join(doc["optimizer"], tensors),
         scheduler=_join(doc["scheduler"], tensors),
         scaler=_join(doc["scaler"], tensors),
-        noise_generator=_join(doc["noise_generator"], tensors),
         rng=_join(doc["rng"], tensors),
         history=doc["history"],
     )

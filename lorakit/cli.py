@@ -56,6 +56,8 @@ def friendly(fn):
         except KeyboardInterrupt:
             err.print("Interrupted.")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
         except Exception as e:
             if os.environ.get("LORAKIT_DEBUG"):
                 raise
@@ -136,6 +138,14 @@ def train(
         str | None,
         typer.Option(help="train.resume: `latest` or a checkpoint folder to continue exactly."),
     ] = None,
+    num_processes: Annotated[
+        int | None,
+        typer.Option(help="Run under `accelerate launch` with N processes (one per GPU)."),
+    ] = None,
+    accelerate_config: Annotated[
+        Path | None,
+        typer.Option(help="accelerate config file (DDP, DeepSpeed, FSDP; see presets/accelerate)."),
+    ] = None,
 ) -> None:
     """Train a LoRA on a folder of captioned images.
 
@@ -166,9 +176,13 @@ def train(
             "train.resume": resume,
         },
     )
+    if (num_processes or accelerate_config) and not os.environ.get("LORAKIT_LAUNCHED"):
+        raise typer.Exit(_relaunch(c, data, num_processes, accelerate_config))
     from lorakit.train import train as run_training
 
     result = run_training(c, data)
+    if not result.adapters:
+        return  # not the main process of a multi-process run: rank 0 reports
     out.print("\n[bold green]done.[/bold green]")
     for fmt, path in result.adapters.items():
         out.print(f"  adapter ({fmt}): {path}", highlight=False)
@@ -238,6 +252,41 @@ def prepare(
     print_result(result, dest, out)
     if result.fatal:
         raise LorakitError(result.fatal + " OUT was not changed.")
+
+
+def _relaunch(c, data: Path, num_processes: int | None, accelerate_config: Path | None) -> int:
+    """Re-execute `lorakit train` under `accelerate launch` with the resolved config; the
+    children read exactly this config (written to a temp file), so every rank agrees."""
+    import subprocess
+    import tempfile
+
+    fd, cfg_path = tempfile.mkstemp(prefix="lorakit-", suffix=".toml")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(c.to_toml())
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config is not None:
+        if not accelerate_config.is_file():
+            raise LorakitError(f"--accelerate-config '{accelerate_config}' does not exist.")
+        cmd += ["--config_file", str(accelerate_config)]
+    n = num_processes or 1
+    if num_processes:
+        cmd += ["--num_processes", str(n), "--num_machines", "1"]
+        if n > 1 and accelerate_config is None:
+            cmd += ["--multi_gpu"]  # with no GPU, accelerate runs MULTI_CPU on gloo
+    if accelerate_config is None:
+        cmd += ["--mixed_precision", c.train.mixed_precision, "--dynamo_backend", "no"]
+    cmd += ["-m", "lorakit", "train", str(data), "--config", cfg_path]
+    env = dict(os.environ, LORAKIT_LAUNCHED="1")
+    out.print(f"launching {n} processes: {' '.join(cmd)}", highlight=False)
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                continue  # the children got the Ctrl-C too; wait for their clean stop
+    finally:
+        os.unlink(cfg_path)
 
 
 # -- sample ---------------------------------------------------------------------------------------

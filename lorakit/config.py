@@ -70,17 +70,17 @@ class DataConfig:
     repeats: int = 1
     """Times each image is seen per epoch; a kohya `N_name` sub-folder sets N for its images."""
     reg_folder: str = ""
-    """Regularization (prior-preservation) images: any layout `lorakit prepare` reads; "" = none."""
+    """Regularization (prior-preservation) images, in any layout prepare reads; "" = none."""
     reg_repeats: int = 1
     """Times each regularization image is seen per epoch."""
     image_column: str = "image"
     """Image column of a `datasets` source (save_to_disk folder or hf:SPEC)."""
     caption_column: str = "text"
-    """Caption column of a `datasets` source or imagefolder metadata (falls back to text/caption)."""
+    """Caption column of a `datasets` source or imagefolder metadata (else `text`, `caption`)."""
     dataset_split: str = "train"
     """Split of a `datasets` source (DatasetDict folder or hf:SPEC)."""
     shuffle_tags: bool = False
-    """Shuffle the comma-separated tags of a caption at every step, keeping the first data.keep_tags."""
+    """Shuffle a caption's comma-separated tags at every step, keeping the first data.keep_tags."""
     keep_tags: int = 1
     """Leading tags that tag shuffling keeps in place (1 keeps a prefixed trigger word first)."""
     caption_dropout: float = 0.0
@@ -151,6 +151,8 @@ class TrainConfig:
     """Gradient accumulation: micro-batches per optimizer step."""
     lr: float = 1e-4
     """Peak learning rate."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """Multiply train.lr by k or √k, k = global batch (batch × grad_accum × processes)."""
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant_with_warmup"

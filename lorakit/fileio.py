@@ -24,11 +24,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _trace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _trace(path: Path) -> None:
+    """LORAKIT_TRACE_WRITES=FILE appends "<rank> <path>" per write: lets multi-process tests prove
+    that only rank 0 writes."""
+    trace = os.environ.get("LORAKIT_TRACE_WRITES")
+    if trace:
+        with open(trace, "a", encoding="utf-8") as f:
+            f.write(f"{os.environ.get('RANK', '0')} {path}\n")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

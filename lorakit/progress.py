@@ -41,13 +41,15 @@ class Reporter:
         console: Console | None = None,
         live: bool | None = None,
         device: torch.device | None = None,
+        enabled: bool = True,
     ):
         self.console = console or Console(stderr=False)
         self.total = total
         self.device = device
+        self.enabled = enabled  # off on non-main processes of a multi-process run
         self.last_checkpoint = "-"
         self.last_grid = "-"
-        self.live = self.console.is_terminal if live is None else live
+        self.live = enabled and (self.console.is_terminal if live is None else live)
         self._progress: Progress | None = None
         self._task = None
         self._t0 = time.perf_counter()
@@ -89,6 +91,8 @@ class Reporter:
         done = step - getattr(self, "_first_step", 0)
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else 0.0
+        if not self.enabled:
+            return
         mem = f"{peak_memory_gib(self.device):.2f} GiB"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, speed=f"{rate:.2f} it/s")
@@ -105,6 +109,8 @@ class Reporter:
         self._last_step = step
 
     def message(self, text: str) -> None:
+        if not self.enabled:
+            return
         if self._progress is not None:
             self._live.console.print(text)
         else:

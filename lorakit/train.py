@@ -109,22 +109,24 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     if c.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
-    optimizer = build_optimizer(params, c.train, device)
+    optimizer = build_optimizer(params, c.train, device, lr=scaled_lr(c, accelerator.num_processes))
     lr_schedule = build_lr_schedule(optimizer, c.train, accelerator.num_processes)
     denoiser, optimizer, lr_schedule = accelerator.prepare(denoiser, optimizer, lr_schedule)
 
-    noise_gen = torch.Generator("cpu").manual_seed(c.train.seed)
-    order = BatchOrder(len(items), c.train.batch_size, c.train.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    order = BatchOrder(len(items), c.train.batch_size, c.train.seed, world, rank)
     result = TrainResult(out, {}, [], {}, family, comps, c)
     start_step = 0
     if state is not None:
-        start_step = _restore(state, params, optimizer, lr_schedule, accelerator, noise_gen, order)
+        start_step = _restore(state, params, optimizer, lr_schedule, accelerator, order)
         result.losses = {int(k): v for k, v in state.history.get("losses", {}).items()}
         result.samples = [Path(p) for p in state.history.get("samples", [])]
     started = time.time()
     meta = training_metadata(c, family, captions, len(items), started, 0, Path(data_dir).name)
     sample_spec = grid_spec(c.sample, c.data.trigger, c.data.resolution) if c.sample.every else None
-    reporter = reporter or Reporter(c.train.steps, device=device)
+    reporter = reporter or Reporter(
+        c.train.steps, device=device, enabled=accelerator.is_main_process
+    )
     reporter.start_at(start_step)
     _banner(reporter, c, len(items), str(data_dir), accelerator.num_processes, order, resume_from)
 
@@ -157,7 +159,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             atomic_write_text(tmp / "config.toml", c.to_toml())
             _fault("save", step)
             ckpt.save_state(tmp, _capture(step, order, params, optimizer, lr_schedule,
-                                          accelerator, noise_gen, history))  # fmt: skip
+                                          accelerator, history))  # fmt: skip
             final = ckpt.commit(out, step, tmp, {"step": step, "time": time.time()})
         except OSError as e:
             shutil.rmtree(ckpt.partial_dir(out, step), ignore_errors=True)
@@ -177,11 +179,13 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             sample(0)
         for step in range(start_step + 1, c.train.steps + 1):
             epoch_before = order.epoch
-            for _ in range(c.train.grad_accum):
+            for micro in range(c.train.grad_accum):
                 idx = order.next()
+                _trace_batch(rank, step, idx)
+                first_uid = ((step - 1) * c.train.grad_accum + micro) * world * c.train.batch_size
                 lat = latents[idx].to(device, weight_dtype)
                 batch_cond = {k: v[idx].to(device, weight_dtype) for k, v in cond.items()}
-                noise, timesteps = family.noise_and_timesteps(comps, lat, noise_gen, c.train)
+                noise, timesteps = _noise(family, comps, lat, c, first_uid + rank * len(idx))
                 with accelerator.accumulate(denoiser), accelerator.autocast():
                     loss = family.loss(comps, denoiser, lat, batch_cond, noise, timesteps, c.train)
                     accelerator.backward(loss)
@@ -192,10 +196,14 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                     optimizer.zero_grad(set_to_none=True)
                 window += loss.detach()  # summed on device: no host sync per step
                 window_n += 1
-                if guard.bad(loss, step):
+                if world > 1:  # ranks must agree on stopping, or one waits forever in all-reduce
+                    stop.requested, finite = _consensus(accelerator, stop.requested, loss)
+                    if not finite:
+                        raise _diverged(step, c.train, out)
+                elif guard.bad(loss, step):
                     raise _diverged(guard.bad_step, c.train, out)
             if step % c.train.log_every == 0 or step == c.train.steps:
-                mean = (window / window_n).item()
+                mean = (accelerator.reduce(window, "mean") / window_n).item()
                 result.losses[step] = mean
                 reporter.update(step, mean, lr_schedule.get_last_lr()[0], order.epoch)
                 _check_scaler(accelerator, step, c.train, out)
@@ -237,36 +245,72 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
 
 
 class BatchOrder:
-    """Which images form the next batch. A pure function of (seed, epoch) per epoch, so the
-    position (epoch, index) is all a checkpoint needs to continue the exact same order."""
+    """Which images form the next batch of this process.
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    Each epoch's batch list is a pure function of (seed, epoch) — a seeded permutation cut into
+    per-device batches, the last partial batch dropped — so (epoch, position) is all a checkpoint
+    needs. With W processes, global step k of the epoch gives batch k·W + r to rank r: every rank
+    sees different images, none twice in an epoch, and the union equals the batch a single
+    process with batch size W·B would see.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, world: int = 1, rank: int = 0):
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.world, self.rank = world, rank
         self.epoch, self.position = 0, 0
         self._batches = self._for_epoch(0)
 
     def _for_epoch(self, epoch: int) -> list[torch.Tensor]:
         gen = torch.Generator("cpu").manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(self.n, generator=gen)
-        # the last partial batch is dropped: every step sees a full batch
-        return [
-            perm[i : i + self.batch_size]
-            for i in range(0, self.n - self.batch_size + 1, self.batch_size)
-        ]
+        bs = self.batch_size
+        batches = [perm[i : i + bs] for i in range(0, self.n - bs + 1, bs)]
+        usable = len(batches) // self.world * self.world
+        if usable == 0:
+            raise ConfigError(
+                f"{self.n} images cannot fill one batch on each of {self.world} processes at "
+                f"train.batch_size = {bs}. Lower the batch size or use fewer processes."
+            )
+        return batches[:usable]
 
     def per_epoch(self) -> int:
-        return len(self._batches)
+        """Global steps (micro-batches per process) in one epoch."""
+        return len(self._batches) // self.world
 
     def seek(self, epoch: int, position: int) -> None:
         self.epoch, self.position = epoch, position
         self._batches = self._for_epoch(epoch)
 
     def next(self) -> torch.Tensor:
-        batch = self._batches[self.position]
+        batch = self._batches[self.position * self.world + self.rank]
         self.position += 1
-        if self.position == len(self._batches):
+        if self.position == self.per_epoch():
             self.seek(self.epoch + 1, 0)
         return batch
+
+
+def _trace_batch(rank: int, step: int, idx: torch.Tensor) -> None:
+    """LORAKIT_TRACE_BATCHES=FOLDER records which images each rank trained on (for tests)."""
+    folder = os.environ.get("LORAKIT_TRACE_BATCHES")
+    if folder:
+        with open(Path(folder) / f"rank{rank}.txt", "a", encoding="utf-8") as f:
+            f.write(f"{step} {' '.join(str(int(i)) for i in idx)}\n")
+
+
+def _noise(family: Family, comps, latents: torch.Tensor, c: Config, first_uid: int):
+    """Noise and timesteps drawn per sample from a generator seeded by (seed, sample number in
+    the whole run): independent of batch layout and process count, and needs no RNG state to
+    resume."""
+    noises, steps = [], []
+    for i in range(latents.shape[0]):
+        uid = first_uid + i
+        gen = torch.Generator("cpu").manual_seed(
+            (c.train.seed * 0x9E3779B1 + uid * 0x85EBCA77) % 2**63
+        )
+        noise, t = family.noise_and_timesteps(comps, latents[i : i + 1], gen, c.train)
+        noises.append(noise)
+        steps.append(t)
+    return torch.cat(noises), torch.cat(steps)
 
 
 class FiniteGuard:
@@ -350,7 +394,7 @@ def _cuda_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
 
-def _capture(step, order, params, optimizer, lr_schedule, accelerator, noise_gen, history):
+def _capture(step, order, params, optimizer, lr_schedule, accelerator, history):
     return ckpt.TrainState(
         step=step,
         epoch=order.epoch,
@@ -359,13 +403,12 @@ def _capture(step, order, params, optimizer, lr_schedule, accelerator, noise_gen
         optimizer=optimizer.state_dict(),
         scheduler=lr_schedule.state_dict(),
         scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-        noise_generator=noise_gen.get_state(),
         rng=ckpt.rng_state(),
         history=history,
     )
 
 
-def _restore(state, params, optimizer, lr_schedule, accelerator, noise_gen, order) -> int:
+def _restore(state, params, optimizer, lr_schedule, accelerator, order) -> int:
     if len(state.params) != len(params) or any(
         a.shape != b.shape for a, b in zip(state.params, params, strict=True)
     ):
@@ -380,7 +423,6 @@ def _restore(state, params, optimizer, lr_schedule, accelerator, noise_gen, orde
     lr_schedule.load_state_dict(state.scheduler)
     if state.scaler is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state.scaler)
-    noise_gen.set_state(state.noise_generator)
     order.seek(state.epoch, state.position)
     ckpt.set_rng_state(state.rng)
     return state.step
@@ -528,13 +570,31 @@ def _encode_captions(family: Family, comps, captions: list[str]) -> dict[str, to
     return {k: v.float().cpu()[where] for k, v in encoded.items()}
 
 
-def build_optimizer(params, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def scaled_lr(c: Config, world: int) -> float:
+    """train.lr under train.lr_scaling, with k = global batch = batch × grad_accum × processes."""
+    k = c.train.batch_size * c.train.grad_accum * world
+    return {"none": 1.0, "linear": float(k), "sqrt": k**0.5}[c.train.lr_scaling] * c.train.lr
+
+
+def _consensus(accelerator, signum: int, loss: torch.Tensor) -> tuple[int, bool]:
+    """All ranks: the largest stop request and whether every rank's loss is finite."""
+    flags = torch.stack(
+        [torch.tensor(float(signum), device=loss.device), (~torch.isfinite(loss.detach())).float()]
+    )
+    flags = accelerator.reduce(flags, "max")
+    return int(flags[0].item()), not bool(flags[1].item())
+
+
+def build_optimizer(
+    params, t: TrainConfig, device: torch.device, lr: float | None = None
+) -> torch.optim.Optimizer:
+    lr = t.lr if lr is None else lr
     if t.optimizer == "adamw8bit":
         problem = bnb_8bit_problem(device.type)
         if problem is None:
             import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=t.weight_decay)
         if not t.optimizer_fallback:
             raise LorakitError(
                 f"train.optimizer = 'adamw8bit' cannot run on this machine: {problem}. Fix the "
@@ -543,7 +603,7 @@ def build_optimizer(params, t: TrainConfig, device: torch.device) -> torch.optim
                 "the fallback with --set train.optimizer_fallback=true."
             )
         print(f"warning: 8-bit AdamW unavailable ({problem}); using torch AdamW as allowed.")
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
 
 
 _BNB_PROBLEM: dict[str, str | None] = {}
@@ -604,7 +664,10 @@ def _render(family, comps, denoiser, accelerator, spec, c: Config, step: int, pa
 
 def _banner(reporter: Reporter, c: Config, n_images: int, data_dir: str, procs: int,
             order: BatchOrder, resume_from: Path | None) -> None:  # fmt: skip
-    eff = c.train.batch_size * c.train.grad_accum * procs
+    eff = (
+        f"{c.train.batch_size * c.train.grad_accum * procs} ({c.train.batch_size} per device × "
+        f"{procs} process{'es' if procs > 1 else ''} × {c.train.grad_accum} accumulation)"
+    )
     epochs = c.train.steps * c.train.grad_accum / order.per_epoch()
     if resume_from is not None:
         reporter.message(
@@ -617,7 +680,8 @@ def _banner(reporter: Reporter, c: Config, n_images: int, data_dir: str, procs: 
     reporter.message(
         f"[bold]lorakit[/bold] {c.model.name}: {n_images} images from {data_dir} → "
         f"{c.train.steps} steps × effective batch {eff} (≈{epochs:.1f} epochs), LoRA rank "
-        f"{c.lora.rank} alpha {c.lora.alpha:g}, {c.train.optimizer}, lr {c.train.lr:g}. "
+        f"{c.lora.rank} alpha {c.lora.alpha:g}, {c.train.optimizer}, lr {scaled_lr(c, procs):g}"
+        f"{'' if c.train.lr_scaling == 'none' else f' ({c.train.lr_scaling}-scaled)'}. "
         f"Saves {saves}; samples {samples}. Output: {c.train.out}"
     )
 
