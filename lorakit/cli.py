@@ -510,6 +510,39 @@ def show_config(
     sys.stdout.write(_resolve(preset, config, set_).to_toml())
 
 
+@app.command("env")
+@friendly
+def env_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Versions, GPUs and free memory, and whether bitsandbytes' 8-bit optimizer and 4-bit
+    quantization really work here (each is run for a moment, with the fix when it fails).
+
+    Example:  lorakit env
+    """
+    import json
+
+    from lorakit.envcheck import report
+
+    rep = report()
+    if as_json:
+        sys.stdout.write(json.dumps(rep, indent=2) + "\n")
+        return
+    for key, value in rep["versions"].items():
+        out.print(f"{key:<20} {value}", highlight=False)
+    for gpu in rep["gpus"]:
+        out.print(
+            f"GPU {gpu['index']}: {gpu['name']} (sm {gpu['capability']}), {gpu['free_gib']} of "
+            f"{gpu['total_gib']} GiB free, bf16 {'yes' if gpu['bf16'] else 'no'}",
+            highlight=False,
+        )
+    for check in rep["checks"]:
+        mark = "[green]ok[/green]  " if check["ok"] else "[red]FAIL[/red]"
+        out.print(f"{mark} {escape(check['name'])}: {escape(check['detail'])}", highlight=False)
+        if check["fix"]:
+            out.print(f"      fix: {escape(check['fix'])}", highlight=False)
+
+
 @app.command("tiny-model")
 @friendly
 def tiny_model(

@@ -119,8 +119,9 @@ class LoraConfigSection:
     """LoRA alpha; the update is scaled by alpha / rank."""
     dropout: float = 0.0
     """Dropout on the LoRA path during training."""
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """Module name suffixes that get an adapter; default = attention projections."""
+    target_modules: list[str] = field(default_factory=list)
+    """Module name suffixes that get an adapter; [] = the family's default (attention
+    projections: SD1.5/SDXL to_q/to_k/to_v/to_out.0, SD3/FLUX also the text stream's)."""
     init: Literal["default", "gaussian"] = "default"
     """Initialisation of lora_A (lora_B always starts at zero, so step 0 equals the base model)."""
     train_text_encoder: bool = False
@@ -573,8 +574,6 @@ def validate(c: Config) -> None:
         )
     if not 0.0 <= c.lora.dropout < 1.0:
         raise ConfigError(f"Config key 'lora.dropout' must be in [0, 1), got {c.lora.dropout}.")
-    if not c.lora.target_modules:
-        raise ConfigError("Config key 'lora.target_modules' must name at least one module.")
     if c.lora.text_encoder_rank < 0 or c.lora.text_encoder_alpha < 0:
         raise ConfigError(
             "Config keys 'lora.text_encoder_rank' and 'lora.text_encoder_alpha' must be 0 (= the "

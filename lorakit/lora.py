@@ -15,6 +15,7 @@ import torch
 from lorakit.config import LoraConfigSection
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.models.base import AdapterTarget, Family
+from lorakit.models.sd15 import UNET_ATTENTION
 
 ADAPTER_NAME = "default"
 
@@ -71,7 +72,8 @@ def peft_config(cfg: LoraConfigSection, target_modules: list[str] | None = None)
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=target_modules or list(cfg.target_modules),
+        # empty = UNet attention projections; the training loop passes the family's default
+        target_modules=target_modules or list(cfg.target_modules) or list(UNET_ATTENTION),
         init_lora_weights=True if cfg.init == "default" else "gaussian",
     )
 
@@ -105,6 +107,54 @@ def inject_lora(
     params = [p for n, p in module.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
+    return params
+
+
+def text_encoder_targets(family: Family, components) -> list[AdapterTarget]:
+    """The family's CLIP text encoders that can carry a LoRA (not the denoiser, not T5)."""
+    out = []
+    for target in family.targets:
+        module = getattr(components, target.component, None)
+        if target.component != family.denoiser_name and type(module).__name__.startswith("CLIP"):
+            out.append(target)
+    return out
+
+
+def inject_text_encoder_lora(
+    family: Family, components, cfg: LoraConfigSection, seed: int
+) -> list[torch.nn.Parameter]:
+    """Add a trainable LoRA to every CLIP text encoder of `family.targets`; return its params.
+
+    Rank/alpha are `lora.text_encoder_rank`/`text_encoder_alpha` (0 = the denoiser's), target
+    modules `lora.text_encoder_target_modules`. Encoder i is seeded with `seed + 1 + i` (the
+    denoiser uses `seed`). Every injected module must be in the family's fixed table, so the
+    exports can name it."""
+    import dataclasses
+
+    targets = text_encoder_targets(family, components)
+    if not targets:
+        raise ConfigError(
+            f"lora.train_text_encoder = true, but the {family.name} model has no CLIP text "
+            "encoder lorakit can train. Set lora.train_text_encoder = false."
+        )
+    te_cfg = dataclasses.replace(
+        cfg,
+        rank=cfg.text_encoder_rank or cfg.rank,
+        alpha=cfg.text_encoder_alpha or cfg.alpha,
+        target_modules=list(cfg.text_encoder_target_modules),
+    )
+    params: list[torch.nn.Parameter] = []
+    for i, target in enumerate(targets):
+        module = getattr(components, target.component)
+        params += inject_lora(module, te_cfg, seed + 1 + i)
+        known = family.known_modules(target.component)
+        bad = [n for n, _ in lora_layers(module) if canonical_name(target, n) not in known]
+        if bad:
+            raise ConfigError(
+                f"lora.text_encoder_target_modules = {te_cfg.target_modules} put a LoRA on "
+                f"{target.component} modules no LoRA format can name ({', '.join(bad[:3])}). "
+                "Use q_proj, k_proj, v_proj, out_proj, fc1, fc2."
+            )
     return params
 
 

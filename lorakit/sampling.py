@@ -1,18 +1,36 @@
-"""Preview grids: rows = prompts, columns = seeds, labelled, written atomically as PNG.
+"""Preview grids: rows = prompts, columns = seeds (× LoRA scales), labelled, written atomically.
 
-The same (prompt, seed, adapter) always gives the same image: each cell draws its starting noise
-from its own CPU generator seeded with the column's seed.
+Prompt sources (`sample.prompts`):
+- a text file, one prompt per line, `#` comments, with kohya-style flags after the prompt:
+  `--n` negative, `--w`/`--h` size, `--d` seed, `--l` CFG scale, `--s` steps, `--g` FLUX
+  guidance (e.g. `[trigger] style, a cup --n blurry --w 512 --h 768 --d 5 --l 6 --s 30`);
+- a `.toml` file of `[[prompt]]` tables with the same fields by name (`text`, `negative`,
+  `width`, `height`, `seed`, `cfg`, `steps`, `guidance`);
+- a list of prompts in the config (each entry may carry the same flags).
+`[trigger]` / `{trigger}` is replaced by the trigger word.
+
+Cell rule: column j of row i uses the config seed `sample.seeds[j]`, unless the row has a `--d D`
+seed, then it uses `D + j` (column 0 is exactly D, as kohya renders it; the other columns still
+differ). With `sample.scales` every seed column is repeated once per scale, side by side (scale
+0 = the base model). The same (prompt, seed, scale, adapter) always gives the same image: each
+cell draws its starting noise from its own CPU generator seeded with the cell's seed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import inspect
 import io
+import re
 import textwrap
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from lorakit.config import SampleConfig
 from lorakit.data.folder import apply_trigger
@@ -20,6 +38,213 @@ from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_bytes
 
 DEFAULT_PROMPTS = ["[trigger]"]
+
+# Grid geometry (pixels).
+LABEL_W = 220
+HEAD_H = 40
+CAPTION_H = 14
+PAD = 4
+MIN_CELL = 96
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One prompt with its per-line overrides (None = the config's value)."""
+
+    text: str
+    negative: str | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    cfg: float | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    """FLUX embedded guidance (`--g`); ignored by pipelines without it."""
+    where: str = ""
+    """`file:line` the prompt came from (for messages)."""
+
+    def flags(self) -> str:
+        """The overrides as kohya flags, for labels."""
+        parts = []
+        for flag, value in (
+            ("w", self.width),
+            ("h", self.height),
+            ("d", self.seed),
+            ("l", self.cfg),
+            ("s", self.steps),
+            ("g", self.guidance),
+        ):
+            if value is not None:
+                parts.append(
+                    f"--{flag} {value:g}" if isinstance(value, float) else f"--{flag} {value}"
+                )
+        if self.negative:
+            parts.append(f"--n {self.negative}")
+        return " ".join(parts)
+
+
+# flag → (PromptRow field, type, what it needs)
+FLAGS: dict[str, tuple[str, type, str]] = {
+    "n": ("negative", str, "a negative prompt"),
+    "w": ("width", int, "a width in pixels (a multiple of 8)"),
+    "h": ("height", int, "a height in pixels (a multiple of 8)"),
+    "d": ("seed", int, "a whole-number seed"),
+    "l": ("cfg", float, "a CFG scale number"),
+    "s": ("steps", int, "a whole number of denoising steps"),
+    "g": ("guidance", float, "a FLUX guidance number"),
+}
+TOML_FIELDS = {"text", "prompt", "negative", "width", "height", "seed", "cfg", "steps", "guidance"}
+_FLAG_HELP = "--n negative, --w width, --h height, --d seed, --l CFG, --s steps, --g FLUX guidance"
+
+
+def _convert(value: object, kind: type, field_name: str, needs: str, where: str, shown: str):
+    try:
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value.strip()
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out = int(value)  # type: ignore[arg-type]
+        else:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise LorakitError(
+            f"{where}: {shown} needs {needs}, got {value!r}. Fix the value (valid flags: "
+            f"{_FLAG_HELP})."
+        ) from None
+    if field_name in ("width", "height") and (out <= 0 or out % 8):
+        raise LorakitError(f"{where}: {shown} must be a positive multiple of 8, got {out}.")
+    if field_name == "steps" and out <= 0:
+        raise LorakitError(f"{where}: {shown} must be greater than 0, got {out}.")
+    if field_name == "seed" and out < 0:
+        raise LorakitError(f"{where}: {shown} must be 0 or more, got {out}.")
+    return out
+
+
+def parse_prompt_line(line: str, where: str) -> PromptRow:
+    """`prompt text --flag value …` → PromptRow. Flags start with ` --` like kohya's."""
+    parts = re.split(r"\s--(?=\S)", " " + line.strip())
+    text = parts[0].strip()
+    values: dict[str, object] = {}
+    for part in parts[1:]:
+        m = re.fullmatch(r"([A-Za-z]+)(?:\s+(.*))?", part.strip(), flags=re.S)
+        flag = m.group(1) if m else part.split()[0]
+        if not m or flag not in FLAGS:
+            raise LorakitError(
+                f"{where}: unknown flag '--{flag}'. Valid flags are {_FLAG_HELP}; put a space "
+                "before each flag and a value after it."
+            )
+        name, kind, needs = FLAGS[flag]
+        raw = (m.group(2) or "").strip()
+        if kind is not str and not raw:
+            raise LorakitError(f"{where}: --{flag} needs {needs} after it.")
+        values[name] = _convert(raw, kind, name, needs, where, f"--{flag}")
+    if not text:
+        raise LorakitError(f"{where}: the line has flags but no prompt text before them.")
+    return PromptRow(text=text, where=where, **values)  # type: ignore[arg-type]
+
+
+def _rows_from_toml(path: Path) -> list[PromptRow]:
+    from lorakit.config import read_toml
+
+    data = read_toml(path, "Prompt file")
+    entries = data.get("prompt")
+    extra = sorted(set(data) - {"prompt"})
+    if not isinstance(entries, list) or extra:
+        raise LorakitError(
+            f"Prompt file '{path}' must hold only [[prompt]] tables (fields: "
+            f"{', '.join(sorted(TOML_FIELDS - {'prompt'}))})"
+            + (f"; found {', '.join(extra)}" if extra else "")
+            + "."
+        )
+    rows = []
+    for i, entry in enumerate(entries, 1):
+        where = f"Prompt file '{path}', prompt #{i}"
+        if isinstance(entry, str):
+            entry = {"text": entry}
+        if not isinstance(entry, dict):
+            raise LorakitError(f"{where}: must be a table with a `text` field.")
+        unknown = sorted(set(entry) - TOML_FIELDS)
+        if unknown:
+            raise LorakitError(
+                f"{where}: unknown field '{unknown[0]}'. Valid fields: "
+                f"{', '.join(sorted(TOML_FIELDS - {'prompt'}))}."
+            )
+        text = entry.get("text", entry.get("prompt"))
+        if not isinstance(text, str) or not text.strip():
+            raise LorakitError(f"{where}: needs a non-empty `text` field.")
+        values: dict[str, object] = {}
+        by_name = {name: (kind, needs) for name, kind, needs in FLAGS.values()}
+        for key, value in entry.items():
+            if key in ("text", "prompt"):
+                continue
+            kind, needs = by_name[key]
+            values[key] = _convert(value, kind, key, needs, where, f"`{key}`")
+        rows.append(PromptRow(text=text.strip(), where=where, **values))  # type: ignore[arg-type]
+    return rows
+
+
+def read_prompt_rows(source: str | list[str], trigger: str) -> list[PromptRow]:
+    """Prompts with their overrides from a text/TOML file or a list, trigger applied."""
+    if isinstance(source, str) and source:
+        path = Path(source)
+        if not path.is_file():
+            raise LorakitError(
+                f"Prompt file '{source}' (sample.prompts) does not exist. Give a text file "
+                "with one prompt per line, a .toml file of [[prompt]] tables, or a list of "
+                "prompts in the config."
+            )
+        if path.suffix.lower() == ".toml":
+            rows = _rows_from_toml(path)
+        else:
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError:
+                raise LorakitError(f"Prompt file '{path}' is not UTF-8 text.") from None
+            rows = [
+                parse_prompt_line(ln, f"Prompt file '{path}', line {no}")
+                for no, ln in enumerate(lines, 1)
+                if ln.strip() and not ln.lstrip().startswith("#")
+            ]
+    else:
+        lines = (source or DEFAULT_PROMPTS) if isinstance(source, list) else DEFAULT_PROMPTS
+        rows = [
+            parse_prompt_line(ln, f"sample.prompts entry {no}")
+            for no, ln in enumerate(lines, 1)
+            if ln.strip() and not ln.lstrip().startswith("#")
+        ]
+    if not rows:
+        raise LorakitError(f"No prompts in sample.prompts ({source!r}); add at least one line.")
+    return [replace(r, text=_trigger(r.text, trigger)) for r in rows]
+
+
+def _trigger(text: str, trigger: str) -> str:
+    return apply_trigger(text, trigger) if "[trigger]" in text or "{trigger}" in text else text
+
+
+def read_prompts(source: str | list[str], trigger: str) -> list[str]:
+    """Prompt texts (flags parsed off) from a list or a file, with the trigger applied."""
+    return [r.text for r in read_prompt_rows(source, trigger)]
+
+
+# ---------------------------------------------------------------------------------------------
+# grid specification
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One image of the grid: row `row`, column `col`, rendered with `seed` at LoRA `scale`."""
+
+    row: int
+    col: int
+    seed: int
+    scale: float | None
+    """None = the adapter as it is (no sweep)."""
+    image: Image.Image | None = None
 
 
 @dataclass(frozen=True)
@@ -31,88 +256,253 @@ class GridSpec:
     negative: str
     width: int
     height: int
+    rows: tuple[PromptRow, ...] = ()
+    """Per-prompt overrides; empty = plain `prompts`."""
+    scales: tuple[float, ...] = ()
+    """LoRA-scale sweep; empty = one column per seed with the adapter as it is."""
+    scheduler: str = "default"
 
+    def prompt_rows(self) -> tuple[PromptRow, ...]:
+        return self.rows or tuple(PromptRow(p) for p in self.prompts)
 
-def read_prompts(source: str | list[str], trigger: str) -> list[str]:
-    """Prompts from a list or a file (one per line, `#` comments), with the trigger applied."""
-    if isinstance(source, str):
-        if not source:
-            lines = DEFAULT_PROMPTS
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise LorakitError(
-                    f"Prompt file '{source}' (sample.prompts) does not exist. Give a text file "
-                    "with one prompt per line, or a list of prompts in the config."
-                )
-            lines = path.read_text(encoding="utf-8").splitlines()
-    else:
-        lines = source or DEFAULT_PROMPTS
-    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise LorakitError(f"No prompts in sample.prompts ({source!r}); add at least one line.")
-    return [
-        apply_trigger(p, trigger) if "trigger]" in p or "{trigger}" in p else p for p in prompts
-    ]
+    def columns(self) -> list[tuple[int, float | None]]:
+        """(seed index, scale) per column: each seed, repeated once per scale."""
+        scales: list[float | None] = list(self.scales) or [None]
+        return [(j, s) for j in range(len(self.seeds)) for s in scales]
+
+    def cell_seed(self, row: PromptRow, seed_index: int) -> int:
+        if row.seed is not None:
+            return row.seed + seed_index
+        return self.seeds[seed_index]
+
+    def cells(self) -> list[Cell]:
+        return [
+            Cell(i, c, self.cell_seed(row, j), scale)
+            for i, row in enumerate(self.prompt_rows())
+            for c, (j, scale) in enumerate(self.columns())
+        ]
+
+    def cell_size(self) -> tuple[int, int]:
+        rows = self.prompt_rows()
+        w = max(r.width or self.width for r in rows)
+        h = max(r.height or self.height for r in rows)
+        return max(w, MIN_CELL), max(h, MIN_CELL)
 
 
 def grid_spec(cfg: SampleConfig, trigger: str, resolution: int) -> GridSpec:
+    rows = read_prompt_rows(cfg.prompts, trigger)
     return GridSpec(
-        prompts=read_prompts(cfg.prompts, trigger),
+        prompts=[r.text for r in rows],
         seeds=list(cfg.seeds),
         steps=cfg.steps,
         guidance=cfg.guidance,
         negative=cfg.negative,
         width=cfg.width or resolution,
         height=cfg.height or resolution,
+        rows=tuple(rows),
+        scales=tuple(getattr(cfg, "scales", ()) or ()),
+        scheduler=cfg.scheduler,
     )
 
 
+def sample_due(cfg: SampleConfig, step: int, last_time: float, now: float | None = None) -> bool:
+    """Whether a preview grid is due after `step`: every `sample.every` steps, or once
+    `sample.every_minutes` passed since `last_time` (a `time.monotonic()` value)."""
+    if cfg.every and step % cfg.every == 0:
+        return True
+    minutes = getattr(cfg, "every_minutes", 0.0)
+    now = time.monotonic() if now is None else now
+    return bool(minutes) and now - last_time >= minutes * 60
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA scale without re-injection
+
+
+def _lora_layers(modules: Iterable[torch.nn.Module]):
+    from peft.tuners.lora import LoraLayer
+
+    for top in modules:
+        for m in top.modules():
+            if isinstance(m, LoraLayer):
+                yield m
+
+
+@contextlib.contextmanager
+def lora_scale(modules: Iterable[torch.nn.Module], scale: float) -> Iterator[int]:
+    """Multiply every injected LoRA's `scaling` by `scale` inside the block; yields the number
+    of LoRA layers found. The exact previous values are put back afterwards (also on error), so
+    weights and outputs after a sweep are bit-identical to before."""
+    layers = list(_lora_layers(modules))
+    saved = [(layer, dict(layer.scaling)) for layer in layers]
+    try:
+        for layer, scaling in saved:
+            for name, value in scaling.items():
+                layer.scaling[name] = value * scale
+        yield len(layers)
+    finally:
+        for layer, scaling in saved:
+            layer.scaling.clear()
+            layer.scaling.update(scaling)
+
+
+def _pipe_modules(pipe) -> list[torch.nn.Module]:
+    comps = getattr(pipe, "components", {}) or {}
+    return [m for m in comps.values() if isinstance(m, torch.nn.Module)]
+
+
+@contextlib.contextmanager
+def _eval_mode(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Eval mode (no dropout) inside the block; each submodule's flag restored afterwards."""
+    flags = [(m, m.training) for top in modules for m in top.modules()]
+    try:
+        for top in modules:
+            top.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def pipeline_kwargs(pipe, spec: GridSpec, row: PromptRow) -> dict:
+    """Call arguments for one prompt row. Pipelines with `true_cfg_scale` (FLUX) take `--g`
+    (default 3.5) as `guidance_scale` and `--l` as `true_cfg_scale` (default 1 = off); the
+    others take `--l` (default sample.guidance) as `guidance_scale`."""
+    params = inspect.signature(pipe.__call__).parameters
+    negative = row.negative if row.negative is not None else spec.negative
+    kwargs = {
+        "prompt": row.text,
+        "negative_prompt": negative or None,
+        "num_inference_steps": row.steps or spec.steps,
+        "width": row.width or spec.width,
+        "height": row.height or spec.height,
+    }
+    if "true_cfg_scale" in params:
+        kwargs["guidance_scale"] = row.guidance if row.guidance is not None else 3.5
+        kwargs["true_cfg_scale"] = row.cfg if row.cfg is not None else 1.0
+    else:
+        kwargs["guidance_scale"] = row.cfg if row.cfg is not None else spec.guidance
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
 @torch.no_grad()
+def render_cells(pipe, spec: GridSpec) -> list[Cell]:
+    """Render every cell in eval mode without grad; returns the cells with their images.
+    Training mode flags and LoRA scales are restored afterwards and memory released."""
+    modules = _pipe_modules(pipe)
+    if spec.scales and not any(True for _ in _lora_layers(modules)):
+        raise LorakitError(
+            "sample.scales asks for a LoRA-scale sweep but the model carries no adapter."
+        )
+    rows = spec.prompt_rows()
+    out: list[Cell] = []
+    try:
+        with _eval_mode(modules):
+            for cell in spec.cells():
+                kwargs = pipeline_kwargs(pipe, spec, rows[cell.row])
+                gen = torch.Generator("cpu").manual_seed(cell.seed)
+                scaled = (
+                    lora_scale(modules, cell.scale)
+                    if cell.scale is not None
+                    else contextlib.nullcontext()
+                )
+                with scaled:
+                    image = pipe(**kwargs, generator=gen).images[0]
+                out.append(replace(cell, image=image))
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
+
+
 def render_images(pipe, spec: GridSpec) -> list[list[Image.Image]]:
-    rows = []
-    for prompt in spec.prompts:
-        row = []
-        for seed in spec.seeds:
-            gen = torch.Generator("cpu").manual_seed(seed)
-            out = pipe(
-                prompt,
-                negative_prompt=spec.negative or None,
-                num_inference_steps=spec.steps,
-                guidance_scale=spec.guidance,
-                width=spec.width,
-                height=spec.height,
-                generator=gen,
-            )
-            row.append(out.images[0])
-        rows.append(row)
-    return rows
+    """Images by row and column (see `GridSpec.columns`)."""
+    cells = render_cells(pipe, spec)
+    ncols = len(spec.columns())
+    return [
+        [c.image for c in cells[i * ncols : (i + 1) * ncols]]  # type: ignore[misc]
+        for i in range(len(spec.prompt_rows()))
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# composition
+
+
+@dataclass(frozen=True)
+class Layout:
+    width: int
+    height: int
+    cell_w: int
+    cell_h: int
+    boxes: dict[tuple[int, int], tuple[int, int]]
+    """(row, col) → top-left corner of the cell's image."""
+
+
+def grid_layout(spec: GridSpec) -> Layout:
+    """Title row and column headers on top, prompt labels on the left, and a caption strip
+    (seed · scale) under every cell."""
+    cell_w, cell_h = spec.cell_size()
+    ncols, nrows = len(spec.columns()), len(spec.prompt_rows())
+    boxes = {
+        (i, c): (LABEL_W + c * (cell_w + PAD) + PAD, HEAD_H + i * (cell_h + CAPTION_H + PAD))
+        for i in range(nrows)
+        for c in range(ncols)
+    }
+    width = LABEL_W + ncols * (cell_w + PAD) + PAD
+    height = HEAD_H + nrows * (cell_h + CAPTION_H + PAD) + PAD
+    return Layout(width, height, cell_w, cell_h, boxes)
+
+
+def _scale_label(scale: float | None) -> str:
+    if scale is None:
+        return ""
+    return " · base" if scale == 0 else f" · ×{scale:g}"
+
+
+def compose_cells(cells: list[Cell], spec: GridSpec, title: str) -> Image.Image:
+    font = ImageFont.load_default()
+    layout = grid_layout(spec)
+    grid = Image.new("RGB", (layout.width, layout.height), (250, 250, 250))
+    draw = ImageDraw.Draw(grid)
+    draw.text((PAD, 4), title, fill=(20, 20, 20), font=font)
+    for c, (j, scale) in enumerate(spec.columns()):
+        x, _ = layout.boxes[(0, c)]
+        draw.text(
+            (x, 22), f"seed {spec.seeds[j]}{_scale_label(scale)}", fill=(60, 60, 60), font=font
+        )
+    rows = spec.prompt_rows()
+    for i, row in enumerate(rows):
+        _, y = layout.boxes[(i, 0)]
+        lines = textwrap.wrap(row.text, 34) or [""]
+        if row.flags():
+            lines += textwrap.wrap(row.flags(), 34)
+        lines = lines[: max(1, layout.cell_h // 12)]
+        draw.multiline_text((PAD, y + 2), "\n".join(lines), fill=(20, 20, 20), font=font)
+    for cell in cells:
+        x, y = layout.boxes[(cell.row, cell.col)]
+        img = cell.image
+        assert img is not None
+        if img.size != (layout.cell_w, layout.cell_h):
+            img = ImageOps.contain(img, (layout.cell_w, layout.cell_h), Image.Resampling.NEAREST)
+        grid.paste(img, (x, y))
+        draw.text(
+            (x, y + layout.cell_h + 1),
+            f"seed {cell.seed}{_scale_label(cell.scale)}",
+            fill=(90, 90, 90),
+            font=font,
+        )
+    return grid
 
 
 def compose_grid(rows: list[list[Image.Image]], spec: GridSpec, title: str) -> Image.Image:
-    """Lay images out with a title, seed labels on top and prompt labels on the left."""
-    font = ImageFont.load_default()
-    cell_w = max(spec.width, 96)
-    cell_h = max(spec.height, 96)
-    label_w, head_h, pad = 220, 40, 4
-    width = label_w + len(spec.seeds) * (cell_w + pad) + pad
-    height = head_h + len(rows) * (cell_h + pad) + pad
-    grid = Image.new("RGB", (width, height), (250, 250, 250))
-    draw = ImageDraw.Draw(grid)
-    draw.text((pad, 4), title, fill=(20, 20, 20), font=font)
-    for j, seed in enumerate(spec.seeds):
-        draw.text(
-            (label_w + j * (cell_w + pad) + pad, 22), f"seed {seed}", fill=(60, 60, 60), font=font
-        )
-    for i, (prompt, row) in enumerate(zip(spec.prompts, rows, strict=True)):
-        y = head_h + i * (cell_h + pad)
-        wrapped = textwrap.wrap(prompt, 34)[: max(1, cell_h // 12)]
-        draw.multiline_text((pad, y + 2), "\n".join(wrapped), fill=(20, 20, 20), font=font)
-        for j, img in enumerate(row):
-            if img.size != (cell_w, cell_h):
-                img = img.resize((cell_w, cell_h), Image.Resampling.NEAREST)
-            grid.paste(img, (label_w + j * (cell_w + pad) + pad, y))
-    return grid
+    """Lay out images given by row and column (see `GridSpec.columns`)."""
+    flat = [c for c in spec.cells()]
+    ncols = len(spec.columns())
+    cells = [replace(c, image=rows[c.row][c.col]) for c in flat]
+    assert all(len(r) == ncols for r in rows)
+    return compose_cells(cells, spec, title)
 
 
 def save_png(image: Image.Image, path: Path) -> Path:
@@ -121,8 +511,116 @@ def save_png(image: Image.Image, path: Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def render_grid(pipe, spec: GridSpec, title: str, path: Path) -> Path:
-    return save_png(compose_grid(render_images(pipe, spec), spec, title), path)
+@dataclass
+class GridResult:
+    path: Path
+    cells: list[Cell]
+    individual: list[Path] = field(default_factory=list)
+
+    def images(self, scale: float | None = 1.0) -> list[Image.Image]:
+        """The cell images at `scale` (cells without a sweep count as scale 1)."""
+        return [c.image for c in self.cells if (c.scale if c.scale is not None else 1.0) == scale]  # type: ignore[misc]
+
+
+def render_grid_result(
+    pipe, spec: GridSpec, title: str, path: Path, individual_dir: Path | None = None
+) -> GridResult:
+    """Render, write the grid PNG (and each cell under `individual_dir` if given)."""
+    cells = render_cells(pipe, spec)
+    save_png(compose_cells(cells, spec, title), path)
+    written = []
+    if individual_dir is not None:
+        for cell in cells:
+            scale = "" if cell.scale is None else f"_scale{cell.scale:g}"
+            name = f"r{cell.row:02d}_c{cell.col:02d}_seed{cell.seed}{scale}.png"
+            written.append(save_png(cell.image, individual_dir / name))  # type: ignore[arg-type]
+    return GridResult(Path(path), cells, written)
+
+
+def render_grid(
+    pipe, spec: GridSpec, title: str, path: Path, individual_dir: Path | None = None
+) -> Path:
+    return render_grid_result(pipe, spec, title, path, individual_dir).path
+
+
+def side_by_side(panels: list[tuple[str, Image.Image]]) -> Image.Image:
+    """Grids next to each other, each under its own label (one per checkpoint)."""
+    font = ImageFont.load_default()
+    head = 18
+    width = sum(im.width for _, im in panels) + PAD * (len(panels) + 1)
+    height = max(im.height for _, im in panels) + head + PAD
+    out = Image.new("RGB", (width, height), (235, 235, 235))
+    draw = ImageDraw.Draw(out)
+    x = PAD
+    for label, im in panels:
+        draw.text((x, 3), label, fill=(10, 10, 10), font=font)
+        out.paste(im, (x, head))
+        x += im.width + PAD
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling saved adapters
+
+
+def run_adapters(run_dir: Path, name: str, formats: list[str]) -> list[tuple[str, Path]]:
+    """(label, adapter file) for every complete checkpoint of a run, by step, then the final."""
+    from lorakit.export import EXPORTERS
+
+    def first_file(folder: Path) -> Path | None:
+        for fmt in formats:
+            p = EXPORTERS[fmt].default_path(folder, name)
+            if p.is_file():
+                return p
+        return None
+
+    found = []
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir():
+        steps = sorted(
+            (int(m.group(1)), d)
+            for d in ckpts.iterdir()
+            if d.is_dir() and (m := re.fullmatch(r"step-(\d+)", d.name))
+        )
+        for step, folder in steps:
+            f = first_file(folder)
+            if f is not None:
+                found.append((f"step {step}", f))
+    final = first_file(run_dir)
+    if final is not None:
+        found.append(("final", final))
+    return found
+
+
+def _swap_weights(family, comps, adapter) -> bool:
+    """Copy an adapter's weights into the LoRA already injected by `apply_adapter` when it has
+    the same modules, ranks and alphas (checkpoints of one run); False when it does not fit."""
+    from lorakit.lora import ADAPTER_NAME, canonical_name, lora_layers
+
+    targets = {t.component: t for t in family.targets}
+    plan = []
+    seen = set()
+    for component in adapter.components():
+        module = getattr(comps, component, None)
+        if module is None:
+            return False
+        for runtime, layer in lora_layers(module):
+            key = (component, canonical_name(targets[component], runtime))
+            w = adapter.modules.get(key)
+            if w is None or layer.r[ADAPTER_NAME] != w.rank:
+                return False
+            if float(layer.lora_alpha[ADAPTER_NAME]) != w.alpha:
+                return False
+            plan.append((layer, w))
+            seen.add(key)
+    if seen != set(adapter.modules):
+        return False
+    with torch.no_grad():
+        for layer, w in plan:
+            a, b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+            a.copy_(w.down.reshape(a.shape))
+            b.copy_(w.up.reshape(b.shape))
+    return True
 
 
 def sample_adapter(
@@ -134,17 +632,20 @@ def sample_adapter(
     steps: int | None = None,
     guidance: float | None = None,
     scale: float = 1.0,
+    scales: list[float] | None = None,
     trigger: str | None = None,
     resolution: int | None = None,
     out_path: Path | None = None,
 ) -> Path:
-    """Render a grid from a saved adapter (file or run folder) on its base model.
+    """Render a grid from a saved adapter on its base model; for a run folder, one grid per
+    saved checkpoint (and the final adapter), side by side in one PNG.
 
     Defaults come from the run's `config.toml` when given a run folder, else from the adapter's
     metadata (`lorakit.base_model`, `modelspec.trigger_phrase`, `modelspec.resolution`).
+    `scales` adds a LoRA-scale sweep (0 = base model); `scale` alone sets one strength.
     """
     from lorakit import config as cfg
-    from lorakit.export import EXPORTERS, read_adapter
+    from lorakit.export import read_adapter
     from lorakit.lora import apply_adapter
     from lorakit.models import load_model
 
@@ -156,25 +657,20 @@ def sample_adapter(
                 f"'{adapter_path}' is a folder without config.toml: not a lorakit run."
             )
         run_cfg = cfg.build(cfg.check_layer(cfg.read_toml(toml, "Run config"), str(toml)))
-        candidates = [
-            EXPORTERS[f].default_path(adapter_path, run_cfg.export.name)
-            for f in run_cfg.export.formats
-        ]
-        found = [p for p in candidates if p.is_file()]
-        if not found:
-            raise LorakitError(f"Run folder '{adapter_path}' has no finished adapter yet.")
-        adapter_file = found[0]
+        files = run_adapters(adapter_path, run_cfg.export.name, list(run_cfg.export.formats))
+        if not files:
+            raise LorakitError(f"Run folder '{adapter_path}' has no saved adapter yet.")
         default_out = adapter_path / "samples" / "sample.png"
     else:
-        adapter_file = adapter_path
+        files = [(adapter_path.name, adapter_path)]
         default_out = adapter_path.with_suffix(".png")
-    adapter, _ = read_adapter(adapter_file)
-    meta = adapter.metadata
+    adapters = [(label, f, *read_adapter(f)) for label, f in files]
+    meta = adapters[-1][2].metadata
     model_cfg = run_cfg.model if run_cfg else cfg.ModelConfig()
     model_cfg.name = base or model_cfg.name or meta.get("lorakit.base_model", "")
     if not model_cfg.name:
         raise LorakitError(
-            f"'{adapter_file}' does not record its base model; pass --base (e.g. --base tiny:sd15)."
+            f"'{files[-1][1]}' does not record its base model; pass --base (e.g. --base tiny:sd15)."
         )
     sample_cfg = run_cfg.sample if run_cfg else cfg.SampleConfig()
     if prompts is not None:
@@ -185,6 +681,10 @@ def sample_adapter(
         sample_cfg.steps = steps
     if guidance is not None:
         sample_cfg.guidance = guidance
+    if scales is not None:
+        sample_cfg.scales = list(scales)
+    elif scale != 1.0:
+        sample_cfg.scales = [scale]
     if trigger is None:
         trigger = run_cfg.data.trigger if run_cfg else meta.get("modelspec.trigger_phrase", "")
     if resolution is None:
@@ -192,15 +692,22 @@ def sample_adapter(
             resolution = run_cfg.data.resolution
         else:
             resolution = int(meta.get("modelspec.resolution", "512x512").split("x")[0])
-    family, comps = load_model(model_cfg)
-    if family.name != adapter.family:
-        raise LorakitError(
-            f"The adapter is for {adapter.family} but the base model '{model_cfg.name}' is "
-            f"{family.name}."
-        )
-    apply_adapter(family, comps, adapter, scale=scale)
     spec = grid_spec(sample_cfg, trigger, resolution)
-    title = f"{adapter_file.name} - scale {scale:g} - {model_cfg.name}"
-    return render_grid(
-        family.pipeline(comps, sample_cfg.scheduler), spec, title, out_path or default_out
-    )
+
+    family = comps = None
+    panels = []
+    for label, f, adapter, _fmt in adapters:
+        if family is None or not _swap_weights(family, comps, adapter):
+            family, comps = load_model(model_cfg)
+            if family.name != adapter.family:
+                raise LorakitError(
+                    f"The adapter '{f}' is for {adapter.family} but the base model "
+                    f"'{model_cfg.name}' is {family.name}."
+                )
+            apply_adapter(family, comps, adapter, scale=1.0)
+        pipe = family.pipeline(comps, sample_cfg.scheduler)
+        title = f"{f.name} - {label} - {model_cfg.name}"
+        cells = render_cells(pipe, spec)
+        panels.append((label, compose_cells(cells, spec, title)))
+    image = panels[0][1] if len(panels) == 1 else side_by_side(panels)
+    return save_png(image, out_path or default_out)

@@ -21,7 +21,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,31 @@ import torch
 
 from lorakit import checkpoint as ckpt
 from lorakit.config import Config, TrainConfig
-from lorakit.data import load_image, scan_folder
+from lorakit.data.cache import (
+    LatentCache,
+    TextEncoderCache,
+    latent_key,
+    module_identity,
+    vae_identity,
+)
+from lorakit.data.training import caption_for_step, epoch_batches, load_training_set
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.evaluate import heldout_indices, heldout_loss
 from lorakit.export import EXPORTERS, write_adapter
 from lorakit.export.metadata import training_metadata
 from lorakit.fileio import atomic_write_text
-from lorakit.lora import extract_adapter, inject_lora
+from lorakit.lora import (
+    extract_adapter,
+    inject_lora,
+    inject_text_encoder_lora,
+    text_encoder_targets,
+)
 from lorakit.models import Family, load_model
+from lorakit.palette import extract_palette, palette_distance
 from lorakit.progress import Reporter
-from lorakit.sampling import grid_spec, render_grid
+from lorakit.report import History, write_report
+from lorakit.sampling import grid_spec, render_grid_result, sample_due
+from lorakit.tracking import init_trackers, log_grid, log_scalars
 
 
 @dataclass
@@ -53,12 +69,17 @@ class TrainResult:
     """The base components with the trained LoRA still injected (for checks)."""
     config: Config
     checkpoints: list[Path] = field(default_factory=list)
+    report: Path | None = None
 
 
 def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None) -> TrainResult:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     c = config
+    if "WORLD_SIZE" not in os.environ:
+        # A second run in one process (tests, notebooks) may use another precision.
+        AcceleratorState._reset_state()
     out = Path(c.train.out)
     accelerator = Accelerator(
         cpu=_use_cpu(c.train),
@@ -68,77 +89,131 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     _check_precision(c.train, accelerator.device)
     torch.manual_seed(c.train.seed)
 
-    # -- data, model, resume point ----------------------------------------------------------
-    items = scan_folder(data_dir, c.data.caption_ext, c.data.trigger, c.data.default_caption)
-    if c.train.batch_size > len(items):
-        raise ConfigError(
-            f"train.batch_size = {c.train.batch_size} but '{data_dir}' has only {len(items)} "
-            f"images. Lower train.batch_size to {len(items)} or less, or add images."
-        )
+    # -- resume point, data, model ----------------------------------------------------------
     resume_from = ckpt.resolve_resume(out, c.train.resume) if c.train.resume else None
     state = ckpt.load_state(resume_from) if resume_from else None
     if resume_from:
         _check_resume_config(resume_from, c)
     elif accelerator.is_main_process:
         _claim_output(out, c.train.overwrite)
+    accelerator.wait_for_everyone()
+    cache_dir = Path(c.data.cache_dir) if c.data.cache_dir else out / "cache"
+    with accelerator.main_process_first():  # rank 0 prepares and caches, the others then read
+        data = load_training_set(data_dir, c.data, c.train.batch_size, c.train.seed)
+    records = data.records
     family, comps = load_model(c.model)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         c.train.mixed_precision
     ]
     device = accelerator.device
     denoiser = getattr(comps, family.denoiser_name)
-    denoiser.to(device, weight_dtype)
+    if getattr(denoiser, "is_quantized", False):
+        denoiser.to(device)  # bitsandbytes weights are placed and typed at load time
+    else:
+        denoiser.to(device, weight_dtype)
     for name, module in family.frozen_modules(comps).items():
-        # The VAE stays fp32: SD-family VAEs overflow in fp16.
-        module.to(device, torch.float32 if name == "vae" else weight_dtype)
+        module.to(device, _frozen_dtype(name, module, weight_dtype))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.toml", c.to_toml())
 
-    captions = [it.caption for it in items]
-    latents = _encode_images(family, comps, items, c, device)
-    cond = _encode_captions(family, comps, captions)
-    if device.type != "cpu" and c.sample.every == 0:
+    captions = [r.caption for r in records]
+    train_te = c.lora.train_text_encoder
+    encode_each_step = train_te or c.data.shuffle_tags  # captions vary per step: no text cache
+    with accelerator.main_process_first():
+        latents = _encode_images(family, comps, data, cache_dir, device, accelerator)
+        cond = (
+            {}
+            if encode_each_step
+            else _encode_captions(
+                family, comps, captions, c.data.caption_dropout > 0, cache_dir, accelerator
+            )
+        )
+    image_cond = _image_conditioning(family, comps, records)
+    if device.type != "cpu" and c.sample.every == 0 and not encode_each_step:
         for module in family.frozen_modules(comps).values():
             module.to("cpu")  # only the denoiser is needed from here on
 
     # -- adapter, optimizer, schedule -------------------------------------------------------
-    params = inject_lora(denoiser, c.lora, c.train.seed)
+    targets = c.lora.target_modules or list(family.default_targets)
+    params = inject_lora(denoiser, replace(c.lora, target_modules=targets), c.train.seed)
+    if train_te:
+        params += inject_text_encoder_lora(family, comps, c.lora, c.train.seed)
     for p in params:
         p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
     if c.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
+    text_encoders = [getattr(comps, t.component) for t in text_encoder_targets(family, comps)]
+    if train_te:
+        for te in text_encoders:
+            if c.train.gradient_checkpointing:
+                te.gradient_checkpointing_enable()
+            te.train()
     optimizer = build_optimizer(params, c.train, device, lr=scaled_lr(c, accelerator.num_processes))
     lr_schedule = build_lr_schedule(optimizer, c.train, accelerator.num_processes)
     denoiser, optimizer, lr_schedule = accelerator.prepare(denoiser, optimizer, lr_schedule)
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    order = BatchOrder(len(items), c.train.batch_size, c.train.seed, world, rank)
+    order = BatchOrder(records, c.train.batch_size, c.train.seed, world, rank)
     result = TrainResult(out, {}, [], {}, family, comps, c)
     start_step = 0
     if state is not None:
         start_step = _restore(state, params, optimizer, lr_schedule, accelerator, order)
         result.losses = {int(k): v for k, v in state.history.get("losses", {}).items()}
         result.samples = [Path(p) for p in state.history.get("samples", [])]
+    history = History.from_dict(state.history["report"]) if state else History()
+    init_trackers(accelerator, c, out)
+    eval_idx = _eval_subset(records, c.eval.images)
+    if c.eval.palette_colors and accelerator.is_main_process and history.brand_palette is None:
+        history.brand_palette = _brand_palette(data, c.eval.palette_colors, c.train.seed)
     started = time.time()
-    meta = training_metadata(c, family, captions, len(items), started, 0, Path(data_dir).name)
-    sample_spec = grid_spec(c.sample, c.data.trigger, c.data.resolution) if c.sample.every else None
+    meta = training_metadata(c, family, captions, len(records), started, 0, Path(data_dir).name)
+    sampling_on = bool(c.sample.every or c.sample.every_minutes)
+    sample_spec = grid_spec(c.sample, c.data.trigger, c.data.resolution) if sampling_on else None
+    last_sample = time.monotonic()
     reporter = reporter or Reporter(
         c.train.steps, device=device, enabled=accelerator.is_main_process
     )
     reporter.start_at(start_step)
-    _banner(reporter, c, len(items), str(data_dir), accelerator.num_processes, order, resume_from)
+    _banner(reporter, c, data, str(data_dir), accelerator.num_processes, order, resume_from)
 
     def sample(step: int) -> None:
+        nonlocal last_sample
+        last_sample = time.monotonic()
         if sample_spec is None or not accelerator.is_main_process:
             return
         path = out / "samples" / f"step-{step:06d}.png"
         with torch.random.fork_rng(devices=_cuda_devices(device)):  # never perturb training RNG
-            _render(family, comps, denoiser, accelerator, sample_spec, c, step, path)
+            trainable = [accelerator.unwrap_model(denoiser), *(text_encoders if train_te else [])]
+            grid = _render(family, comps, trainable, accelerator, sample_spec, c, step, path,
+                           keep_on_device=encode_each_step)  # fmt: skip
+        brand = history.brand_palette
+        pal = palette_distance(grid.images(), brand, seed=c.train.seed) if brand else None
+        history.add_grid(step, path, palette=pal)
+        log_grid(accelerator, step, path)
+        log_scalars(accelerator, step, palette_distance=pal)
         result.samples.append(path)
         reporter.last_grid = str(path)
-        reporter.message(f"sample grid: {path}")
+        reporter.message(f"sample grid: {path}" + (f" (palette ΔE {pal:.1f})" if pal else ""))
+
+    def score(step: int, path: Path | str = "") -> None:
+        """Held-out loss of the current adapter on the fixed validation subset."""
+        if not eval_idx or not accelerator.is_main_process:
+            return
+        lat = torch.stack([latents[i] for i in eval_idx])
+        caps = [captions[i] for i in eval_idx]
+        with torch.no_grad():
+            if encode_each_step:
+                ev_cond = family.encode_prompts(comps, caps)
+            else:
+                ev_cond = {k: torch.stack([v[cap] for cap in caps]) for k, v in cond.items()}
+            for k, v in image_cond.items():
+                ev_cond[k] = torch.cat([v[i] for i in eval_idx])
+        value = heldout_loss(family, comps, accelerator.unwrap_model(denoiser), lat, ev_cond,
+                             c.train, c.eval.seed, timesteps=c.eval.timesteps)  # fmt: skip
+        history.add_checkpoint(step, path, heldout=value)
+        log_scalars(accelerator, step, heldout_loss=value)
 
     def export_to(folder: Path, step: int) -> dict[str, Path]:
         meta.update(ss_steps=str(step))
@@ -152,19 +227,25 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return
-        history = {"losses": result.losses, "samples": [str(p) for p in result.samples]}
+        saved = {
+            "losses": result.losses,
+            "samples": [str(p) for p in result.samples],
+            "report": history.to_dict(),
+        }
         try:
             tmp = ckpt.begin(out, step)
             export_to(tmp, step)
             atomic_write_text(tmp / "config.toml", c.to_toml())
             _fault("save", step)
             ckpt.save_state(tmp, _capture(step, order, params, optimizer, lr_schedule,
-                                          accelerator, history))  # fmt: skip
+                                          accelerator, saved))  # fmt: skip
             final = ckpt.commit(out, step, tmp, {"step": step, "time": time.time()})
         except OSError as e:
             shutil.rmtree(ckpt.partial_dir(out, step), ignore_errors=True)
             raise _save_failed(out, step, e) from None
         ckpt.prune(out, c.train.keep_last)
+        if not c.eval.every:
+            score(step, EXPORTERS[c.export.formats[0]].default_path(final, c.export.name))
         result.checkpoints.append(final)
         reporter.last_checkpoint = str(final)
         reporter.message(f"saved step {step}: {final}")
@@ -173,24 +254,42 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     step = start_step
     window = torch.zeros((), device=device)
     window_n = 0
+    grad_norm = None
     guard = FiniteGuard(device)
     with reporter, StopRequest() as stop:
-        if c.sample.every and start_step == 0:
-            sample(0)
+        if start_step == 0:
+            if sampling_on:
+                sample(0)
+            score(0)
         for step in range(start_step + 1, c.train.steps + 1):
             epoch_before = order.epoch
             for micro in range(c.train.grad_accum):
                 idx = order.next()
                 _trace_batch(rank, step, idx)
                 first_uid = ((step - 1) * c.train.grad_accum + micro) * world * c.train.batch_size
-                lat = latents[idx].to(device, weight_dtype)
-                batch_cond = {k: v[idx].to(device, weight_dtype) for k, v in cond.items()}
-                noise, timesteps = _noise(family, comps, lat, c, first_uid + rank * len(idx))
+                uid0 = first_uid + rank * len(idx)
+                lat = torch.stack([latents[i] for i in idx]).to(device, weight_dtype)
+                caps = [
+                    caption_for_step(captions[i], c.data, _sample_rng(c.train.seed, uid0 + j))
+                    for j, i in enumerate(idx)
+                ]
+                if encode_each_step:
+                    with torch.set_grad_enabled(train_te):
+                        enc = family.encode_prompts_train(comps, caps)
+                    batch_cond = {k: v.to(device, weight_dtype) for k, v in enc.items()}
+                else:
+                    batch_cond = {
+                        k: torch.stack([v[cap] for cap in caps]).to(device, weight_dtype)
+                        for k, v in cond.items()
+                    }
+                for k, v in image_cond.items():  # fp32: SDXL time ids are pixel counts
+                    batch_cond[k] = torch.cat([v[i] for i in idx]).to(device)
+                noise, timesteps = _noise(family, comps, lat, c, uid0)
                 with accelerator.accumulate(denoiser), accelerator.autocast():
                     loss = family.loss(comps, denoiser, lat, batch_cond, noise, timesteps, c.train)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and c.train.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, c.train.max_grad_norm)
+                        grad_norm = accelerator.clip_grad_norm_(params, c.train.max_grad_norm)
                     optimizer.step()
                     lr_schedule.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -205,7 +304,10 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             if step % c.train.log_every == 0 or step == c.train.steps:
                 mean = (accelerator.reduce(window, "mean") / window_n).item()
                 result.losses[step] = mean
-                reporter.update(step, mean, lr_schedule.get_last_lr()[0], order.epoch)
+                lr = lr_schedule.get_last_lr()[0]
+                history.losses[step], history.lr[step] = mean, lr
+                reporter.update(step, mean, lr, order.epoch)
+                log_scalars(accelerator, step, loss=mean, lr=lr, grad_norm=_num(grad_norm))
                 _check_scaler(accelerator, step, c.train, out)
                 window.zero_()
                 window_n = 0
@@ -220,8 +322,10 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                 or stop.requested
             ):
                 save_checkpoint(step)
-            if c.sample.every and step % c.sample.every == 0:
+            if sample_spec is not None and sample_due(c.sample, step, last_sample):
                 sample(step)
+            if c.eval.every and step % c.eval.every == 0:
+                score(step)
             if stop.requested and step < c.train.steps:
                 raise Interrupted(stop.requested, step, out)
         if guard.bad(None, step):
@@ -231,11 +335,19 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             result.adapters = export_to(out, c.train.steps)
-        if c.sample.every and c.train.steps % c.sample.every:
+            if not any(rec.step == c.train.steps for rec in history.checkpoints):
+                score(c.train.steps, result.adapters[c.export.formats[0]])
+        if sampling_on and not any(g.step == c.train.steps for g in history.grids):
             sample(c.train.steps)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_summary(result, started)
+        summary = {
+            "data": f"{data_dir}: {data.summary()}",
+            "held-out images": len(eval_idx),
+            "brand palette": history.brand_palette.hex() if history.brand_palette else "off",
+        }
+        result.report = write_report(out, c, summary, history)
     accelerator.end_training()
     return result
 
@@ -245,51 +357,49 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
 
 
 class BatchOrder:
-    """Which images form the next batch of this process.
+    """Which records form the next batch of this process.
 
-    Each epoch's batch list is a pure function of (seed, epoch) — a seeded permutation cut into
-    per-device batches, the last partial batch dropped — so (epoch, position) is all a checkpoint
-    needs. With W processes, global step k of the epoch gives batch k·W + r to rank r: every rank
-    sees different images, none twice in an epoch, and the union equals the batch a single
-    process with batch size W·B would see.
+    Each epoch's list of GLOBAL batches (per-device batch × processes, one bucket each, repeats
+    expanded, shuffled) is `epoch_batches(...)` — a pure function of (seed, epoch) — so
+    (epoch, position) is all a checkpoint needs. Rank r trains on slice r of each global batch:
+    ranks never share an image within a step or an epoch, and W processes at batch B see exactly
+    the batches one process sees at batch W·B.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, world: int = 1, rank: int = 0):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+    def __init__(self, records, batch_size: int, seed: int, world: int = 1, rank: int = 0):
+        self.records, self.batch_size, self.seed = records, batch_size, seed
         self.world, self.rank = world, rank
         self.epoch, self.position = 0, 0
         self._batches = self._for_epoch(0)
 
-    def _for_epoch(self, epoch: int) -> list[torch.Tensor]:
-        gen = torch.Generator("cpu").manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(self.n, generator=gen)
-        bs = self.batch_size
-        batches = [perm[i : i + bs] for i in range(0, self.n - bs + 1, bs)]
-        usable = len(batches) // self.world * self.world
-        if usable == 0:
+    def _for_epoch(self, epoch: int) -> list[list[int]]:
+        batches = epoch_batches(self.records, self.batch_size * self.world, self.seed, epoch)
+        if not batches:
             raise ConfigError(
-                f"{self.n} images cannot fill one batch on each of {self.world} processes at "
-                f"train.batch_size = {bs}. Lower the batch size or use fewer processes."
+                f"No image bucket can fill a global batch of {self.batch_size * self.world} "
+                f"(train.batch_size {self.batch_size} × {self.world} processes). Lower the batch "
+                "size, add images, use fewer processes or turn off data.bucketing."
             )
-        return batches[:usable]
+        return batches
 
     def per_epoch(self) -> int:
         """Global steps (micro-batches per process) in one epoch."""
-        return len(self._batches) // self.world
+        return len(self._batches)
 
     def seek(self, epoch: int, position: int) -> None:
         self.epoch, self.position = epoch, position
         self._batches = self._for_epoch(epoch)
 
-    def next(self) -> torch.Tensor:
-        batch = self._batches[self.position * self.world + self.rank]
+    def next(self) -> list[int]:
+        bs = self.batch_size
+        batch = self._batches[self.position][self.rank * bs : (self.rank + 1) * bs]
         self.position += 1
         if self.position == self.per_epoch():
             self.seek(self.epoch + 1, 0)
         return batch
 
 
-def _trace_batch(rank: int, step: int, idx: torch.Tensor) -> None:
+def _trace_batch(rank: int, step: int, idx: list[int]) -> None:
     """LORAKIT_TRACE_BATCHES=FOLDER records which images each rank trained on (for tests)."""
     folder = os.environ.get("LORAKIT_TRACE_BATCHES")
     if folder:
@@ -528,6 +638,17 @@ def _claim_output(out: Path, overwrite: bool) -> None:
         )
 
 
+def _frozen_dtype(name: str, module, weight_dtype: torch.dtype) -> torch.dtype:
+    """VAEs stay fp32 (SD-family VAEs overflow in fp16); T5 overflows in fp16 too, so under fp16
+    it runs in bf16 where supported, else fp32."""
+    if name == "vae":
+        return torch.float32
+    if weight_dtype == torch.float16 and type(module).__name__.startswith("T5"):
+        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    return weight_dtype
+
+
 def _use_cpu(t: TrainConfig) -> bool:
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
@@ -545,29 +666,101 @@ def _check_precision(t: TrainConfig, device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _encode_images(family: Family, comps, items, c: Config, device) -> torch.Tensor:
-    """All images → latents, once (kept on CPU; a batch is moved to the device when used).
+def _encode_images(family: Family, comps, data, cache_dir: Path, device, accelerator) -> list:
+    """Every record's latents, from the on-disk cache or encoded now (one bucket at a time).
 
-    With `data.center_crop = false` each image gets one random crop drawn from `train.seed`.
+    The cache is keyed by the image content, bucket, crop and the VAE's identity, so an unchanged
+    image is never encoded twice across runs, and a changed image or another VAE never reuses a
+    stale latent. Only the main process writes it (it runs first; the others then only read).
     """
-    rng = None if c.data.center_crop else random.Random(c.train.seed)
-    out = []
-    for start in range(0, len(items), 8):
-        chunk = items[start : start + 8]
-        pixels = torch.stack(
-            [load_image(it.path, c.data.resolution, c.data.center_crop, rng) for it in chunk]
-        )
-        out.append(family.encode_images(comps, pixels.to(device)).float().cpu())
-    return torch.cat(out)
+    vae = comps.vae
+    store = LatentCache(cache_dir / "latents", vae_identity(vae))
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, r in enumerate(data.records):
+        by_bucket.setdefault(r.bucket, []).append(i)
+    out: list = [None] * len(data.records)
+    for indices in by_bucket.values():
+
+        def compute(missing: list[int], indices=indices) -> torch.Tensor:
+            chunks = []
+            for start in range(0, len(missing), 8):
+                part = [indices[m] for m in missing[start : start + 8]]
+                pixels = torch.stack([data.pixels(i) for i in part]).to(device)
+                chunks.append(family.encode_images(comps, pixels).float().cpu())
+            return torch.cat(chunks)
+
+        keys = [latent_key(data.records[i]) for i in indices]
+        if not accelerator.is_main_process:
+            store.write = _no_write  # type: ignore[method-assign]
+        for i, lat in zip(indices, store.get_or_compute(keys, compute), strict=True):
+            out[i] = lat
+    return out
+
+
+def _no_write(*args, **kwargs) -> None:
+    """Non-main processes never write cache files (rank 0 already did)."""
 
 
 @torch.no_grad()
-def _encode_captions(family: Family, comps, captions: list[str]) -> dict[str, torch.Tensor]:
-    """Each distinct caption is encoded once; the result is indexed like the images."""
-    unique = sorted(set(captions))
-    encoded = family.encode_prompts(comps, unique)
-    where = torch.tensor([unique.index(cap) for cap in captions])
-    return {k: v.float().cpu()[where] for k, v in encoded.items()}
+def _encode_captions(
+    family: Family, comps, captions: list[str], with_empty: bool, cache_dir: Path, accelerator
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{name: {caption: tensor}} for every distinct caption (plus "" for caption dropout),
+    through the on-disk text cache keyed by caption text and text-encoder identity."""
+    encoders = [m for n, m in family.frozen_modules(comps).items() if n != "vae"]
+    store = TextEncoderCache(cache_dir / "text", module_identity(*encoders))
+    if not accelerator.is_main_process:
+        store.write = _no_write  # type: ignore[method-assign]
+    unique = sorted(set(captions) | ({""} if with_empty else set()))
+    encoded = store.get_or_compute(unique, lambda caps: family.encode_prompts(comps, caps))
+    return {k: {cap: v[j] for j, cap in enumerate(unique)} for k, v in encoded.items()}
+
+
+def _image_conditioning(family: Family, comps, records) -> list[dict[str, torch.Tensor]] | dict:
+    """{name: [per-record tensor [1, …]]} of per-image conditioning (SDXL's time ids)."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for r in records:
+        target = (r.bucket[1], r.bucket[0])  # bucket is (w, h); conditioning wants (h, w)
+        for k, v in family.image_conditioning(
+            comps, r.original_size, r.crop_top_left, target
+        ).items():
+            out.setdefault(k, []).append(v.float().cpu())
+    return out
+
+
+def _eval_subset(records, k: int) -> list[int]:
+    """A fixed validation subset of k training images, spread evenly over the set, all from the
+    most common bucket (one batch shape); regularization images are never scored."""
+    if k <= 0:
+        return []
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, r in enumerate(records):
+        if not r.is_reg:
+            by_bucket.setdefault(r.bucket, []).append(i)
+    if not by_bucket:
+        return []
+    largest = max(by_bucket.values(), key=len)
+    return [largest[j] for j in heldout_indices(len(largest), k)]
+
+
+def _brand_palette(data, colors: int, seed: int):
+    """The brand palette of (up to 64 of) the training images, regularization images excluded."""
+    idx = [i for i, r in enumerate(data.records) if not r.is_reg]
+    idx = idx[:: max(1, len(idx) // 64)][:64]
+    images = [
+        ((data.pixels(i).permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        for i in idx
+    ]
+    return extract_palette(images, colors, seed=seed) if images else None
+
+
+def _num(x) -> float | None:
+    return None if x is None else float(x)
+
+
+def _sample_rng(seed: int, uid: int) -> random.Random:
+    """Per-sample RNG for caption dropout / tag shuffle: layout-independent and resumable."""
+    return random.Random((seed * 0x9E3779B1 + uid * 0x85EBCA77 + 1) % 2**63)
 
 
 def scaled_lr(c: Config, world: int) -> float:
@@ -643,47 +836,58 @@ def build_lr_schedule(optimizer, t: TrainConfig, num_processes: int = 1):
     )
 
 
-def _render(family, comps, denoiser, accelerator, spec, c: Config, step: int, path: Path) -> None:
-    model = accelerator.unwrap_model(denoiser)
+def _render(family, comps, trainable: list, accelerator, spec, c: Config, step: int, path: Path,
+            keep_on_device: bool):  # fmt: skip
+    """Render a grid with the current adapter: trained modules in eval mode, no grad; frozen
+    encoders brought to the device for it and moved off again unless training needs them."""
     frozen = family.frozen_modules(comps)
     device = accelerator.device
     for module in frozen.values():
         module.to(device)
-    model.eval()
+    for module in trainable:
+        module.eval()
     try:
         pipe = family.pipeline(comps, c.sample.scheduler)
         title = f"{c.export.name} - step {step} - {c.model.name}"
-        render_grid(pipe, spec, title, path)
+        individual = path.with_suffix("") if c.sample.save_individual else None
+        return render_grid_result(pipe, spec, title, path, individual)
     finally:
-        model.train()
-        if device.type != "cpu":
+        for module in trainable:
+            module.train()
+        if device.type != "cpu" and not keep_on_device:
             for module in frozen.values():
                 module.to("cpu")
             torch.cuda.empty_cache()
 
 
-def _banner(reporter: Reporter, c: Config, n_images: int, data_dir: str, procs: int,
+def _banner(reporter: Reporter, c: Config, data, data_dir: str, procs: int,
             order: BatchOrder, resume_from: Path | None) -> None:  # fmt: skip
     eff = (
         f"{c.train.batch_size * c.train.grad_accum * procs} ({c.train.batch_size} per device × "
         f"{procs} process{'es' if procs > 1 else ''} × {c.train.grad_accum} accumulation)"
     )
-    epochs = c.train.steps * c.train.grad_accum / order.per_epoch()
+    per_epoch = order.per_epoch() // c.train.grad_accum or 1
+    epochs = c.train.steps / per_epoch
+    saves = f"every {c.train.save_every} steps" if c.train.save_every else "at the end only"
+    samples = f"at step 0 and every {c.sample.every} steps" if c.sample.every else "off"
+    warnings = [p for p in data.problems if p.severity != "info"]
+    reporter.message(
+        f"[bold]lorakit[/bold] {c.model.name} on {data_dir}: {data.summary()} → {per_epoch} "
+        f"steps per epoch at effective batch {eff}; {c.train.steps} steps ≈ {epochs:.1f} "
+        f"epochs. LoRA rank {c.lora.rank} alpha {c.lora.alpha:g}"
+        f"{' + text encoder' if c.lora.train_text_encoder else ''}, {c.train.optimizer}, "
+        f"lr {scaled_lr(c, procs):g}"
+        f"{'' if c.train.lr_scaling == 'none' else f' ({c.train.lr_scaling}-scaled)'}. "
+        f"Checkpoints {saves}; samples {samples}. Output: {c.train.out}"
+    )
+    if warnings:
+        listed = "; ".join(f"{p.file}: {p.message}" for p in warnings[:5])
+        more = f" (+{len(warnings) - 5} more)" if len(warnings) > 5 else ""
+        reporter.message(f"[yellow]data warnings:[/yellow] {listed}{more}")
     if resume_from is not None:
         reporter.message(
             f"resuming from {resume_from} (epoch {order.epoch}, batch {order.position})"
         )
-    saves = (
-        f"every {c.train.save_every} steps and at the end" if c.train.save_every else "at the end"
-    )
-    samples = f"step 0 and every {c.sample.every} steps" if c.sample.every else "off"
-    reporter.message(
-        f"[bold]lorakit[/bold] {c.model.name}: {n_images} images from {data_dir} → "
-        f"{c.train.steps} steps × effective batch {eff} (≈{epochs:.1f} epochs), LoRA rank "
-        f"{c.lora.rank} alpha {c.lora.alpha:g}, {c.train.optimizer}, lr {scaled_lr(c, procs):g}"
-        f"{'' if c.train.lr_scaling == 'none' else f' ({c.train.lr_scaling}-scaled)'}. "
-        f"Saves {saves}; samples {samples}. Output: {c.train.out}"
-    )
 
 
 def _write_summary(result: TrainResult, started: float) -> None:

@@ -43,7 +43,7 @@ def two_proc(tmp_path_factory):
 
 def test_two_processes_match_one_process_at_the_same_global_batch(two_proc, tmp_path):
     base, text = two_proc
-    assert "2 (1 per device × 2 processes × 1 accumulation)" in text.replace("\n", " ")
+    assert "2 (1 per device × 2 processes × 1 accumulation)" in " ".join(text.split())
     single = tmp_path / "single"
     cli("train", SAMPLES, *ARGS, "--out", single, "--set", "train.batch_size=2")
     a = load_file(base / "run" / "lorakit.safetensors")
@@ -58,14 +58,25 @@ def test_two_processes_match_one_process_at_the_same_global_batch(two_proc, tmp_
 
 
 def test_ranks_see_disjoint_shards_covering_the_epoch(two_proc):
+    from lorakit import config as cfg
+    from lorakit.data.training import epoch_batches, load_training_set
+
     base, _ = two_proc
-    seen = {}
+    c = cfg.resolve(preset="tiny-cpu")
+    records = load_training_set(SAMPLES, c.data, 1).records
+    epoch0 = epoch_batches(records, 2, c.train.seed, 0)  # global batches of 1 × 2 ranks
+    per_rank = {}
     for rank in (0, 1):
-        lines = (base / "trace" / f"rank{rank}.txt").read_text().split("\n")
-        seen[rank] = [int(x) for ln in lines if ln for x in ln.split()[1:]]
-    assert len(seen[0]) == len(seen[1]) == 10
-    epoch = seen[0] + seen[1]  # 20 images, batch 1 × 2 ranks, 10 steps = one epoch
-    assert sorted(epoch) == list(range(20)), "no duplicate and no drop within the epoch"
+        lines = [ln.split() for ln in (base / "trace" / f"rank{rank}.txt").read_text().splitlines()]
+        per_rank[rank] = {int(ln[0]): [int(x) for x in ln[1:]] for ln in lines}
+    seen = []
+    for step in range(1, len(epoch0) + 1):
+        a, b = per_rank[0][step], per_rank[1][step]
+        assert a + b == epoch0[step - 1], "rank r trains on slice r of the global batch"
+        assert records[a[0]].bucket == records[b[0]].bucket, "one bucket per global batch"
+        seen += a + b
+    assert sorted(seen) == sorted(i for batch in epoch0 for i in batch)
+    assert len(seen) == len(set(seen)), "no rank duplicates a sample in an epoch"
 
 
 def test_only_rank_zero_writes(two_proc):

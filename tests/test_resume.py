@@ -136,8 +136,10 @@ def test_nan_stops_within_one_step_and_names_last_checkpoint(tmp_path, monkeypat
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
-        calls["n"] += 1
         loss = real_loss(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return loss  # held-out scoring, not a training step
+        calls["n"] += 1
         return loss * float("nan") if calls["n"] == 5 else loss
 
     monkeypatch.setattr(fam, "loss", poisoned)

@@ -28,11 +28,23 @@ def to_state_dict(adapter: Adapter, family: Family) -> dict[str, torch.Tensor]:
     return out
 
 
-def peft_metadata(adapter: Adapter) -> dict:
+def _peft_name(path: str, prefix: str) -> str:
+    """Module name for the peft config. The tensor keys keep the canonical `text_model.` level,
+    but diffusers strips it from the keys (not from this config) when the installed
+    CLIPTextModel lacks it (transformers 5); peft matches names by suffix, so the name without
+    the prefix fits both layouts."""
+    return path.removeprefix(prefix) if prefix else path
+
+
+def peft_metadata(adapter: Adapter, family: Family | None = None) -> dict:
     packed: dict = {}
+    prefixes = {t.component: t.canonical_prefix for t in family.targets} if family else {}
     for component in adapter.components():
         rank, alpha, rank_pattern, alpha_pattern = adapter.rank_alpha(component)
-        paths = sorted(p for c, p in adapter.modules if c == component)
+        pre = prefixes.get(component, "")
+        paths = sorted(_peft_name(p, pre) for c, p in adapter.modules if c == component)
+        rank_pattern = {_peft_name(p, pre): r for p, r in rank_pattern.items()}
+        alpha_pattern = {_peft_name(p, pre): a for p, a in alpha_pattern.items()}
         kwargs = {
             "r": rank,
             "lora_alpha": alpha,
@@ -76,7 +88,9 @@ def from_state_dict(
         if set(parts) != {"A", "B"}:
             raise LorakitError(f"diffusers module '{component}.{path}' lacks lora_A or lora_B.")
         down = parts["A"].float()
-        alpha = packed.get(f"{component}.alpha_pattern", {}).get(path)
+        pattern = packed.get(f"{component}.alpha_pattern", {})
+        pre = next(t.canonical_prefix for t in family.targets if t.component == component)
+        alpha = pattern.get(path, pattern.get(_peft_name(path, pre)))
         if alpha is None:
             alpha = packed.get(f"{component}.lora_alpha", down.shape[0])
         modules[(component, path)] = LoraWeights(down, parts["B"].float(), float(alpha))
@@ -84,8 +98,14 @@ def from_state_dict(
 
 
 def write_metadata(adapter: Adapter, family: Family, tensors) -> dict[str, str]:
-    rank, alpha, _, _ = adapter.rank_alpha(adapter.components()[0])
+    rank, alpha, _, _ = adapter.rank_alpha(_main_component(adapter, family))
     meta = md.finalize(adapter.metadata, family, tensors, rank, alpha)
-    meta[METADATA_KEY] = json.dumps(peft_metadata(adapter), indent=2, sort_keys=True)
+    meta[METADATA_KEY] = json.dumps(peft_metadata(adapter, family), indent=2, sort_keys=True)
     meta["format"] = "pt"
     return meta
+
+
+def _main_component(adapter: Adapter, family: Family) -> str:
+    """The denoiser's (rank, alpha) is what `ss_network_dim`/`ss_network_alpha` describe."""
+    comps = adapter.components()
+    return family.denoiser_name if family.denoiser_name in comps else comps[0]

@@ -72,6 +72,12 @@ def from_state_dict(
 
 
 def write_metadata(adapter: Adapter, family: Family, tensors) -> dict[str, str]:
-    rank, alpha, _, _ = adapter.rank_alpha(adapter.components()[0])
+    rank, alpha, _, _ = adapter.rank_alpha(_main_component(adapter, family))
     meta = {k: v for k, v in adapter.metadata.items() if k != "lora_adapter_metadata"}
     return md.finalize(meta, family, tensors, rank, alpha)
+
+
+def _main_component(adapter: Adapter, family: Family) -> str:
+    """The denoiser's (rank, alpha) is what `ss_network_dim`/`ss_network_alpha` describe."""
+    comps = adapter.components()
+    return family.denoiser_name if family.denoiser_name in comps else comps[0]

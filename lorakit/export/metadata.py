@@ -81,7 +81,8 @@ def finalize(
             "ss_base_model_version": out.get("ss_base_model_version") or family.base_model_version,
             "sshs_model_hash": digest,
             "modelspec.sai_model_spec": MODELSPEC_VERSION,
-            "modelspec.architecture": family.modelspec_architecture,
+            "modelspec.architecture": out.get("modelspec.architecture")
+            or family.modelspec_architecture,
             "modelspec.implementation": IMPLEMENTATION.get(family.name, "diffusers"),
             "modelspec.date": out.get("modelspec.date")
             or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),

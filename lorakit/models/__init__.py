@@ -10,9 +10,12 @@ from typing import Any
 from lorakit.config import ModelConfig
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.models.base import AdapterTarget, Family
+from lorakit.models.flux import Flux
+from lorakit.models.sd3 import SD3
 from lorakit.models.sd15 import SD15
+from lorakit.models.sdxl import SDXL
 
-FAMILIES: dict[str, Family] = {"sd15": SD15()}
+FAMILIES: dict[str, Family] = {"sd15": SD15(), "sdxl": SDXL(), "sd3": SD3(), "flux": Flux()}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -42,8 +45,8 @@ def _family_from_index(index: dict[str, Any], where: str) -> Family:
 
 
 def resolve_family(cfg: ModelConfig) -> tuple[Family, str]:
-    """Return (family, kind) where kind is `tiny`, `local` or `hub`. Touches the network only
-    for hub ids whose family is `auto`."""
+    """Return (family, kind) where kind is `tiny`, `local`, `single_file` or `hub`. Touches the
+    network only for hub ids whose family is `auto`."""
     name = cfg.name.strip()
     if not name:
         raise ConfigError(
@@ -63,10 +66,19 @@ def resolve_family(cfg: ModelConfig) -> tuple[Family, str]:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise LorakitError(
-                f"model.name '{name}' is a file. lorakit loads diffusers folders (with "
-                "model_index.json) or hub ids; single-file checkpoints are not supported yet."
-            )
+            from lorakit.models import single_file
+
+            found = single_file.detect_family(path)  # also refuses pickles and non-checkpoints
+            if cfg.family != "auto":
+                return get_family(cfg.family), "single_file"
+            if found is None or found not in FAMILIES:
+                raise LorakitError(
+                    f"model.name '{name}' is a safetensors file whose keys match no family "
+                    f"lorakit knows ({', '.join(FAMILIES)}); it may be a LoRA, a VAE or a UNet "
+                    "alone. Pass a full model checkpoint, or set model.family if it has the "
+                    "layout of one of them."
+                )
+            return FAMILIES[found], "single_file"
         if cfg.family != "auto":
             return get_family(cfg.family), "local"
         index = path / "model_index.json"
@@ -100,8 +112,18 @@ def resolve_family(cfg: ModelConfig) -> tuple[Family, str]:
 
 def load_model(cfg: ModelConfig) -> tuple[Family, Any]:
     family, kind = resolve_family(cfg)
+    from lorakit.models.quantize import check_quantize
+
+    check_quantize(cfg.quantize, family.name)  # before any weights are read
+    configured = getattr(family, "load_configured", None)
+    if configured is not None and kind in ("tiny", "local", "hub"):
+        return family, configured(cfg, kind)  # families with model.* options (SD3, FLUX)
     if kind == "tiny":
         return family, family.build_tiny(seed=0)
+    if kind == "single_file":
+        from lorakit.models.single_file import load_single_file
+
+        return family, load_single_file(family, cfg.name, cfg.single_file_config)
     comps = family.load(
         cfg.name, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle
     )

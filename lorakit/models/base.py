@@ -49,12 +49,32 @@ class Family(Protocol):
     """Components that can carry an adapter, in export order."""
     tiny_resolution: int
     """A resolution that suits the tiny model (tests, demo)."""
+    default_targets: tuple[str, ...]
+    """LoRA target-module suffixes used when `lora.target_modules` is empty (attention
+    projections; SD3/FLUX: both streams')."""
+    # Optional members (read with getattr; families without them keep the defaults):
+    # - `load_configured(cfg: ModelConfig, kind: str) -> components` — build (`kind == "tiny"`)
+    #   or load (`local`/`hub`) with `model.*` options applied (T5 length, drop_t5, quantize);
+    #   `load_model` prefers it over `build_tiny`/`load` when present.
 
     def build_tiny(self, seed: int = 0) -> Any:
         """Random-weight components with the family's real structure, offline, in seconds."""
 
     def load(self, name: str, *, revision: str, variant: str, allow_pickle: bool) -> Any:
         """Components from a local diffusers folder or a hub id through `from_pretrained`."""
+
+    def single_file_configs(self) -> dict[str, dict[str, Any]]:
+        """The REAL model's diffusers configs by subfolder (`unet`, `vae`, `text_encoder`, …,
+        `scheduler`), written to a temp folder to load a single-file checkpoint offline when the
+        user gives no `model.single_file_config` folder."""
+
+    def from_single_file(
+        self, checkpoint: dict[str, torch.Tensor], folder: str, source: str
+    ) -> Any:
+        """Components from an original-layout checkpoint (ldm/SGM key names) already read into
+        `checkpoint`, with configs (and tokenizers, if present) from the diffusers-layout
+        `folder`. `source` names the file in error messages. Use the helpers in
+        `models/single_file.py`; callers go through `single_file.load_single_file`."""
 
     def save(self, components: Any, folder: str) -> None:
         """Save components as a diffusers folder that `load` (and diffusers) read back."""
@@ -67,6 +87,11 @@ class Family(Protocol):
 
     def encode_prompts(self, components: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Captions → conditioning dict (batch-first tensors)."""
+
+    def encode_prompts_train(self, components: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """`encode_prompts` WITH autograd (no `torch.no_grad`), for training text-encoder LoRA:
+        same dict, same shapes, gradients flow into the text encoders' LoRA weights. Not
+        cacheable: call it per batch."""
 
     def image_conditioning(
         self,

@@ -26,6 +26,8 @@ from lorakit.config import TrainConfig
 from lorakit.errors import LorakitError
 from lorakit.models.base import AdapterTarget
 
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
 
 @dataclass
 class SD15Components:
@@ -135,6 +137,65 @@ SD15_SCHEDULER = dict(
     prediction_type="epsilon",
 )
 
+# --- the real SD1.5 component configs (stable-diffusion-v1-5), for single-file checkpoints -----
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD15_UNET = dict(
+    _class_name="UNet2DConditionModel",
+    act_fn="silu",
+    attention_head_dim=8,
+    block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False,
+    cross_attention_dim=768,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-05,
+    norm_num_groups=32,
+    out_channels=4,
+    sample_size=64,
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+)
+SD15_VAE = dict(
+    _class_name="AutoencoderKL",
+    act_fn="silu",
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    in_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    out_channels=3,
+    sample_size=512,
+    scaling_factor=0.18215,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+)
+# OpenAI CLIP ViT-L/14 text tower. bos/eos/pad ids as in the SD repos: eos_token_id = 2 selects
+# transformers' legacy pooling (argmax of the ids = the end token), which these models expect.
+CLIP_L_TEXT = dict(
+    architectures=["CLIPTextModel"],
+    model_type="clip_text_model",
+    attention_dropout=0.0,
+    bos_token_id=0,
+    dropout=0.0,
+    eos_token_id=2,
+    hidden_act="quick_gelu",
+    hidden_size=768,
+    initializer_factor=1.0,
+    initializer_range=0.02,
+    intermediate_size=3072,
+    layer_norm_eps=1e-05,
+    max_position_embeddings=77,
+    num_attention_heads=12,
+    num_hidden_layers=12,
+    pad_token_id=1,
+    projection_dim=768,
+    vocab_size=49408,
+)
+
 _SAMPLERS = {
     "euler": "EulerDiscreteScheduler",
     "ddim": "DDIMScheduler",
@@ -150,6 +211,7 @@ class SD15:
     base_model_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"
     denoiser_name = "unet"
+    default_targets = UNET_ATTENTION
     targets = (
         AdapterTarget("unet", "lora_unet_"),
         AdapterTarget("text_encoder", "lora_te_", canonical_prefix="text_model."),
@@ -212,6 +274,37 @@ class SD15:
         _freeze(comps)
         return comps
 
+    def single_file_configs(self) -> dict[str, dict[str, Any]]:
+        return {
+            "unet": SD15_UNET,
+            "vae": SD15_VAE,
+            "text_encoder": CLIP_L_TEXT,
+            "scheduler": {"_class_name": "PNDMScheduler", **SD15_SCHEDULER},
+        }
+
+    def from_single_file(
+        self, checkpoint: dict[str, torch.Tensor], folder: str, source: str
+    ) -> SD15Components:
+        """`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from lorakit.models import single_file as sf
+
+        comps = SD15Components(
+            unet=sf.load_component(UNet2DConditionModel, checkpoint, folder, "unet", source),
+            vae=sf.load_component(AutoencoderKL, checkpoint, folder, "vae", source),
+            text_encoder=sf.load_component(
+                CLIPTextModel, checkpoint, folder, "text_encoder", source
+            ),
+            tokenizer=sf.load_tokenizer(folder, "tokenizer", SD15_HUB_ID, source),
+            scheduler=sf.load_scheduler(
+                folder, self.single_file_configs()["scheduler"], checkpoint
+            ),
+        )
+        _freeze(comps)
+        return comps
+
     def save(self, components: SD15Components, folder: str) -> None:
         self.pipeline(components).save_pretrained(folder, safe_serialization=True)
 
@@ -232,6 +325,11 @@ class SD15:
 
     @torch.no_grad()
     def encode_prompts(
+        self, components: SD15Components, prompts: list[str]
+    ) -> dict[str, torch.Tensor]:
+        return self.encode_prompts_train(components, prompts)
+
+    def encode_prompts_train(
         self, components: SD15Components, prompts: list[str]
     ) -> dict[str, torch.Tensor]:
         tok = components.tokenizer
@@ -258,13 +356,7 @@ class SD15:
         generator: torch.Generator,
         train: TrainConfig,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, ch = latents.shape[:2]
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-        if train.noise_offset:
-            noise += train.noise_offset * torch.randn((b, ch, 1, 1), generator=generator)
-        steps = components.scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (b,), generator=generator)
-        return noise, timesteps
+        return ddpm_noise_and_timesteps(components, latents, generator, train)
 
     def predict(
         self,
@@ -285,27 +377,7 @@ class SD15:
         timesteps: torch.Tensor,
         train: TrainConfig,
     ) -> torch.Tensor:
-        sched = _training_scheduler(components)
-        noise = noise.to(latents.device, latents.dtype)
-        timesteps = timesteps.to(latents.device)
-        noisy = sched.add_noise(latents, noise, timesteps)
-        kind = sched.config.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = sched.get_velocity(latents, noise, timesteps)
-        else:
-            raise LorakitError(
-                f"The model's scheduler has prediction_type '{kind}'; lorakit trains SD1.5-family "
-                "models with 'epsilon' or 'v_prediction' targets."
-            )
-        pred = self.predict(denoiser, noisy, timesteps, cond)
-        if not train.min_snr_gamma:
-            return F.mse_loss(pred.float(), target.float(), reduction="mean")
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(
-            dim=tuple(range(1, pred.dim()))
-        )
-        return (per_sample * min_snr_weights(sched, timesteps, train.min_snr_gamma, kind)).mean()
+        return ddpm_loss(self.predict, components, denoiser, latents, cond, noise, timesteps, train)
 
     # -- sampling ------------------------------------------------------------------------------
 
@@ -327,6 +399,57 @@ class SD15:
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+# --- shared by the UNet (DDPM-trained) families: sd15, sdxl -----------------------------------
+
+
+def ddpm_noise_and_timesteps(
+    components: Any, latents: torch.Tensor, generator: torch.Generator, train: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise `[B, C, H, W]` (+ noise offset `[B, C, 1, 1]`) and integer timesteps `[B]`, seeded."""
+    b, ch = latents.shape[:2]
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    if train.noise_offset:
+        noise += train.noise_offset * torch.randn((b, ch, 1, 1), generator=generator)
+    steps = components.scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (b,), generator=generator)
+    return noise, timesteps
+
+
+def ddpm_loss(
+    predict,
+    components: Any,
+    denoiser: torch.nn.Module,
+    latents: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    train: TrainConfig,
+) -> torch.Tensor:
+    """Epsilon / v-prediction MSE (from the scheduler config), optionally min-SNR-γ weighted.
+    `predict(denoiser, noisy, timesteps, cond)` is the family's denoiser call."""
+    sched = _training_scheduler(components)
+    noise = noise.to(latents.device, latents.dtype)
+    timesteps = timesteps.to(latents.device)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    kind = sched.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = sched.get_velocity(latents, noise, timesteps)
+    else:
+        raise LorakitError(
+            f"The model's scheduler has prediction_type '{kind}'; lorakit trains SD1.5/SDXL "
+            "models with 'epsilon' or 'v_prediction' targets."
+        )
+    pred = predict(denoiser, noisy, timesteps, cond)
+    if not train.min_snr_gamma:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(
+        dim=tuple(range(1, pred.dim()))
+    )
+    return (per_sample * min_snr_weights(sched, timesteps, train.min_snr_gamma, kind)).mean()
 
 
 def _freeze(c: SD15Components) -> None:

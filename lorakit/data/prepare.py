@@ -1,0 +1,813 @@
+"""`lorakit prepare SRC OUT`: validate, normalise, caption and bucket a set once, incrementally.
+
+    build(src, data, …) -> Prepared        in memory; what `train` uses on a raw folder
+    prepare(src, out, data, …) -> Prepared  build + write OUT atomically
+
+OUT holds `dataset/` (a `datasets` dataset: image at the bucket size as lossless WebP (PNG
+where Pillow lacks WebP), caption, bucket, crop, original size, source, content hash, key,
+repeats, is_reg), `report.json`, `report.md`, `contact_sheet.png` and `lorakit_prepared.json`
+(the marker and the per-file results cache).
+
+Incremental: every source file is read and sha256-hashed (no decode). A file whose hash and
+processing parameters match the previous OUT (or the cache passed in) reuses the stored image and
+findings; only new or changed files are decoded, in parallel worker processes.
+
+Safety: nothing under SRC is written. OUT is built in a sibling temp folder and swapped in with an
+atomic exchange (renameat2 RENAME_EXCHANGE on Linux, else two renames with Ctrl-C deferred and a
+recovery step at the next run), so an interrupted run leaves the old or the new OUT, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import statistics
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorakit.data.buckets import batch_fit_message, merge_plan, samples_per_bucket, underfull
+from lorakit.data.doctor import (
+    Params,
+    caption_problems,
+    estimate_tokens,
+    near_duplicates,
+    process_image,
+)
+from lorakit.data.folder import apply_trigger
+from lorakit.data.layouts import Problem, SourceItem, list_source
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.fileio import atomic_write_text
+
+MARKER = "lorakit_prepared.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Prepared:
+    """The prepared set in memory. `rows` are the usable images (see module doc for fields)."""
+
+    source: str
+    layout: str
+    rows: list[dict]
+    problems: list[Problem]
+    notes: Counter
+    n_files: int
+    decoded: int
+    reused: int
+    params: Params
+    cache: dict[str, dict] = field(default_factory=dict)
+    fatal: str = ""
+    """Non-empty when nothing usable came out or the user must act (exit code 1)."""
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase: list_hash (read + sha256), process (decode/resize workers), write."""
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return self.problems
+
+
+def check_data(data) -> None:
+    """Range checks of the data.* keys that types alone cannot express."""
+    if not 0.0 <= data.caption_dropout < 1.0:
+        raise ConfigError(
+            f"Config key 'data.caption_dropout' must be in [0, 1), got {data.caption_dropout}."
+        )
+    for key in ("keep_tags", "min_side", "workers", "bucket_step", "max_caption_tokens"):
+        if getattr(data, key) < 0:
+            raise ConfigError(
+                f"Config key 'data.{key}' must be 0 or more, got {getattr(data, key)}."
+            )
+    if data.repeats < 1:
+        raise ConfigError(f"Config key 'data.repeats' must be 1 or more, got {data.repeats}.")
+    if data.bucket_step % 8:
+        raise ConfigError(
+            f"Config key 'data.bucket_step' must be a multiple of 8 (or 0 = auto), got "
+            f"{data.bucket_step}."
+        )
+    if data.bucket_max_ratio < 1.0:
+        raise ConfigError(
+            f"Config key 'data.bucket_max_ratio' must be 1 or more, got {data.bucket_max_ratio}."
+        )
+    Params.from_data(data)  # parses data.background
+
+
+def default_workers(data) -> int:
+    if data.workers:
+        return data.workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS/Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def _template(template: str, item: SourceItem) -> str:
+    stem = Path(item.name.split(" (")[-1].rstrip(")")).stem if item.path is None else item.path.stem
+    words = " ".join(stem.replace("_", " ").replace("-", " ").split())
+    return template.replace("{name}", words)
+
+
+def final_caption(item: SourceItem, data) -> str:
+    """Caption used for training: the file's caption (or the template), trigger applied."""
+    text = item.caption if item.caption is not None and item.caption.strip() else None
+    if text is None or item.caption_problem:
+        text = _template(data.default_caption, item)
+    return apply_trigger(" ".join(text.split()), data.trigger)
+
+
+# -- parallel processing -------------------------------------------------------------------------
+
+
+def run_jobs(jobs: list, workers: int, advance: Callable[[], None] = lambda: None) -> list[dict]:
+    """`process_image` over jobs, in `workers` processes (serially when 1, few jobs, or when a
+    pool cannot start here); results in job order."""
+    if workers > 1 and len(jobs) >= 4:
+        methods = mp.get_all_start_methods()
+        # fork: workers start in milliseconds and do not re-import torch.
+        ctx = mp.get_context("fork") if "fork" in methods else None
+        import imagehash  # noqa: F401  (imported once here, inherited by forked workers)
+
+        try:
+            ex = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx)
+        except (OSError, NotImplementedError, PermissionError):
+            ex = None  # no processes here (sandbox, no /dev/shm): one process below
+        if ex is not None:
+            try:
+                out = []
+                for res in ex.map(process_image, jobs, chunksize=1):
+                    out.append(res)
+                    advance()
+                ex.shutdown()
+                return out
+            except BrokenProcessPool:
+                ex.shutdown(wait=False, cancel_futures=True)  # redo serially below
+            except BaseException:  # Ctrl-C: stop at once, queued images are not started
+                ex.shutdown(wait=False, cancel_futures=True)
+                raise
+    out = []
+    for job in jobs:
+        out.append(process_image(job))
+        advance()
+    return out
+
+
+def _progress(console, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    live = console is not None and console.is_terminal and total > 0
+    prog = Progress(
+        TextColumn("[bold]preparing"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not live,
+        transient=False,
+    )
+    return prog
+
+
+# -- build ---------------------------------------------------------------------------------------
+
+
+def build(
+    src: str | Path,
+    data,
+    *,
+    batch_size: int = 1,
+    cache: dict[str, dict] | None = None,
+    console=None,
+    count_tokens: Callable[[str], int] = estimate_tokens,
+    fast_decode: bool = True,
+) -> Prepared:
+    """Validate and process `src` (+ `data.reg_folder`) in memory. Never raises for bad files:
+    they become `problems`; only an unreadable source or bad config raises."""
+    check_data(data)
+    t0 = time.perf_counter()
+    params = Params.from_data(data)
+    fp = params.fingerprint()
+    listing = list_source(src, data)
+    items = list(listing.items)
+    problems = list(listing.problems)
+    if data.reg_folder:
+        reg = list_source(data.reg_folder, data, is_reg=True)
+        for it in reg.items:
+            it.name = f"[reg] {it.name}"
+            it.repeats = data.reg_repeats
+        items += reg.items
+        problems += [
+            Problem(p.kind, f"[reg] {p.file}", p.message, p.severity) for p in reg.problems
+        ]
+
+    # 1. read + hash every file (no decoding)
+    hashed: list[tuple[SourceItem, bytes, str]] = []
+    first_by_hash: dict[tuple[str, bool], str] = {}
+    for it in items:
+        try:
+            raw = it.read_bytes()
+        except OSError as e:
+            problems.append(
+                Problem("unreadable", it.name, f"cannot be read: {e.strerror or e}", "error")
+            )
+            continue
+        if not raw:
+            problems.append(Problem("zero_byte", it.name, "empty file (0 bytes)", "error"))
+            continue
+        h = hashlib.sha256(raw).hexdigest()
+        if (h, it.is_reg) in first_by_hash:
+            problems.append(
+                Problem(
+                    "exact_duplicate",
+                    it.name,
+                    f"byte-identical to '{first_by_hash[(h, it.is_reg)]}'; left out",
+                    "error",
+                )
+            )
+            continue
+        first_by_hash[(h, it.is_reg)] = it.name
+        hashed.append((it, raw, h))
+
+    t_hash = time.perf_counter() - t0
+    # 2. decode what the cache does not know, in parallel
+    cache = dict(cache or {})
+    results: dict[str, dict] = {}
+
+    def ck(h: str, forced) -> str:
+        return f"{h}|{fp}|{forced[0]}x{forced[1]}" if forced else f"{h}|{fp}"
+
+    todo = [(it, raw, h) for it, raw, h in hashed if ck(h, None) not in cache]
+    decoded = 0
+    with _progress(console, len(todo)) as prog:
+        task = prog.add_task("prepare", total=len(todo))
+        jobs = [(it.name, raw, params, None, fast_decode) for it, raw, h in todo]
+        for (_it, _raw, h), res in zip(
+            todo, run_jobs(jobs, default_workers(data), lambda: prog.advance(task)), strict=True
+        ):
+            decoded += res["decoded"]
+            cache[ck(h, None)] = res
+    reused = len(hashed) - len(todo)
+    t_process = time.perf_counter() - t0 - t_hash
+    for _it, _raw, h in hashed:
+        results[h] = cache[ck(h, None)]
+
+    # 3. per-file findings
+    rows: list[dict] = []
+    notes: Counter = Counter()
+    phashes: dict[str, str] = {}
+    for it, _raw, h in hashed:
+        res = results[h]
+        problems += [Problem(k, it.name, m, s) for k, m, s in res["problems"]]
+        if not res["ok"]:
+            continue
+        if it.caption_problem:
+            problems.append(Problem("bad_caption", it.name, f"{it.caption_problem}; template used"))
+        else:
+            problems += caption_problems(
+                it.name, it.caption, data.trigger, data.max_caption_tokens, count_tokens
+            )
+        for n in res["notes"]:
+            notes[n.split(" '")[0] if n.startswith("colour profile '") else n] += 1
+        phashes[it.name] = res["phash"]
+        rows.append(
+            {
+                "source": it.name,
+                "content_hash": h,
+                "caption": final_caption(it, data),
+                "repeats": it.repeats,
+                "is_reg": it.is_reg,
+                "_raw": _raw,
+                **{k: res[k] for k in ("key", "bucket", "crop", "original_size", "png")},
+                "thumb": res.get("thumb"),
+            }
+        )
+    for a, b, d in near_duplicates(phashes, data.near_duplicate_distance):
+        problems.append(
+            Problem("near_duplicate", b, f"looks like '{a}' (perceptual hash distance {d}); kept")
+        )
+
+    # 4. buckets that cannot fill a batch
+    fatal = ""
+    counts = samples_per_bucket([(tuple(r["bucket"]), r["repeats"]) for r in rows])
+    bad = underfull(counts, batch_size)
+    if bad and data.small_buckets == "merge":
+        plan = merge_plan(counts, batch_size)
+        redo = [r for r in rows if tuple(r["bucket"]) in plan]
+        jobs = [
+            (r["source"], r["_raw"], params, plan[tuple(r["bucket"])], fast_decode)
+            for r in redo
+            if ck(r["content_hash"], plan[tuple(r["bucket"])]) not in cache
+        ]
+        for job, res in zip(jobs, run_jobs(jobs, default_workers(data)), strict=True):
+            decoded += res["decoded"]
+            cache[ck(hashlib.sha256(job[1]).hexdigest(), job[3])] = res
+        for r in redo:
+            target = plan[tuple(r["bucket"])]
+            res = cache[ck(r["content_hash"], target)]
+            problems.append(
+                Problem(
+                    "bucket_merged",
+                    r["source"],
+                    f"bucket {r['bucket'][0]}×{r['bucket'][1]} could not fill a batch of "
+                    f"{batch_size}; moved to {target[0]}×{target[1]}",
+                )
+            )
+            r.update({k: res[k] for k in ("key", "bucket", "crop", "original_size", "png")})
+            r["thumb"] = res.get("thumb")
+        counts = samples_per_bucket([(tuple(r["bucket"]), r["repeats"]) for r in rows])
+        bad = underfull(counts, batch_size)
+    if bad and data.small_buckets == "drop":
+        kept = []
+        for r in rows:
+            if tuple(r["bucket"]) in bad:
+                problems.append(
+                    Problem(
+                        "bucket_dropped",
+                        r["source"],
+                        f"bucket {r['bucket'][0]}×{r['bucket'][1]} cannot fill a batch of "
+                        f"{batch_size}; left out (data.small_buckets = drop)",
+                    )
+                )
+            else:
+                kept.append(r)
+        rows = kept
+        bad = {}
+    if bad:
+        fatal = batch_fit_message(bad, batch_size, f"'{src}'")
+    if not [r for r in rows if not r["is_reg"]]:
+        fatal = (
+            f"Nothing usable in '{src}': {len(items)} image file(s) found, none could be used. "
+            "See the problems listed above, fix or replace the files, and run again."
+        )
+    for r in rows:
+        r.pop("_raw", None)
+    for v in cache.values():
+        v.pop("thumb", None)  # rows keep theirs; the cache need not hold them
+    # Keep only entries of files still present (with these parameters): the cache never grows.
+    live = {h for _, _, h in hashed}
+    cache = {k: v for k, v in cache.items() if k.split("|")[0] in live and f"|{fp}" in k}
+    return Prepared(
+        source=str(src),
+        layout=listing.layout,
+        rows=rows,
+        problems=problems,
+        notes=notes,
+        n_files=len(items),
+        decoded=decoded,
+        reused=reused,
+        params=params,
+        cache=cache,
+        fatal=fatal,
+        seconds=time.perf_counter() - t0,
+        timings={"list_hash": t_hash, "process": t_process},
+    )
+
+
+# -- summaries -----------------------------------------------------------------------------------
+
+
+def summary_line(rows: list[dict]) -> str:
+    """ "N images × repeats (+ R reg × r) = M samples per epoch" for prepared rows."""
+    return summary_text([(r["repeats"], r["is_reg"]) for r in rows])
+
+
+def summary_text(items: list[tuple[int, bool]]) -> str:
+    """[(repeats, is_reg)] → "20 images × 2 repeats (+ 5 reg × 1) = 45 samples per epoch"."""
+
+    def reps(values: list[int]) -> str:
+        u = sorted(set(values))
+        if not u:
+            return "0"
+        return str(u[0]) if len(u) == 1 else f"{u[0]}–{u[-1]}"
+
+    train = [r for r, is_reg in items if not is_reg]
+    reg = [r for r, is_reg in items if is_reg]
+    rt = reps(train)
+    text = f"{len(train)} images × {rt} repeat{'' if rt == '1' else 's'}"
+    if reg:
+        text += f" (+ {len(reg)} reg × {reps(reg)})"
+    return f"{text} = {sum(train) + sum(reg)} samples per epoch"
+
+
+def report_dict(p: Prepared) -> dict:
+    by_kind = Counter(pr.kind for pr in p.problems)
+    caps = [r["caption"] for r in p.rows]
+    words = [len(c.split()) for c in caps] or [0]
+    toks = [estimate_tokens(c) for c in caps] or [0]
+    buckets = Counter(f"{r['bucket'][0]}x{r['bucket'][1]}" for r in p.rows)
+    excluded = sorted({pr.file for pr in p.problems if pr.severity == "error"})
+    return {
+        "lorakit_prepare_version": FORMAT_VERSION,
+        "source": p.source,
+        "layout": p.layout,
+        "summary": summary_line(p.rows),
+        "counts": {
+            "files": p.n_files,
+            "usable": len(p.rows),
+            "train_images": sum(not r["is_reg"] for r in p.rows),
+            "reg_images": sum(r["is_reg"] for r in p.rows),
+            "samples_per_epoch": sum(r["repeats"] for r in p.rows),
+            "excluded": len(excluded),
+            "problems": len(p.problems),
+            "decoded": p.decoded,
+            "reused": p.reused,
+        },
+        "problems_by_kind": dict(sorted(by_kind.items())),
+        "problems": [pr.to_dict() for pr in p.problems],
+        "normalised": dict(sorted(p.notes.items())),
+        "buckets": dict(sorted(buckets.items())),
+        "captions": {
+            "words_min": min(words),
+            "words_mean": round(statistics.fmean(words), 1),
+            "words_max": max(words),
+            "tokens_max_estimate": max(toks),
+            "too_long": by_kind.get("caption_too_long", 0),
+        },
+        "params": {k: v for k, v in vars(p.params).items()},
+        "fatal": p.fatal,
+        "seconds": round(p.seconds, 2),
+    }
+
+
+def report_md(rep: dict) -> str:
+    c = rep["counts"]
+    lines = [
+        "# lorakit prepare report",
+        "",
+        f"Source: `{rep['source']}` (layout: {rep['layout']})",
+        "",
+        f"**{rep['summary']}**",
+        "",
+        f"- files found: {c['files']}; usable: {c['usable']} ({c['train_images']} training, "
+        f"{c['reg_images']} regularization); left out: {c['excluded']}",
+        f"- decoded this run: {c['decoded']}; reused from the previous run: {c['reused']}",
+        "",
+    ]
+    if rep["fatal"]:
+        lines += ["## Must fix", "", rep["fatal"], ""]
+    lines += ["## Problems", ""]
+    if rep["problems"]:
+        lines += ["| kind | severity | file | what |", "|---|---|---|---|"]
+        for pr in rep["problems"]:
+            msg = pr["message"].replace("|", "\\|")
+            lines.append(f"| {pr['kind']} | {pr['severity']} | `{pr['file']}` | {msg} |")
+        lines.append("")
+        lines.append(
+            "Severity `error`: the file is left out. `warning`: kept; check it. Counts: "
+            + ", ".join(f"{k} {v}" for k, v in rep["problems_by_kind"].items())
+        )
+    else:
+        lines.append("None.")
+    lines += ["", "## Normalised", ""]
+    lines += [f"- {k}: {v}" for k, v in rep["normalised"].items()] or ["- nothing to do"]
+    lines += ["", "## Buckets (width × height: images)", "", "| bucket | images |", "|---|---|"]
+    total = max(1, sum(rep["buckets"].values()))
+    for b, n in rep["buckets"].items():
+        lines.append(f"| {b.replace('x', '×')} | {n} {'█' * max(1, round(20 * n / total))} |")
+    cs = rep["captions"]
+    lines += [
+        "",
+        "## Captions",
+        "",
+        f"- words per caption: min {cs['words_min']}, mean {cs['words_mean']}, "
+        f"max {cs['words_max']}",
+        f"- longest caption ≈ {cs['tokens_max_estimate']} tokens; over the limit: {cs['too_long']}",
+        "",
+        "![contact sheet](contact_sheet.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def contact_sheet(rows: list[dict], cell: int = 96, cols: int = 8, limit: int = 256) -> bytes:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    shown = rows[:limit]
+    n_rows = max(1, -(-len(shown) // cols))
+    sheet = Image.new("RGB", (cols * cell, n_rows * (cell + 14)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, r in enumerate(shown):
+        if r.get("thumb"):  # made by the worker: no decode here
+            size, raw = r["thumb"]
+            im = Image.frombytes("RGB", tuple(size), raw)
+        else:
+            with Image.open(io.BytesIO(r["png"])) as src:
+                im = src.convert("RGB")
+                im.thumbnail((cell - 4, cell - 4), Image.Resampling.BOX)
+        x, y = (i % cols) * cell, (i // cols) * (cell + 14)
+        sheet.paste(im, (x + (cell - im.width) // 2, y + (cell - im.height) // 2))
+        label = f"{r['bucket'][0]}x{r['bucket'][1]}" + (" reg" if r["is_reg"] else "")
+        draw.text((x + 3, y + cell), label, fill=(60, 60, 60))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+# -- writing OUT ---------------------------------------------------------------------------------
+
+
+def _is_within(a: Path, b: Path) -> bool:
+    try:
+        a.resolve().relative_to(b.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _check_paths(src: str | Path, out: Path, data) -> None:
+    sources = [] if str(src).startswith("hf:") else [Path(src)]
+    if data.reg_folder and not data.reg_folder.startswith("hf:"):
+        sources.append(Path(data.reg_folder))
+    for s in sources:
+        if _is_within(out, s) or _is_within(s, out):
+            raise ConfigError(
+                f"OUT '{out}' and the source '{s}' overlap. lorakit never writes into a source; "
+                "choose an OUT folder outside it."
+            )
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"OUT '{out}' is a file; choose a folder.")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise LorakitError(
+            f"OUT '{out}' is a non-empty folder that lorakit prepare did not write. Choose a new "
+            "or empty folder (lorakit does not write among other files)."
+        )
+
+
+def _recover(out: Path) -> None:
+    """Finish or undo a swap that was cut short (two-rename fallback only)."""
+    for stale in out.parent.glob(f".{out.name}.new-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"))
+    if olds and not out.exists():
+        olds[-1].rename(out)
+        olds = olds[:-1]
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_cache(out: Path) -> dict[str, dict]:
+    """Per-file results of the prepared folder `out`, with PNGs read back from its dataset."""
+    marker = out / MARKER
+    if not marker.is_file():
+        return {}
+    try:
+        meta = json.loads(marker.read_text(encoding="utf-8"))
+        if meta.get("version") != FORMAT_VERSION:
+            return {}
+        from datasets import Image as HFImage
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(out / "dataset"))
+        ds = ds.cast_column("image", HFImage(decode=False))
+        png_by_key = dict(zip(ds["key"], (v["bytes"] for v in ds["image"]), strict=True))
+    except Exception:  # a damaged previous OUT only means a full re-run
+        return {}
+    cache = {}
+    for k, entry in meta.get("cache", {}).items():
+        entry = dict(entry)
+        if entry.get("ok"):
+            png = png_by_key.get(entry["key"])
+            if png is None:
+                continue
+            entry["png"] = png
+            entry["bucket"] = tuple(entry["bucket"])
+            entry["crop"] = tuple(entry["crop"])
+            entry["original_size"] = tuple(entry["original_size"])
+        entry["problems"] = [tuple(x) for x in entry["problems"]]
+        cache[k] = entry
+    return cache
+
+
+def _dataset(rows: list[dict]):
+    from datasets import Dataset, Features, Value, disable_progress_bars
+    from datasets import Image as HFImage
+
+    disable_progress_bars()  # our own progress bar is enough
+
+    features = Features(
+        {
+            "image": HFImage(),
+            "caption": Value("string"),
+            "bucket_width": Value("int32"),
+            "bucket_height": Value("int32"),
+            "crop_top": Value("int32"),
+            "crop_left": Value("int32"),
+            "original_height": Value("int32"),
+            "original_width": Value("int32"),
+            "source": Value("string"),
+            "content_hash": Value("string"),
+            "key": Value("string"),
+            "repeats": Value("int32"),
+            "is_reg": Value("bool"),
+        }
+    )
+    cols = {
+        "image": [{"bytes": r["png"], "path": None} for r in rows],
+        "caption": [r["caption"] for r in rows],
+        "bucket_width": [r["bucket"][0] for r in rows],
+        "bucket_height": [r["bucket"][1] for r in rows],
+        "crop_top": [r["crop"][0] for r in rows],
+        "crop_left": [r["crop"][1] for r in rows],
+        "original_height": [r["original_size"][0] for r in rows],
+        "original_width": [r["original_size"][1] for r in rows],
+        "source": [r["source"] for r in rows],
+        "content_hash": [r["content_hash"] for r in rows],
+        "key": [r["key"] for r in rows],
+        "repeats": [r["repeats"] for r in rows],
+        "is_reg": [r["is_reg"] for r in rows],
+    }
+    import pyarrow as pa
+    from datasets import DatasetInfo
+    from datasets.table import InMemoryTable
+
+    # Built directly (not Dataset.from_dict) with our own fingerprint: datasets would otherwise
+    # dill-hash every image byte again (~0.3 s per 200 images) for a cache we never use.
+    table = pa.Table.from_pydict(features.encode_batch(cols), schema=features.arrow_schema)
+    fingerprint = hashlib.sha256("".join(cols["key"]).encode()).hexdigest()[:16]
+    return Dataset(
+        InMemoryTable(table), info=DatasetInfo(features=features), fingerprint=fingerprint
+    )
+
+
+@contextlib.contextmanager
+def _defer_sigint():
+    """Hold Ctrl-C until the block is done (main thread only); re-raise it afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda *_: hit.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if hit:
+            raise KeyboardInterrupt
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE); False if not there."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    with _defer_sigint():
+        if out.exists():
+            if _exchange(new, out):
+                shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old OUT
+                return
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            new.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            new.rename(out)
+
+
+def write(p: Prepared, out: Path, old_sheet: tuple[set[str], bytes] | None = None) -> None:
+    """Write OUT from scratch in a temp sibling, then swap it in."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = out.parent / f".{out.name}.new-{os.getpid()}"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir()
+    try:
+        _dataset(p.rows).save_to_disk(str(new / "dataset"))
+        rep = report_dict(p)
+        atomic_write_text(new / "report.json", json.dumps(rep, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(new / "report.md", report_md(rep))
+        keys = {r["key"] for r in p.rows}
+        if old_sheet is not None and old_sheet[0] == keys:
+            sheet = old_sheet[1]  # unchanged set: no decoding for the contact sheet either
+        else:
+            sheet = contact_sheet(p.rows)
+        (new / "contact_sheet.png").write_bytes(sheet)
+        cache = {}
+        for k, v in p.cache.items():
+            cache[k] = {kk: vv for kk, vv in v.items() if kk not in ("png", "thumb")}
+        meta = {
+            "version": FORMAT_VERSION,
+            "source": p.source,
+            "params": p.params.fingerprint(),
+            "keys": sorted(keys),
+            "cache": cache,
+        }
+        atomic_write_text(new / MARKER, json.dumps(meta) + "\n")
+        _swap_in(new, out)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+
+
+def prepare(
+    src: str | Path,
+    out: str | Path,
+    data,
+    *,
+    batch_size: int = 1,
+    strict: bool = False,
+    console=None,
+    fast_decode: bool = True,
+) -> Prepared:
+    """Build and write OUT. OUT is left untouched when the result is fatal (or strict and any
+    problem was found); the caller reports `fatal` / problems and picks the exit code."""
+    out = Path(out)
+    _check_paths(src, out, data)
+    _recover(out)
+    cache = load_cache(out)
+    old_sheet = None
+    if (out / MARKER).is_file() and (out / "contact_sheet.png").is_file():
+        try:
+            keys = set(json.loads((out / MARKER).read_text(encoding="utf-8")).get("keys", []))
+            old_sheet = (keys, (out / "contact_sheet.png").read_bytes())
+        except (OSError, ValueError):
+            old_sheet = None
+    p = build(
+        src, data, batch_size=batch_size, cache=cache, console=console, fast_decode=fast_decode
+    )
+    if strict and p.problems and not p.fatal:
+        p.fatal = (
+            f"--strict: {len(p.problems)} problem(s) found (listed above); OUT was not written. "
+            "Fix them or run without --strict."
+        )
+    if not p.fatal:
+        t0 = time.perf_counter()
+        write(p, out, old_sheet)
+        p.timings["write"] = time.perf_counter() - t0
+        p.seconds += p.timings["write"]
+    return p
+
+
+def load_prepared(out: Path) -> list[dict]:
+    """Rows of a folder written by `prepare` (PNG bytes included, not decoded)."""
+    from datasets import Image as HFImage
+    from datasets import load_from_disk
+
+    try:
+        ds = load_from_disk(str(out / "dataset")).cast_column("image", HFImage(decode=False))
+    except Exception as e:
+        raise LorakitError(
+            f"'{out}' has a lorakit marker but its dataset cannot be read ({e}). Run "
+            "`lorakit prepare` again into a new folder."
+        ) from None
+    rows = []
+    for r in ds:
+        rows.append(
+            {
+                "source": r["source"],
+                "content_hash": r["content_hash"],
+                "caption": r["caption"],
+                "repeats": r["repeats"],
+                "is_reg": r["is_reg"],
+                "key": r["key"],
+                "bucket": (r["bucket_width"], r["bucket_height"]),
+                "crop": (r["crop_top"], r["crop_left"]),
+                "original_size": (r["original_height"], r["original_width"]),
+                "png": r["image"]["bytes"],
+            }
+        )
+    return rows
+
+
+def print_result(p: Prepared, out: Path, console) -> None:
+    """Every problem (one line each), the summary, and where OUT is (or why it was not written)."""
+    from rich.markup import escape
+
+    if p.problems:
+        console.print(f"[bold]{len(p.problems)} problem(s):[/bold]")
+        for pr in p.problems:
+            colour = "red" if pr.severity == "error" else "yellow"
+            console.print(
+                f"  [{colour}]{pr.severity:<7}[/{colour}] {pr.kind:<26} {escape(pr.file)}: "
+                f"{escape(pr.message)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    if p.fatal:
+        return  # the caller raises it as the error paragraph
+    console.print(
+        f"[bold green]prepared[/bold green] {escape(summary_line(p.rows))} "
+        f"({p.decoded} decoded, {p.reused} unchanged, {p.seconds:.1f} s) → {escape(str(out))}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(f"  report: {escape(str(out / 'report.md'))}", highlight=False)

@@ -1,0 +1,181 @@
+"""What the training loop consumes: records at their buckets, epoch batches, per-step captions.
+
+    ts = load_training_set(source, config.data, batch_size, seed)
+    print(ts.summary())                       # "20 images × 1 repeat = 20 samples per epoch"
+    for epoch in …: for batch in epoch_batches(ts.records, batch_size, seed, epoch): …
+        pixels = torch.stack([ts.pixels(i) for i in batch])   # [B, 3, H, W] in [-1, 1]
+        prompts = [caption_for_step(ts.records[i].caption, data, rng) for i in batch]
+
+Buckets: sides are multiples of 64 px for data.resolution ≥ 256 and of 8 px below (so the tiny
+64-px test resolution has buckets such as 64×64, 56×72, 72×56 …; 8 is the VAE factor, so every
+bucket still maps to whole latents). `data.bucket_step` overrides the step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorakit.data.buckets import batch_fit_message, samples_per_bucket, underfull
+from lorakit.data.layouts import Problem
+from lorakit.data.prepare import MARKER, Prepared, build, load_prepared, prepare, summary_text
+from lorakit.errors import ConfigError, LorakitError
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str
+    """Content hash of the normalised image + bucket + crop (stable id; latent cache key)."""
+    caption: str
+    """Trigger applied; tag shuffle / dropout NOT applied (see `caption_for_step`)."""
+    bucket: tuple[int, int]
+    """(width, height) in pixels."""
+    crop_top_left: tuple[int, int]
+    """(top, left) in pixels of the resized image (SDXL's crop conditioning)."""
+    original_size: tuple[int, int]
+    """(height, width) before resizing, after EXIF orientation."""
+    repeats: int
+    is_reg: bool
+
+
+class TrainingSet:
+    """Records plus their prepared PNGs (decoded only when `pixels(i)` is called)."""
+
+    def __init__(self, records: list[Record], pngs: list[bytes], problems: list[Problem]):
+        self.records = records
+        self._pngs = pngs
+        self.problems = problems
+        self.decodes = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def pixels(self, i: int) -> torch.Tensor:
+        """[3, H, W] float32 in [-1, 1] at the record's bucket (W, H = bucket)."""
+        from PIL import Image
+
+        self.decodes += 1
+        with Image.open(io.BytesIO(self._pngs[i])) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+    def samples_per_epoch(self) -> int:
+        return sum(r.repeats for r in self.records)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Full batches per epoch (each bucket's remainder is dropped)."""
+        counts = samples_per_bucket([(r.bucket, r.repeats) for r in self.records])
+        return sum(n // batch_size for n in counts.values())
+
+    def summary(self) -> str:
+        """ "N images × repeats (+ R reg × r) = M samples per epoch"."""
+        return summary_text([(r.repeats, r.is_reg) for r in self.records])
+
+
+def _records(rows: list[dict]) -> list[Record]:
+    return [
+        Record(
+            key=r["key"],
+            caption=r["caption"],
+            bucket=tuple(r["bucket"]),
+            crop_top_left=tuple(r["crop"]),
+            original_size=tuple(r["original_size"]),
+            repeats=int(r["repeats"]),
+            is_reg=bool(r["is_reg"]),
+        )
+        for r in rows
+    ]
+
+
+def load_training_set(
+    source: str | Path, data, batch_size: int, seed: int = 0, console=None
+) -> TrainingSet:
+    """A raw source (any layout `lorakit prepare` reads) or a folder written by `lorakit prepare`.
+
+    Raw sources are prepared in memory, or into `data.cache_dir/prepared/<id>` when
+    `data.cache_dir` is set (then re-runs decode nothing). Batch fit is checked up front:
+    a bucket that cannot fill `batch_size` raises `ConfigError` saying what to do.
+    `seed` does not change the records: crops are a function of the image content, so the
+    latent cache stays valid across seeds; it is accepted for symmetry with `epoch_batches`.
+    """
+    del seed
+    problems: list[Problem] = []
+    if not str(source).startswith("hf:") and (Path(source) / MARKER).is_file():
+        rows = load_prepared(Path(source))
+        counts = samples_per_bucket([(tuple(r["bucket"]), r["repeats"]) for r in rows])
+        bad = underfull(counts, batch_size)
+        if bad and data.small_buckets == "drop":
+            rows = [r for r in rows if tuple(r["bucket"]) not in bad]
+        elif bad:
+            raise ConfigError(
+                batch_fit_message(bad, batch_size, f"the prepared set '{source}'")
+                + " For a prepared set, re-run `lorakit prepare` with --batch-size "
+                f"{batch_size} (merging happens there)."
+            )
+        if not rows:
+            raise LorakitError(f"The prepared set '{source}' has no images.")
+    else:
+        if data.cache_dir:
+            ident = hashlib.sha256(
+                f"{Path(str(source)).resolve() if not str(source).startswith('hf:') else source}"
+                f"|{data.reg_folder}|{batch_size}".encode()
+            ).hexdigest()[:16]
+            p: Prepared = prepare(
+                source,
+                Path(data.cache_dir) / "prepared" / ident,
+                data,
+                batch_size=batch_size,
+                console=console,
+            )
+        else:
+            p = build(source, data, batch_size=batch_size, console=console)
+        if p.fatal:
+            listed = "; ".join(
+                f"{pr.file}: {pr.kind}" for pr in p.problems if pr.severity == "error"
+            )[:800]
+            msg = p.fatal + (f" Problems: {listed}." if listed else "")
+            raise (ConfigError if "cannot fill one batch" in p.fatal else LorakitError)(msg)
+        rows, problems = p.rows, p.problems
+    return TrainingSet(_records(rows), [r["png"] for r in rows], problems)
+
+
+def epoch_batches(records: list[Record], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: a pure function of (records, batch_size, seed, epoch).
+
+    Each record appears `repeats` times; every batch holds indices of ONE bucket; within a
+    bucket the order is shuffled and the samples that do not fill a last batch are dropped (a
+    different remainder each epoch); the batches of all buckets are then shuffled together.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        by_bucket[r.bucket].extend([i] * r.repeats)
+    batches: list[list[int]] = []
+    for bucket in sorted(by_bucket):
+        idx = by_bucket[bucket]
+        rng.shuffle(idx)
+        batches += [
+            idx[s : s + batch_size] for s in range(0, len(idx) - batch_size + 1, batch_size)
+        ]
+    rng.shuffle(batches)
+    return batches
+
+
+def caption_for_step(caption: str, data, rng: random.Random) -> str:
+    """Per-step caption: dropout to "" with probability `data.caption_dropout`, else with
+    `data.shuffle_tags` the comma-separated tags after the first `data.keep_tags` shuffled."""
+    if data.caption_dropout > 0 and rng.random() < data.caption_dropout:
+        return ""
+    if not data.shuffle_tags:
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    keep, rest = tags[: data.keep_tags], tags[data.keep_tags :]
+    rng.shuffle(rest)
+    return ", ".join(keep + rest)

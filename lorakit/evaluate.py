@@ -1,0 +1,97 @@
+"""Held-out loss: the training loss on a fixed validation subset with fixed noise and timesteps.
+
+The noise and timesteps come from a private CPU generator seeded by `seed` (`eval.seed`), drawn
+with the family's own `noise_and_timesteps` for every (image, repeat) pair in one go, so the same
+latents and seed give the same draws for every checkpoint and every run: the numbers are
+comparable. Each image is scored at `timesteps` draws and the loss is averaged over all pairs.
+
+Nothing the training loop depends on is touched: no global RNG is consumed (the global torch,
+CUDA, python and numpy states are also forked around the call), the denoiser is put in eval mode
+(LoRA dropout off) and every module's train/eval flag is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorakit.config import TrainConfig
+
+
+def heldout_indices(n_items: int, k: int) -> list[int]:
+    """`k` image indices spread evenly over `n_items` (all of them when k ≥ n_items)."""
+    if k <= 0 or n_items <= 0:
+        return []
+    if k >= n_items:
+        return list(range(n_items))
+    return [int(i) for i in np.linspace(0, n_items - 1, k).round().astype(int)]
+
+
+@contextlib.contextmanager
+def _preserved_rng():
+    py, npy = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def _weights_of(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    for name, p in module.named_parameters():
+        if "lora_" not in name:
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+@torch.no_grad()
+def heldout_loss(
+    family: Any,
+    components: Any,
+    denoiser: torch.nn.Module,
+    latents: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    train_cfg: TrainConfig,
+    seed: int,
+    *,
+    timesteps: int = 4,
+    batch_size: int = 4,
+) -> float:
+    """Mean `family.loss` over `latents` `[N, ...]` (with `cond`, batch-first, N rows) × `timesteps`
+    fixed noise draws each. Runs on the denoiser's device and dtype (autocast for fp16/bf16)."""
+    n = latents.shape[0]
+    if n == 0:
+        raise ValueError("heldout_loss needs at least one latent")
+    gen = torch.Generator("cpu").manual_seed(seed)
+    # Draws for all (image, repeat) pairs at once: fixed for a seed and the subset's shape.
+    rep = latents.float().cpu().repeat_interleave(timesteps, dim=0)
+    noise, steps = family.noise_and_timesteps(components, rep, gen, train_cfg)
+    device, dtype = _weights_of(denoiser)
+    autocast = (
+        torch.autocast(device.type, dtype=dtype)
+        if dtype in (torch.float16, torch.bfloat16)
+        else contextlib.nullcontext()
+    )
+    flags = [(m, m.training) for m in denoiser.modules()]
+    total, count = 0.0, 0
+    try:
+        denoiser.eval()
+        with _preserved_rng(), autocast:
+            for start in range(0, rep.shape[0], batch_size):
+                sl = slice(start, start + batch_size)
+                idx = torch.arange(rep.shape[0])[sl] // timesteps
+                lat = rep[sl].to(device, dtype)
+                c = {k: v[idx].to(device, dtype) for k, v in cond.items()}
+                loss = family.loss(components, denoiser, lat, c, noise[sl], steps[sl], train_cfg)
+                total += float(loss.float()) * lat.shape[0]
+                count += lat.shape[0]
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    return total / count

@@ -1,0 +1,102 @@
+"""Rectified-flow (flow-matching) training helpers shared by SD3.5 and FLUX.1.
+
+Conventions (both families):
+- a "timestep" is a sigma σ in [0, 1]: σ = 0 is the clean latent, σ = 1 pure noise;
+- noisy input `x_σ = (1 - σ) · x0 + σ · noise`, training target (velocity) `noise - x0`;
+- sigmas are drawn per sample, on CPU, from the seeded generator the loop passes in.
+
+Timestep samplers (`train.timestep_sampling`), with z ~ N(0, 1):
+- `uniform`:      σ = u, u ~ U(0, 1)
+- `logit_normal`: σ = sigmoid(logit_mean + logit_std · z)  (SD3 paper, diffusers' `logit_normal`)
+- `sigmoid`:      σ = sigmoid(logit_std · z)  (kohya's `sigmoid`; the logit-normal centred at 0)
+- `shift`:        σ = shift(sigmoid(logit_mean + logit_std · z)) where
+                  shift(σ) = e^μ / (e^μ + (1/σ - 1)), i.e. `s·σ / (1 + (s - 1)·σ)` with s = e^μ.
+                  μ = ln(train.flow_shift) when that is set; otherwise the family's default:
+                  SD3 the scheduler's constant `shift` (3.0), FLUX the resolution-dependent μ of
+                  `FluxPipeline` (`calculate_shift`: linear in the image token count between
+                  (256 tokens, 0.5) and (4096 tokens, 1.15)).
+
+Loss weighting (`train.loss_weighting`, diffusers' `compute_loss_weighting_for_sd3`):
+`none` → 1, `sigma_sqrt` → σ⁻², `cosmap` → 2 / (π · (1 - 2σ + 2σ²)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SAMPLERS = ("uniform", "logit_normal", "sigmoid", "shift")
+WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+# Keeps σ away from exactly 0 (σ⁻² weighting) and 1 (the shift formula's 1/σ).
+_EPS = 1e-5
+
+
+def flux_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """FLUX's resolution-dependent shift exponent μ (diffusers `calculate_shift`)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """σ → e^μ / (e^μ + (1/σ - 1)); equals the constant shift `s·σ/(1+(s-1)σ)` for s = e^μ."""
+    return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+
+
+def sample_sigmas(
+    batch: int,
+    generator: torch.Generator,
+    sampling: str,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mu: float = 0.0,
+) -> torch.Tensor:
+    """`[batch]` float32 sigmas in (0, 1) on CPU (see the module docstring for the formulas)."""
+    if sampling == "uniform":
+        sigmas = torch.rand((batch,), generator=generator)
+    elif sampling == "logit_normal":
+        sigmas = torch.sigmoid(logit_mean + logit_std * torch.randn((batch,), generator=generator))
+    elif sampling == "sigmoid":
+        sigmas = torch.sigmoid(logit_std * torch.randn((batch,), generator=generator))
+    elif sampling == "shift":
+        base = torch.sigmoid(logit_mean + logit_std * torch.randn((batch,), generator=generator))
+        sigmas = time_shift(base.clamp(_EPS, 1 - _EPS), mu)
+    else:
+        raise ValueError(f"unknown timestep sampling '{sampling}'; choose from {SAMPLERS}")
+    return sigmas.clamp(_EPS, 1 - _EPS).float()
+
+
+def loss_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Per-sample loss weights `[B]` for sigmas `[B]`."""
+    sigmas = sigmas.float()
+    if scheme == "sigma_sqrt":
+        return sigmas**-2.0
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    if scheme == "none":
+        return torch.ones_like(sigmas)
+    raise ValueError(f"unknown loss weighting '{scheme}'; choose from {WEIGHTINGS}")
+
+
+def noisy_and_target(
+    latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x_σ = (1-σ)·x0 + σ·noise` and the velocity target `noise - x0` (σ `[B]` broadcast)."""
+    s = sigmas.to(latents.device, torch.float32).view(-1, *([1] * (latents.dim() - 1)))
+    x0, n = latents.float(), noise.to(latents.device).float()
+    noisy = (1.0 - s) * x0 + s * n
+    return noisy.to(latents.dtype), (n - x0)
+
+
+def weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, scheme: str
+) -> torch.Tensor:
+    """Mean over the batch of `w(σ) · mean((pred - target)²)`; fp32 scalar."""
+    per_sample = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
+    return (per_sample * loss_weights(sigmas, scheme).to(per_sample.device)).mean()

@@ -1,0 +1,402 @@
+"""FLUX.1 family (`flux`, dev and schnell): MM-DiT transformer trained with rectified flow.
+
+Tensor conventions:
+- pixels `[B, 3, H, W]` float in [-1, 1]; H, W multiples of 16 (VAE /8, then 2×2 packing).
+- latents `[B, 16, h, w]` (h = H/8) = `(vae.encode(pixels).latent_dist.mean - shift_factor) *
+  scaling_factor` (FLUX: shift 0.1159, scale 0.3611). Cached and noised UNPACKED; packing
+  happens inside `predict`.
+- packing: `[B, C, h, w]` → `[B, (h/2)·(w/2), 4C]`, each token one 2×2 patch, channel order
+  (c, dy, dx) — `pack_latents` / `unpack_latents` are exact inverses (diffusers' layout).
+- position ids: image `[(h/2)·(w/2), 3]` = (0, row, col); text `[T, 3]` zeros.
+- `cond = {"encoder_hidden_states": [B, T, 4096], "pooled_projections": [B, 768]}` as
+  `FluxPipeline.encode_prompt` builds them: T5 last hidden state (T = `model.t5_max_length`,
+  default 512) and the CLIP-L pooled output.
+- guidance: FLUX.1-dev has a guidance embedding (`transformer.config.guidance_embeds`); training
+  feeds `train.guidance` (default 1.0) for every sample. schnell has none: nothing is fed.
+- timesteps: sigmas σ `[B]` in (0, 1); the transformer takes σ itself (it scales ×1000 inside).
+  `shift` sampling uses FLUX's resolution-dependent μ from the image token count (h/2)·(w/2).
+- noisy = (1 - σ) · x0 + σ · noise, target = noise - x0, optional σ loss weighting.
+- LoRA goes into `transformer` (diffusers prefix `transformer.`); optionally CLIP-L
+  (`text_encoder.`). kohya prefixes `lora_unet_` / `lora_te1_` + diffusers paths with `_` (BFL
+  naming is a later issue); diffusers and ComfyUI load the diffusers-format file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+
+from lorakit.config import ModelConfig, TrainConfig
+from lorakit.models import flow
+from lorakit.models.base import AdapterTarget
+from lorakit.models.sd3 import (
+    check_flow_sampler,
+    encode_flow_latents,
+    freeze,
+    load_error,
+    tiny_clip,
+    tiny_flow_vae,
+    tiny_t5_config,
+)
+from lorakit.models.sd15 import clip_l_modules
+
+
+@dataclass
+class FluxComponents:
+    transformer: Any
+    vae: Any
+    text_encoder: Any
+    """CLIP-L (`CLIPTextModel`); only its pooled output is used."""
+    tokenizer: Any
+    text_encoder_2: Any
+    """T5-XXL encoder."""
+    tokenizer_2: Any
+    scheduler: Any
+    t5_max_length: int = 512
+
+
+# --- fixed table of the real FLUX.1 architecture -----------------------------------------------
+
+_DOUBLE_ATTN = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+)  # fmt: skip
+
+
+def flux_modules(num_layers: int = 19, num_single_layers: int = 38) -> set[str]:
+    """Linear modules of `FluxTransformer2DModel` (union of dev and schnell: the guidance
+    embedder exists only in dev)."""
+    names = {"x_embedder", "context_embedder", "norm_out.linear", "proj_out"}
+    for emb in ("timestep_embedder", "text_embedder", "guidance_embedder"):
+        names |= {f"time_text_embed.{emb}.linear_1", f"time_text_embed.{emb}.linear_2"}
+    for i in range(num_layers):
+        b = f"transformer_blocks.{i}"
+        names |= {f"{b}.norm1.linear", f"{b}.norm1_context.linear"}
+        names |= {f"{b}.attn.{p}" for p in _DOUBLE_ATTN}
+        names |= {f"{b}.{ff}.{p}" for ff in ("ff", "ff_context") for p in ("net.0.proj", "net.2")}
+    for i in range(num_single_layers):
+        b = f"single_transformer_blocks.{i}"
+        names |= {f"{b}.norm.linear", f"{b}.proj_mlp", f"{b}.proj_out"}
+        names |= {f"{b}.attn.{p}" for p in ("to_q", "to_k", "to_v")}
+    return names
+
+
+@cache
+def flux_transformer_modules() -> frozenset[str]:
+    """FLUX.1 dev/schnell: 19 double-stream and 38 single-stream blocks."""
+    return frozenset(flux_modules(19, 38))
+
+
+# --- packing and ids -----------------------------------------------------------------------------
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """`[B, C, h, w]` → `[B, (h/2)(w/2), 4C]` (2×2 patches, channel order c, dy, dx)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of `pack_latents` for latent height h and width w."""
+    b, _, d = packed.shape
+    c = d // 4
+    x = packed.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, h, w)
+
+
+def image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """`[(h/2)(w/2), 3]` rows (0, row, col) for a latent of size h × w."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def text_ids(length: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """`[T, 3]` zeros: text tokens share position 0 on all rope axes."""
+    return torch.zeros(length, 3, device=device, dtype=dtype)
+
+
+# --- tiny offline configs ----------------------------------------------------------------------
+# Shape rules: in_channels = 4 × VAE latent channels (2×2 packing), sum(axes_dims_rope) =
+# attention_head_dim, joint_attention_dim = T5 d_model, pooled_projection_dim = CLIP-L hidden.
+
+TINY_FLUX_T5_DIM = 32
+TINY_FLUX_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=TINY_FLUX_T5_DIM,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
+def tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> FluxComponents:
+    """Tiny FLUX.1-dev (guidance embedding) or, with `guidance_embeds=False`, schnell."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import T5EncoderModel
+
+    from lorakit.models.tiny_t5 import tiny_t5_tokenizer
+    from lorakit.models.tiny_tokenizer import tiny_clip_tokenizer
+
+    tok, tok_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        **dict(TINY_FLUX_TRANSFORMER, guidance_embeds=guidance_embeds)
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**tiny_flow_vae(0.1159, 0.3611))
+    te = tiny_clip(tok, with_projection=False, seed=seed + 2)
+    torch.manual_seed(seed + 3)
+    te_2 = T5EncoderModel(tiny_t5_config(len(tok_2), TINY_FLUX_T5_DIM))
+    sched = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+    freeze(transformer, vae, te, te_2)
+    return FluxComponents(transformer, vae, te, tok, te_2, tok_2, sched)
+
+
+def _config(module: torch.nn.Module):
+    # accelerate may wrap the denoiser (DDP); the diffusers config lives on the inner module.
+    return getattr(getattr(module, "module", module), "config", None)
+
+
+class Flux:
+    """FLUX.1 [dev] / [schnell] (guidance embedding detected from the transformer config)."""
+
+    name = "flux"
+    pipeline_class_names = ("FluxPipeline",)
+    base_model_version = "flux1"
+    modelspec_architecture = "flux-1-dev/lora"
+    """For dev; a schnell run is labelled `flux-1-schnell/lora` (see `modelspec_for`)."""
+    denoiser_name = "transformer"
+    targets = (
+        AdapterTarget("transformer", "lora_unet_"),
+        AdapterTarget("text_encoder", "lora_te1_", canonical_prefix="text_model."),
+    )
+    default_targets = (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    )  # fmt: skip
+    """Attention projections of the double blocks and q/k/v of the single blocks; add
+    `proj_mlp` and `proj_out` to lora.target_modules for the single blocks' MLP/output too."""
+    tiny_resolution = 64
+
+    @staticmethod
+    def modelspec_for(components: FluxComponents) -> str:
+        dev = bool(getattr(components.transformer.config, "guidance_embeds", True))
+        return "flux-1-dev/lora" if dev else "flux-1-schnell/lora"
+
+    # -- building and loading ------------------------------------------------------------------
+
+    def build_tiny(self, seed: int = 0) -> FluxComponents:
+        return tiny_flux(seed)
+
+    def load(
+        self,
+        name: str,
+        *,
+        revision: str,
+        variant: str,
+        allow_pickle: bool,
+        quantize: str = "none",
+    ) -> FluxComponents:
+        import diffusers
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        from lorakit.models.quantize import quantized_kwargs
+
+        common: dict[str, Any] = {"revision": revision or None}
+        weights = dict(common, variant=variant or None, use_safetensors=not allow_pickle)
+        try:
+            tok = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
+            tok_2 = T5TokenizerFast.from_pretrained(name, subfolder="tokenizer_2", **common)
+            te = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **weights)
+            te_2 = T5EncoderModel.from_pretrained(name, subfolder="text_encoder_2", **weights)
+            vae = diffusers.AutoencoderKL.from_pretrained(name, subfolder="vae", **weights)
+            transformer = diffusers.FluxTransformer2DModel.from_pretrained(
+                name, subfolder="transformer", **weights, **quantized_kwargs(quantize)
+            )
+            sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
+                name, subfolder="scheduler", **common
+            )
+        except (OSError, ValueError) as e:
+            raise load_error(
+                "FLUX", name, e, allow_pickle, "transformer/, vae/, text_encoder(_2)/, tokenizers"
+            ) from None
+        freeze(transformer, vae, te, te_2)
+        return FluxComponents(transformer, vae, te, tok, te_2, tok_2, sched)
+
+    def load_configured(self, cfg: ModelConfig, kind: str) -> FluxComponents:
+        """Components with the `model.*` options applied (T5 length, quantize)."""
+        from lorakit.errors import ConfigError
+        from lorakit.models.quantize import quantize_loaded
+
+        if cfg.drop_t5:
+            raise ConfigError(
+                "model.drop_t5 = true applies to SD3 only: FLUX's text conditioning IS the T5 "
+                "sequence. Set model.drop_t5 = false."
+            )
+        if kind == "tiny":
+            comps = self.build_tiny(seed=0)
+            if cfg.quantize != "none":
+                comps.transformer = quantize_loaded(comps.transformer, cfg.quantize)
+        else:
+            comps = self.load(
+                cfg.name,
+                revision=cfg.revision,
+                variant=cfg.variant,
+                allow_pickle=cfg.allow_pickle,
+                quantize=cfg.quantize,
+            )
+        comps.t5_max_length = cfg.t5_max_length or 512
+        return comps
+
+    def save(self, components: FluxComponents, folder: str) -> None:
+        self.pipeline(components).save_pretrained(folder, safe_serialization=True)
+
+    def known_modules(self, component: str) -> frozenset[str]:
+        return {"transformer": flux_transformer_modules, "text_encoder": clip_l_modules}[
+            component
+        ]()
+
+    def frozen_modules(self, components: FluxComponents) -> dict[str, torch.nn.Module]:
+        return {
+            "vae": components.vae,
+            "text_encoder": components.text_encoder,
+            "text_encoder_2": components.text_encoder_2,
+        }
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, components: FluxComponents, pixels: torch.Tensor) -> torch.Tensor:
+        return encode_flow_latents(components.vae, pixels)
+
+    @torch.no_grad()
+    def encode_prompts(
+        self, components: FluxComponents, prompts: list[str]
+    ) -> dict[str, torch.Tensor]:
+        pipe = self.pipeline(components)
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            device=components.text_encoder.device,
+            max_sequence_length=components.t5_max_length,
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    # -- training ------------------------------------------------------------------------------
+
+    def image_conditioning(self, components, original_size, crop_top_left, target_size):
+        return {}
+
+    def noise_and_timesteps(
+        self,
+        components: FluxComponents,
+        latents: torch.Tensor,
+        generator: torch.Generator,
+        train: TrainConfig,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """noise `[B, 16, h, w]` and sigmas `[B]` in (0, 1) (fp32, CPU)."""
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+        if train.flow_shift:
+            mu = float(torch.tensor(train.flow_shift).log())
+        else:
+            sc = components.scheduler.config
+            h, w = latents.shape[-2:]
+            mu = flow.flux_mu(
+                (h // 2) * (w // 2),
+                sc.get("base_image_seq_len", 256),
+                sc.get("max_image_seq_len", 4096),
+                sc.get("base_shift", 0.5),
+                sc.get("max_shift", 1.15),
+            )
+        sigmas = flow.sample_sigmas(
+            latents.shape[0],
+            generator,
+            train.timestep_sampling,
+            train.logit_mean,
+            train.logit_std,
+            mu,
+        )
+        return noise, sigmas
+
+    def predict(
+        self,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Velocity prediction `[B, 16, h, w]` (packed in, unpacked out). `cond["guidance"]`
+        `[B]` is used when the transformer has a guidance embedding (default 1.0)."""
+        b, _, h, w = noisy.shape
+        dtype, device = noisy.dtype, noisy.device
+        hidden = cond["encoder_hidden_states"]
+        guidance = None
+        config = _config(denoiser)
+        if config is not None and config.get("guidance_embeds", False):
+            guidance = cond.get("guidance")
+            if guidance is None:
+                guidance = torch.ones(b)
+            guidance = guidance.to(device, torch.float32)
+        out = denoiser(
+            hidden_states=pack_latents(noisy),
+            timestep=timesteps.to(device, torch.float32).to(dtype),
+            guidance=guidance,
+            pooled_projections=cond["pooled_projections"],
+            encoder_hidden_states=hidden,
+            txt_ids=text_ids(hidden.shape[1], device, dtype),
+            img_ids=image_ids(h, w, device, dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, h, w)
+
+    def loss(
+        self,
+        components: FluxComponents,
+        denoiser: torch.nn.Module,
+        latents: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        train: TrainConfig,
+    ) -> torch.Tensor:
+        noisy, target = flow.noisy_and_target(latents, noise, timesteps)
+        cond = dict(cond, guidance=torch.full((latents.shape[0],), float(train.guidance)))
+        pred = self.predict(denoiser, noisy, timesteps, cond)
+        return flow.weighted_mse(pred, target, timesteps, train.loss_weighting)
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def pipeline(self, components: FluxComponents, scheduler: str = "default") -> Any:
+        from diffusers import FluxPipeline
+
+        check_flow_sampler(scheduler, "FLUX")
+        c = components
+        pipe = FluxPipeline(
+            scheduler=c.scheduler,
+            vae=c.vae,
+            text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer,
+            text_encoder_2=c.text_encoder_2,
+            tokenizer_2=c.tokenizer_2,
+            transformer=c.transformer,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe

@@ -1,0 +1,457 @@
+"""Stable Diffusion 3 / 3.5 family (`sd3`): MMDiT transformer trained with rectified flow.
+
+Tensor conventions:
+- pixels `[B, 3, H, W]` float in [-1, 1]; H, W multiples of 16 (VAE /8, patch 2).
+- latents `[B, 16, H/8, W/8]` = `(vae.encode(pixels).latent_dist.mean - shift_factor) *
+  scaling_factor` (SD3: shift 0.0609, scale 1.5305). The mean, not a sample (deterministic cache).
+- `cond = {"encoder_hidden_states": [B, 77 + T, D_t5], "pooled_projections": [B, P]}` exactly as
+  `StableDiffusion3Pipeline.encode_prompt` builds them: CLIP-L and CLIG-G penultimate hidden
+  states concatenated on the feature axis and zero-padded to the T5 width D_t5 (4096), then the T5
+  sequence (T = `model.t5_max_length`, default 256) appended on the token axis; pooled = CLIP-L and
+  CLIP-G projected pooled outputs concatenated (P = 768 + 1280 = 2048).
+  `model.drop_t5 = true` leaves T5 out: its T tokens are zeros, which saves ~9 GB (fp16) and
+  weakens prompt following and text rendering (Stability AI's own note on running without T5).
+- timesteps: sigmas σ `[B]` float in (0, 1), NOT integer steps (`lorakit.models.flow`); the
+  transformer is called with `σ · 1000`, as the pipeline does.
+- noisy = (1 - σ) · x0 + σ · noise, target = noise - x0, optional σ loss weighting.
+- LoRA goes into `transformer` (diffusers prefix `transformer.`); optionally CLIP-L
+  (`text_encoder.`, with the `text_model.` level). kohya prefixes `lora_unet_` / `lora_te1_` +
+  the diffusers path with `_` (kohya's own SD3 naming is not written yet; diffusers and ComfyUI
+  load the diffusers-format file for SD3).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+
+from lorakit.config import ModelConfig, TrainConfig
+from lorakit.errors import LorakitError
+from lorakit.models import flow
+from lorakit.models.base import AdapterTarget
+from lorakit.models.sd15 import TINY_CLIP, clip_l_modules
+
+
+@dataclass
+class SD3Components:
+    transformer: Any
+    vae: Any
+    text_encoder: Any
+    """CLIP-L with projection (`CLIPTextModelWithProjection`)."""
+    tokenizer: Any
+    text_encoder_2: Any
+    """CLIP-G (OpenCLIP bigG) with projection."""
+    tokenizer_2: Any
+    text_encoder_3: Any
+    """T5-XXL encoder, or None (`model.drop_t5`)."""
+    tokenizer_3: Any
+    scheduler: Any
+    t5_max_length: int = 256
+    """T5 tokens per caption (training and previews)."""
+
+
+# --- fixed tables of the real SD3.5 architectures ----------------------------------------------
+# Generated from the published configs' structure, never from `named_modules()`.
+
+_JOINT_ATTN = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")
+_TOP_LEVEL = (
+    "pos_embed.proj",
+    "context_embedder",
+    "time_text_embed.timestep_embedder.linear_1",
+    "time_text_embed.timestep_embedder.linear_2",
+    "time_text_embed.text_embedder.linear_1",
+    "time_text_embed.text_embedder.linear_2",
+    "norm_out.linear",
+    "proj_out",
+)
+
+
+def mmdit_modules(num_layers: int, dual_attention_layers: tuple[int, ...] = ()) -> set[str]:
+    """Linear/Conv modules of an `SD3Transformer2DModel` with this many joint blocks. The last
+    block is `context_pre_only`: no context output projection or context feed-forward."""
+    names = set(_TOP_LEVEL)
+    for i in range(num_layers):
+        b = f"transformer_blocks.{i}"
+        names |= {f"{b}.norm1.linear", f"{b}.norm1_context.linear"}
+        names |= {f"{b}.attn.{p}" for p in _JOINT_ATTN}
+        names |= {f"{b}.ff.net.0.proj", f"{b}.ff.net.2"}
+        if i < num_layers - 1:
+            names |= {f"{b}.attn.to_add_out", f"{b}.ff_context.net.0.proj"}
+            names.add(f"{b}.ff_context.net.2")
+        if i in dual_attention_layers:  # SD3.5 medium's MMDiT-X: a second self-attention
+            names |= {f"{b}.attn2.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    return names
+
+
+@cache
+def sd35_transformer_modules() -> frozenset[str]:
+    """Union of SD3.5 large (38 blocks) and SD3.5 medium (24 blocks, `attn2` in blocks 0-12)."""
+    return frozenset(mmdit_modules(38) | mmdit_modules(24, tuple(range(13))))
+
+
+# --- tiny offline configs ----------------------------------------------------------------------
+# Shape rules: joint_attention_dim = T5 d_model, pooled_projection_dim = sum of both CLIP
+# projection dims, caption_projection_dim = heads × head_dim; block 0 has dual attention
+# (SD3.5 medium), block 1 is the context_pre_only last block.
+
+TINY_T5_DIM = 64
+TINY_SD3_TRANSFORMER = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    joint_attention_dim=TINY_T5_DIM,
+    caption_projection_dim=32,
+    pooled_projection_dim=2 * TINY_CLIP["projection_dim"],
+    out_channels=16,
+    pos_embed_max_size=32,
+    dual_attention_layers=(0,),
+    qk_norm="rms_norm",
+)
+
+
+def tiny_flow_vae(shift_factor: float, scaling_factor: float) -> dict[str, Any]:
+    """A 16-channel VAE config (SD3/FLUX layout: no quant convs, shift + scale)."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def tiny_t5_config(vocab_size: int, d_model: int):
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,  # frozen parts must be deterministic (T5's default is 0.1)
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def tiny_clip(tokenizer, with_projection: bool = True, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_CLIP,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+
+
+# --- shared by the flow families -----------------------------------------------------------------
+
+
+def encode_flow_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """`[B, 3, H, W]` → `(mean - shift_factor) * scaling_factor`, `[B, 16, H/8, W/8]`."""
+    pixels = pixels.to(vae.device, vae.dtype)
+    mean = vae.encode(pixels).latent_dist.mean
+    return (mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
+def freeze(*modules) -> None:
+    # Modules built from configs start in train mode; frozen parts must not run dropout.
+    for m in modules:
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
+
+
+def shift_mu(train: TrainConfig, default_shift: float) -> float:
+    """μ = ln(shift) of the `shift` sampler: `train.flow_shift` when set, else the default."""
+    return math.log(train.flow_shift or default_shift)
+
+
+def check_flow_sampler(scheduler: str, family: str) -> None:
+    if scheduler not in ("default", "euler"):
+        raise LorakitError(
+            f"sample.scheduler = '{scheduler}' does not apply to {family} (a flow-matching model "
+            "sampled with its FlowMatchEuler scheduler). Set sample.scheduler = 'default'."
+        )
+
+
+def load_error(family: str, name: str, e: BaseException, allow_pickle: bool, parts: str):
+    text = str(e).strip().splitlines()
+    first = text[0].rstrip(".") if text else type(e).__name__
+    hint = (
+        " The folder or repo has only pickled weights (.bin/.ckpt): convert them to safetensors, "
+        "or allow unpickling with --set model.allow_pickle=true if you trust the source."
+        if "safetensors" in first.lower() and not allow_pickle
+        else ""
+    )
+    return LorakitError(
+        f"Could not load the {family} model '{name}': {first}.{hint} model.name must be a "
+        f"diffusers folder (with model_index.json, {parts}) or a hub id you can reach."
+    )
+
+
+def save_for_quantization(module) -> str:
+    """Write an in-process module to a temp folder so it can be re-loaded quantized."""
+    folder = tempfile.mkdtemp(prefix="lorakit-quant-")
+    module.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+class SD3:
+    """Stable Diffusion 3 / 3.5 (large, large-turbo, medium)."""
+
+    name = "sd3"
+    pipeline_class_names = ("StableDiffusion3Pipeline",)
+    base_model_version = "5-large"
+    """kohya's value for SD3.5 large (`medium` / `5-medium` for the medium models)."""
+    modelspec_architecture = "stable-diffusion-3-5-large/lora"
+    denoiser_name = "transformer"
+    targets = (
+        AdapterTarget("transformer", "lora_unet_"),
+        AdapterTarget("text_encoder", "lora_te1_", canonical_prefix="text_model."),
+    )
+    default_targets = (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    )  # fmt: skip
+    """Attention projections of both streams (and SD3.5 medium's `attn2`), as diffusers' script."""
+    tiny_resolution = 64
+
+    # -- building and loading ------------------------------------------------------------------
+
+    def build_tiny(self, seed: int = 0) -> SD3Components:
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import T5EncoderModel
+
+        from lorakit.models.tiny_t5 import tiny_t5_tokenizer
+        from lorakit.models.tiny_tokenizer import tiny_clip_tokenizer
+
+        tok, tok_2, tok_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(), tiny_t5_tokenizer()
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(**TINY_SD3_TRANSFORMER)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**tiny_flow_vae(0.0609, 1.5305))
+        te = tiny_clip(tok, seed=seed + 2)
+        te_2 = tiny_clip(tok_2, seed=seed + 3)
+        torch.manual_seed(seed + 4)
+        te_3 = T5EncoderModel(tiny_t5_config(len(tok_3), TINY_T5_DIM))
+        sched = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
+        comps = SD3Components(transformer, vae, te, tok, te_2, tok_2, te_3, tok_3, sched)
+        freeze(transformer, vae, te, te_2, te_3)
+        return comps
+
+    def load(
+        self,
+        name: str,
+        *,
+        revision: str,
+        variant: str,
+        allow_pickle: bool,
+        drop_t5: bool = False,
+        quantize: str = "none",
+    ) -> SD3Components:
+        import diffusers
+        from transformers import (
+            CLIPTextModelWithProjection,
+            CLIPTokenizer,
+            T5EncoderModel,
+            T5TokenizerFast,
+        )
+
+        from lorakit.models.quantize import quantized_kwargs
+
+        common: dict[str, Any] = {"revision": revision or None}
+        weights = dict(common, variant=variant or None, use_safetensors=not allow_pickle)
+        try:
+            tok = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
+            tok_2 = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **common)
+            te = CLIPTextModelWithProjection.from_pretrained(
+                name, subfolder="text_encoder", **weights
+            )
+            te_2 = CLIPTextModelWithProjection.from_pretrained(
+                name, subfolder="text_encoder_2", **weights
+            )
+            te_3 = tok_3 = None
+            if not drop_t5:
+                tok_3 = T5TokenizerFast.from_pretrained(name, subfolder="tokenizer_3", **common)
+                te_3 = T5EncoderModel.from_pretrained(name, subfolder="text_encoder_3", **weights)
+            vae = diffusers.AutoencoderKL.from_pretrained(name, subfolder="vae", **weights)
+            transformer = diffusers.SD3Transformer2DModel.from_pretrained(
+                name, subfolder="transformer", **weights, **quantized_kwargs(quantize)
+            )
+            sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
+                name, subfolder="scheduler", **common
+            )
+        except (OSError, ValueError) as e:
+            raise load_error(
+                "SD3", name, e, allow_pickle, "transformer/, vae/, text_encoder(_2,_3)/, tokenizers"
+            ) from None
+        comps = SD3Components(transformer, vae, te, tok, te_2, tok_2, te_3, tok_3, sched)
+        freeze(transformer, vae, te, te_2, te_3)
+        return comps
+
+    def load_configured(self, cfg: ModelConfig, kind: str) -> SD3Components:
+        """Components with the `model.*` options applied (T5 length, drop_t5, quantize)."""
+        from lorakit.models.quantize import quantize_loaded
+
+        if kind == "tiny":
+            comps = self.build_tiny(seed=0)
+            if cfg.drop_t5:
+                comps.text_encoder_3 = comps.tokenizer_3 = None
+            if cfg.quantize != "none":
+                comps.transformer = quantize_loaded(comps.transformer, cfg.quantize)
+        else:
+            comps = self.load(
+                cfg.name,
+                revision=cfg.revision,
+                variant=cfg.variant,
+                allow_pickle=cfg.allow_pickle,
+                drop_t5=cfg.drop_t5,
+                quantize=cfg.quantize,
+            )
+        comps.t5_max_length = cfg.t5_max_length or 256
+        return comps
+
+    def save(self, components: SD3Components, folder: str) -> None:
+        self.pipeline(components).save_pretrained(folder, safe_serialization=True)
+
+    def known_modules(self, component: str) -> frozenset[str]:
+        return {"transformer": sd35_transformer_modules, "text_encoder": clip_l_modules}[
+            component
+        ]()
+
+    def frozen_modules(self, components: SD3Components) -> dict[str, torch.nn.Module]:
+        out = {
+            "vae": components.vae,
+            "text_encoder": components.text_encoder,
+            "text_encoder_2": components.text_encoder_2,
+        }
+        if components.text_encoder_3 is not None:
+            out["text_encoder_3"] = components.text_encoder_3
+        return out
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, components: SD3Components, pixels: torch.Tensor) -> torch.Tensor:
+        return encode_flow_latents(components.vae, pixels)
+
+    @torch.no_grad()
+    def encode_prompts(
+        self, components: SD3Components, prompts: list[str]
+    ) -> dict[str, torch.Tensor]:
+        # The pipeline's own encoder: training sees exactly what sampling feeds the transformer.
+        pipe = self.pipeline(components)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=components.text_encoder.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=components.t5_max_length,
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    # -- training ------------------------------------------------------------------------------
+
+    def image_conditioning(self, components, original_size, crop_top_left, target_size):
+        return {}
+
+    def noise_and_timesteps(
+        self,
+        components: SD3Components,
+        latents: torch.Tensor,
+        generator: torch.Generator,
+        train: TrainConfig,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """noise `[B, 16, h, w]` and sigmas `[B]` in (0, 1) (fp32, CPU)."""
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+        mu = shift_mu(train, float(components.scheduler.config.get("shift", 3.0)))
+        sigmas = flow.sample_sigmas(
+            latents.shape[0],
+            generator,
+            train.timestep_sampling,
+            train.logit_mean,
+            train.logit_std,
+            mu,
+        )
+        return noise, sigmas
+
+    def predict(
+        self,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Velocity prediction `[B, 16, h, w]`; `timesteps` are sigmas, scaled ×1000 here."""
+        t = (timesteps.to(noisy.device, torch.float32) * 1000.0).to(noisy.dtype)
+        return denoiser(
+            hidden_states=noisy,
+            timestep=t,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            pooled_projections=cond["pooled_projections"],
+            return_dict=False,
+        )[0]
+
+    def loss(
+        self,
+        components: SD3Components,
+        denoiser: torch.nn.Module,
+        latents: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        train: TrainConfig,
+    ) -> torch.Tensor:
+        noisy, target = flow.noisy_and_target(latents, noise, timesteps)
+        pred = self.predict(denoiser, noisy, timesteps, cond)
+        return flow.weighted_mse(pred, target, timesteps, train.loss_weighting)
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def pipeline(self, components: SD3Components, scheduler: str = "default") -> Any:
+        from diffusers import StableDiffusion3Pipeline
+
+        check_flow_sampler(scheduler, "SD3")
+        c = components
+        pipe = StableDiffusion3Pipeline(
+            transformer=c.transformer,
+            scheduler=c.scheduler,
+            vae=c.vae,
+            text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer,
+            text_encoder_2=c.text_encoder_2,
+            tokenizer_2=c.tokenizer_2,
+            text_encoder_3=c.text_encoder_3,
+            tokenizer_3=c.tokenizer_3,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe

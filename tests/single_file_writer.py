@@ -1,0 +1,171 @@
+"""Test helper: write diffusers components as an ORIGINAL-layout single-file checkpoint.
+
+The inverse of diffusers' single-file converters, written from the ldm/SGM layout (as in
+diffusers' scripts/convert_diffusers_to_original_{stable_diffusion,sdxl}.py) and generalised to
+any `layers_per_block` / block list, so the tiny models can be saved the way model sites ship
+real ones. Loading such a file back through lorakit (= diffusers' forward converters) and getting
+identical weights checks both directions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_RESNET = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+)
+
+
+def _unet_prefix_map(config) -> list[tuple[str, str]]:
+    """(diffusers prefix, ldm prefix) pairs, most specific first."""
+    n = config["layers_per_block"]
+    pairs = [
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
+        ("add_embedding.linear_1.", "label_emb.0.0."),
+        ("add_embedding.linear_2.", "label_emb.0.2."),
+        ("conv_in.", "input_blocks.0.0."),
+        ("conv_norm_out.", "out.0."),
+        ("conv_out.", "out.2."),
+        ("mid_block.attentions.0.", "middle_block.1."),
+        ("mid_block.resnets.0.", "middle_block.0."),
+        ("mid_block.resnets.1.", "middle_block.2."),
+    ]
+    levels = len(config["block_out_channels"])
+    for i in range(levels):
+        for j in range(n):
+            pairs.append(
+                (f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{(n + 1) * i + j + 1}.0.")
+            )
+            pairs.append(
+                (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{(n + 1) * i + j + 1}.1.")
+            )
+        if i < levels - 1:
+            pairs.append(
+                (f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(n + 1) * (i + 1)}.0.op.")
+            )
+        has_attn = "CrossAttn" in config["up_block_types"][i]
+        for j in range(n + 1):
+            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{(n + 1) * i + j}.0."))
+            pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{(n + 1) * i + j}.1."))
+        if i < levels - 1:
+            pairs.append(
+                (
+                    f"up_blocks.{i}.upsamplers.0.",
+                    f"output_blocks.{(n + 1) * i + n}.{2 if has_attn else 1}.",
+                )
+            )
+    return pairs
+
+
+def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
+    pairs = _unet_prefix_map(unet.config)
+    out = {}
+    for key, value in unet.state_dict().items():
+        for hf, sd in pairs:
+            if key.startswith(hf):
+                rest = key[len(hf) :]
+                if ".resnets." in hf or hf.startswith("mid_block.resnets"):
+                    for a, b in _RESNET:
+                        rest = rest.replace(a, b)
+                out["model.diffusion_model." + sd + rest] = value
+                break
+        else:
+            raise KeyError(f"no ldm name for unet key {key}")
+    return out
+
+
+def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
+    levels = len(vae.config.block_out_channels)
+    pairs = [
+        ("encoder.conv_norm_out.", "encoder.norm_out."),
+        ("decoder.conv_norm_out.", "decoder.norm_out."),
+        ("encoder.mid_block.attentions.0.", "encoder.mid.attn_1."),
+        ("decoder.mid_block.attentions.0.", "decoder.mid.attn_1."),
+    ]
+    for part in ("encoder", "decoder"):
+        for i in range(2):
+            pairs.append((f"{part}.mid_block.resnets.{i}.", f"{part}.mid.block_{i + 1}."))
+    for i in range(levels):
+        pairs.append((f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block."))
+        pairs.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."))
+        up = levels - 1 - i
+        pairs.append((f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{up}.block."))
+        pairs.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{up}.upsample."))
+    attn = (
+        ("group_norm.", "norm."),
+        ("to_q.", "q."),
+        ("to_k.", "k."),
+        ("to_v.", "v."),
+        ("to_out.0.", "proj_out."),
+    )
+    out = {}
+    for key, value in vae.state_dict().items():
+        new = key
+        for hf, sd in pairs:
+            if key.startswith(hf):
+                new = sd + key[len(hf) :]
+                break
+        new = new.replace("conv_shortcut", "nin_shortcut")
+        if ".attn_1." in new:
+            for a, b in attn:
+                new = new.replace(f".attn_1.{a}", f".attn_1.{b}")
+            if value.dim() == 2:  # ldm stores the attention projections as 1x1 convs
+                value = value[:, :, None, None]
+        out["first_stage_model." + new] = value
+    return out
+
+
+def clip_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """HF CLIP keys with the `text_model.` level (transformers 5 drops it from CLIPTextModel)."""
+    out = {}
+    for key, value in text_encoder.state_dict().items():
+        if not key.startswith(("text_model.", "text_projection")):
+            key = "text_model." + key
+        out[prefix + key] = value
+    return out
+
+
+def openclip_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """CLIPTextModelWithProjection → OpenCLIP keys (fused in_proj, text_projection transposed)."""
+    sd = text_encoder.state_dict()
+    out = {
+        prefix + "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+        prefix + "ln_final.bias": sd["text_model.final_layer_norm.bias"],
+        prefix + "text_projection": sd["text_projection.weight"].T.contiguous(),
+    }
+    layers = text_encoder.config.num_hidden_layers
+    for i in range(layers):
+        hf = f"text_model.encoder.layers.{i}."
+        oc = f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[oc + f"attn.in_proj_{kind}"] = torch.cat(
+                [sd[hf + f"self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            )
+            out[oc + f"attn.out_proj.{kind}"] = sd[hf + f"self_attn.out_proj.{kind}"]
+            out[oc + f"ln_1.{kind}"] = sd[hf + f"layer_norm1.{kind}"]
+            out[oc + f"ln_2.{kind}"] = sd[hf + f"layer_norm2.{kind}"]
+            out[oc + f"mlp.c_fc.{kind}"] = sd[hf + f"mlp.fc1.{kind}"]
+            out[oc + f"mlp.c_proj.{kind}"] = sd[hf + f"mlp.fc2.{kind}"]
+    out[prefix + "logit_scale"] = torch.tensor(4.6052)  # present in real files, unused
+    return out
+
+
+def to_original(family: str, comps) -> dict[str, torch.Tensor]:
+    """All weights of `comps` under original key names, as one checkpoint dict."""
+    state = {**unet_to_ldm(comps.unet), **vae_to_ldm(comps.vae)}
+    if family == "sd15":
+        state |= clip_to_ldm(comps.text_encoder, "cond_stage_model.transformer.")
+    elif family == "sdxl":
+        state |= clip_to_ldm(comps.text_encoder, "conditioner.embedders.0.transformer.")
+        state |= openclip_to_ldm(comps.text_encoder_2, "conditioner.embedders.1.model.")
+    else:
+        raise ValueError(family)
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}

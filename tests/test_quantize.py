@@ -1,0 +1,71 @@
+"""Quantized frozen base (QLoRA) for SD3/FLUX: clear errors where it cannot run, and a CUDA run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAST, SAMPLES, cli
+
+from lorakit.errors import ConfigError
+from lorakit.export import read_adapter
+from lorakit.models.quantize import bnb_config, check_quantize, quantized_kwargs
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: quantizing allowed")
+
+
+@no_cuda
+def test_quantize_on_cpu_fails_up_front_with_a_config_error(tmp_path):
+    out = tmp_path / "q"
+    r = cli(
+        "train", SAMPLES, *FAST, "--model", "tiny:flux", "--out", out, "--steps", 1,
+        "--set", "model.quantize='nf4'", expect=None,
+    )  # fmt: skip
+    assert r.exit_code == 2, r.output
+    assert "model.quantize" in r.output and "CUDA" in r.output
+    assert "Traceback" not in r.output
+    assert not list(out.glob("*.safetensors"))
+
+
+def test_quantize_is_refused_for_unet_families_and_allowed_only_on_cuda():
+    check_quantize("none", "sd15")
+    with pytest.raises(ConfigError, match="SD3 and FLUX"):
+        check_quantize("nf4", "sd15")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            check_quantize("int8", "flux")
+
+
+def test_bitsandbytes_configs():
+    nf4 = bnb_config("nf4")
+    assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4"
+    assert nf4.bnb_4bit_compute_dtype == torch.bfloat16
+    assert bnb_config("int8").load_in_8bit
+    assert quantized_kwargs("none") == {}
+    assert quantized_kwargs("nf4")["torch_dtype"] == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_qlora_nf4_trains_two_steps_on_cuda(tmp_path, family):
+    out = tmp_path / "q"
+    cli(
+        "train", SAMPLES, *FAST, "--model", f"tiny:{family}", "--out", out, "--steps", 2,
+        "--lr", 1e-2, "--set", "model.quantize='nf4'", "--set", "train.device='cuda'",
+        "--set", "train.mixed_precision='bf16'", "--set", "model.t5_max_length=16",
+        "--set", "train.optimizer='adamw8bit'",
+    )  # fmt: skip
+    adapter, _ = read_adapter(out / "diffusers" / "pytorch_lora_weights.safetensors")
+    assert any(w.up.abs().sum() > 0 for w in adapter.modules.values()), "LoRA was trained"
+
+
+@pytest.mark.gpu
+def test_quantized_transformer_is_4bit():
+    from lorakit.config import ModelConfig
+    from lorakit.models import FAMILIES
+
+    fam = FAMILIES["flux"]
+    comps = fam.load_configured(ModelConfig(name="tiny:flux", quantize="nf4"), "tiny")
+    import bitsandbytes as bnb
+
+    assert getattr(comps.transformer, "is_quantized", False)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in comps.transformer.modules())
