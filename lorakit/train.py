@@ -169,7 +169,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         history.brand_palette = _brand_palette(data, c.eval.palette_colors, c.train.seed)
     started = time.time()
     meta = training_metadata(c, family, captions, len(records), started, 0, Path(data_dir).name)
-    sampling_on = bool(c.sample.every or c.sample.every_minutes)
+    sampling_on = bool(c.sample.every or c.sample.every_minutes or c.sample.every_epochs)
     sample_spec = grid_spec(c.sample, c.data.trigger, c.data.resolution) if sampling_on else None
     last_sample = time.monotonic()
     reporter = reporter or Reporter(
@@ -322,7 +322,12 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                 or stop.requested
             ):
                 save_checkpoint(step)
-            if sample_spec is not None and sample_due(c.sample, step, last_sample):
+            epoch_sample = (
+                c.sample.every_epochs and epoch_done and order.epoch % c.sample.every_epochs == 0
+            )
+            if sample_spec is not None and (
+                sample_due(c.sample, step, last_sample) or epoch_sample
+            ):
                 sample(step)
             if c.eval.every and step % c.eval.every == 0:
                 score(step)
@@ -778,50 +783,7 @@ def _consensus(accelerator, signum: int, loss: torch.Tensor) -> tuple[int, bool]
     return int(flags[0].item()), not bool(flags[1].item())
 
 
-def build_optimizer(
-    params, t: TrainConfig, device: torch.device, lr: float | None = None
-) -> torch.optim.Optimizer:
-    lr = t.lr if lr is None else lr
-    if t.optimizer == "adamw8bit":
-        problem = bnb_8bit_problem(device.type)
-        if problem is None:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=t.weight_decay)
-        if not t.optimizer_fallback:
-            raise LorakitError(
-                f"train.optimizer = 'adamw8bit' cannot run on this machine: {problem}. Fix the "
-                "bitsandbytes install (`pip install -U bitsandbytes`; run `python -m "
-                "bitsandbytes` for a diagnosis), or use --set train.optimizer=adamw, or allow "
-                "the fallback with --set train.optimizer_fallback=true."
-            )
-        print(f"warning: 8-bit AdamW unavailable ({problem}); using torch AdamW as allowed.")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
-
-
-_BNB_PROBLEM: dict[str, str | None] = {}
-
-
-def bnb_8bit_problem(device_type: str) -> str | None:
-    """None when bitsandbytes' 8-bit AdamW really steps a tensor here, else why not."""
-    if device_type not in _BNB_PROBLEM:
-        try:
-            import bitsandbytes as bnb
-
-            p = torch.nn.Parameter(torch.ones(64, 64, device=device_type))  # ≥ 4096: 8-bit state
-            opt = bnb.optim.AdamW8bit([p], lr=0.1)
-            p.grad = torch.ones_like(p)
-            opt.step()
-            state = opt.state[p]
-            ok = state["state1"].dtype == torch.uint8 and not torch.equal(
-                p.detach(), torch.ones_like(p)
-            )
-            _BNB_PROBLEM[device_type] = None if ok else "the 8-bit step did not update the weights"
-        except Exception as e:  # any failure means: not usable here
-            _BNB_PROBLEM[device_type] = (
-                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            )
-    return _BNB_PROBLEM[device_type]
+from lorakit.optim import _BNB_PROBLEM, bnb_8bit_problem, build_optimizer  # noqa: E402, F401
 
 
 def build_lr_schedule(optimizer, t: TrainConfig, num_processes: int = 1):

@@ -112,3 +112,42 @@ def test_existing_run_or_foreign_folder_is_not_overwritten(trained_run, tmp_path
     cli("train", SAMPLES, *FAST, "--out", run, "--steps", 1, "--overwrite")
     assert not (run / "checkpoints").exists(), "the replaced run's checkpoints are gone"
     assert (run / "lorakit.safetensors").is_file()
+
+
+def test_report_html_names_the_recommended_checkpoint_and_embeds_every_grid(trained_run):
+    import base64
+    from html.parser import HTMLParser
+
+    html = (trained_run / "report.html").read_text(encoding="utf-8")
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images, self.tags = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            if tag == "img":
+                self.images.append(dict(attrs).get("src", ""))
+
+    parser = Collect()
+    parser.feed(html)
+    parser.close()
+    assert "html" in parser.tags and "script" not in parser.tags, "self-contained, no JS"
+    embedded = {src for src in parser.images if src.startswith("data:image/png;base64,")}
+    for grid in sorted((trained_run / "samples").glob("step-*.png")):
+        b64 = base64.b64encode(grid.read_bytes()).decode()
+        assert f"data:image/png;base64,{b64}" in embedded, grid.name
+    assert "recommended" in html.lower()
+    assert "lorakit.safetensors" in html
+    assert (trained_run / "logs").is_dir(), "TensorBoard logs are written by default"
+
+
+def test_samples_every_epoch(tmp_path):
+    from conftest import FAST, SAMPLES, cli
+
+    out = tmp_path / "r"
+    r = cli("train", SAMPLES, *FAST, "--out", out, "--steps", 10, "--set", "sample.every_epochs=1")
+    per_epoch = int(" ".join(r.output.split()).split(" steps per epoch")[0].rsplit(" ", 1)[1])
+    grids = sorted(p.name for p in (out / "samples").glob("*.png"))
+    assert f"step-{per_epoch:06d}.png" in grids and "step-000000.png" in grids
