@@ -458,7 +458,7 @@ def grid_layout(spec: GridSpec) -> Layout:
 def _scale_label(scale: float | None) -> str:
     if scale is None:
         return ""
-    return " · base" if scale == 0 else f" · ×{scale:g}"
+    return " · base" if scale == 0 else f" · lora {scale:g}"
 
 
 def compose_cells(cells: list[Cell], spec: GridSpec, title: str) -> Image.Image:
@@ -607,7 +607,12 @@ def _swap_weights(family, comps, adapter) -> bool:
         for runtime, layer in lora_layers(module):
             key = (component, canonical_name(targets[component], runtime))
             w = adapter.modules.get(key)
-            if w is None or layer.r[ADAPTER_NAME] != w.rank:
+            # absent, or DoRA / LoHa / LoKr on either side: re-apply instead
+            if getattr(w, "magnitude", True) is not None or not hasattr(layer, "lora_A"):
+                return False
+            if layer.use_dora.get(ADAPTER_NAME):
+                return False
+            if layer.r[ADAPTER_NAME] != w.rank:
                 return False
             if float(layer.lora_alpha[ADAPTER_NAME]) != w.alpha:
                 return False
