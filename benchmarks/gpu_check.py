@@ -6,8 +6,17 @@
    512 px / batch 1: peak CUDA memory and median step time, with and without gradient
    checkpointing, AdamW8bit — the lorakit step (family.loss + lorakit optimizer).
 
-Writes a JSON report to $OUT/gpu_check.json (or ./gpu_check.json) and prints it.
-Run locally with `--cpu-dry-run` to check the script itself on tiny settings.
+3. The real SD1.5 (512 px), SDXL (1024 px) and FLUX.1-dev (1024 px, NF4 base) architectures with
+   random bf16 weights built on the GPU: 5 LoRA r16 steps each through lorakit's loss and
+   optimizer (8-bit AdamW, checkpointing, batch 1, cached latents/embeddings: denoiser only on the
+   GPU, as `lorakit train` runs with previews off), with peak allocated memory, s/it and
+   `lorakit.planner`'s prediction side by side. NF4: the random transformer is saved to /tmp and
+   re-loaded through `lorakit.models.quantize.quantize_loaded` (diffusers' BitsAndBytesConfig,
+   the product's own path; ~24 GB of disk, ~1-2 min).
+
+Writes a JSON report to $OUT/gpu_check.json (or ./gpu_check.json) after every part, so partial
+results survive a timeout, and prints progress. `--tiny` (alias `--cpu-dry-run`) runs everything
+on the CPU with tiny shapes to check the script; `--only families` skips parts 1-2.
 """
 
 from __future__ import annotations
@@ -138,16 +147,152 @@ def sd15_step(checkpointing: bool, dry: bool, steps: int = 12) -> dict:
     }
 
 
+FAMILY_RUNS = {  # family: (preset, resolution, quantize)
+    "sd15": ("sd15-8gb", 512, "none"),
+    "sdxl": ("sdxl-12gb", 1024, "none"),
+    "flux": ("flux-16gb", 1024, "nf4"),
+}
+TARGET_GIB = {"sd15": 4.0, "sdxl": 8.0, "flux": 10.0}
+
+
+def _real_denoiser(family: str, dry: bool, quantize: str, device, dtype):
+    """Random-weight denoiser of the real architecture (tiny config with `dry`)."""
+    from lorakit import planner
+    from lorakit.models import get_family
+
+    if dry:
+        return getattr(get_family(family).build_tiny(seed=0), get_family(family).denoiser_name)
+    meta = planner.build_denoiser(family)
+    cls, config = type(meta), dict(meta.config)
+    del meta
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls.from_config(config).to(dtype)
+    if quantize != "none":
+        from lorakit.models.quantize import quantize_loaded
+
+        t0 = time.time()
+        model = quantize_loaded(model.to("cpu"), quantize)  # save to /tmp, reload NF4 on CUDA
+        model = model.to(device)  # as train.py places a quantized denoiser
+        print(f"  quantized {quantize} in {time.time() - t0:.0f} s", flush=True)
+    return model
+
+
+def family_step(family: str, dry: bool, steps: int = 5) -> dict:
+    """5 LoRA r16 steps of the real architecture with lorakit's loss and optimizer."""
+    from lorakit import config as cfg
+    from lorakit import planner
+    from lorakit.lora import inject_lora
+    from lorakit.models import get_family
+    from lorakit.train import build_optimizer
+
+    preset, res, quantize = FAMILY_RUNS[family]
+    device = torch.device("cpu" if dry else "cuda")
+    dtype = torch.float32 if dry else torch.bfloat16
+    sets = ["sample.every=0", "lora.rank=16", "lora.alpha=16.0", "train.batch_size=1",
+            "train.gradient_checkpointing=true", f"data.resolution={res}",
+            "train.mixed_precision='bf16'", f"model.quantize='{quantize}'",
+            "train.optimizer='adamw8bit'", "lora.target_modules=[]"]  # fmt: skip
+    c = cfg.resolve(preset=preset, sets=sets)
+    t0 = time.perf_counter()
+    p = planner.plan(c)
+    plan_s = time.perf_counter() - t0
+    fam = get_family(family)
+    tiny = fam.build_tiny(seed=0)  # scheduler etc. for family.loss; denoiser replaced below
+    den = _real_denoiser(family, dry, quantize, device, dtype)
+    setattr(tiny, fam.denoiser_name, den)
+    den.requires_grad_(False)
+    params = inject_lora(den, cfg.resolve(sets=["lora.rank=16"]).lora.__class__(
+        rank=16, alpha=16.0, target_modules=list(fam.default_targets)), seed=0)  # fmt: skip
+    for q in params:
+        q.data = q.data.float()
+    den.enable_gradient_checkpointing()
+    den.train()
+    opt = build_optimizer(params, c.train if not dry else
+                          cfg.resolve(sets=["train.optimizer='adamw'"]).train, device)  # fmt: skip
+    arch = planner.ARCHS[family]
+    side = (res if not dry else fam.tiny_resolution) // 8
+    lat_ch = arch.latent_channels if not dry else tiny.vae.config.latent_channels
+    latents = torch.randn(1, lat_ch, side, side, device=device, dtype=dtype)
+    if dry:
+        cond = {k: v.to(device, dtype) for k, v in fam.encode_prompts(tiny, ["a logo"]).items()}
+    else:
+        _, _, cond = planner._inputs(family, 1, side, side, dtype, c.model.t5_max_length or 512)
+        cond = {k: torch.randn(v.shape, device=device, dtype=v.dtype) for k, v in cond.items()}
+    if family == "sdxl":
+        cond.update({k: v.to(device) for k, v in fam.image_conditioning(
+            tiny, (res, res), (0, 0), (res, res)).items()})  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    if not dry:  # the peak from here on: not the fp32 build / quantization above
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        noise, t = fam.noise_and_timesteps(tiny, latents.float().cpu(), gen, c.train)
+        noise = noise.to(device, dtype)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not dry):
+            loss = fam.loss(tiny, den, latents, cond, noise, t.to(device), c.train)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if not dry:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        print(f"  {family} step {i + 1}/{steps}: {times[-1]:.2f} s, loss {float(loss):.4f}",
+              flush=True)  # fmt: skip
+    peak = torch.cuda.max_memory_allocated() / 2**30 if not dry else None
+    predicted = p.phases["train"] / 2**30
+    del den, opt, params, tiny
+    if not dry:
+        torch.cuda.empty_cache()
+    return {
+        "family": family,
+        "resolution": res,
+        "quantize": quantize,
+        "s_per_it": round(statistics.median(times[1:]), 3),
+        "peak_allocated_gib": None if dry else round(peak, 3),
+        "planner_train_gib": round(predicted, 3),
+        "planner_error": None if dry else round((predicted - peak) / peak, 3),
+        "target_gib": TARGET_GIB[family],
+        "meets_target": None if dry else peak <= TARGET_GIB[family],
+        "planner_seconds": round(plan_s, 2),
+        "loss": float(loss),
+    }
+
+
 def main() -> None:
-    dry = "--cpu-dry-run" in sys.argv
-    report: dict = {"device": "cpu (dry run)" if dry else torch.cuda.get_device_name(0)}
-    report["torch"] = torch.__version__
-    report["cli"] = cli_runs(dry)
-    report["sd15_unet_512px_batch1"] = [sd15_step(True, dry), sd15_step(False, dry)]
-    text = json.dumps(report, indent=2)
-    print(text)
+    dry = "--cpu-dry-run" in sys.argv or "--tiny" in sys.argv
+    only_families = "--only" in sys.argv and "families" in sys.argv
     out = Path(os.environ.get("OUT", ".")) / "gpu_check.json"
-    out.write_text(text)
+    report: dict = {"device": "cpu (tiny dry run)" if dry else torch.cuda.get_device_name(0)}
+    report["torch"] = torch.__version__
+
+    def save() -> None:
+        out.write_text(json.dumps(report, indent=2))
+
+    save()
+    if not only_families:
+        print("== CLI runs", flush=True)
+        report["cli"] = cli_runs(dry)
+        save()
+        print("== SD1.5 UNet step", flush=True)
+        report["sd15_unet_512px_batch1"] = [sd15_step(True, dry), sd15_step(False, dry)]
+        save()
+    report["families"] = []
+    for family in FAMILY_RUNS:
+        print(f"== {family}", flush=True)
+        t0 = time.time()
+        try:
+            row = family_step(family, dry)
+        except Exception as e:  # keep going: the other families' numbers still count
+            row = {"family": family, "error": f"{type(e).__name__}: {e}"[:2000]}
+        row["wall_s"] = round(time.time() - t0, 1)
+        report["families"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

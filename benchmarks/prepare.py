@@ -5,7 +5,7 @@
 Generates N 1024-px JPEGs (1024×1024, 1024×768, 768×1024), then times on the same files:
   plain     : one process, Image.open → convert RGB → LANCZOS resize to cover the bucket → crop
   prepare   : lorakit's prepare into a fresh OUT (hash, validate, normalise, bucket, resize,
-              PNG encode, perceptual hash, dataset + reports), all cores
+              uncompressed PPM store, perceptual hash, dataset + reports), all cores
   prepare*  : the same with JPEG DCT-domain downscaling off (fast_decode=False): the gain of
               the worker processes alone
   rerun     : prepare again on the unchanged source (incremental: no decoding)

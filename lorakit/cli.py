@@ -138,6 +138,12 @@ def train(
         str | None,
         typer.Option(help="train.resume: `latest` or a checkpoint folder to continue exactly."),
     ] = None,
+    strict_memory: Annotated[
+        bool | None,
+        typer.Option(
+            "--strict-memory", help="train.strict_memory: refuse to start if it will not fit."
+        ),
+    ] = None,
     num_processes: Annotated[
         int | None,
         typer.Option(help="Run under `accelerate launch` with N processes (one per GPU)."),
@@ -174,6 +180,7 @@ def train(
             "data.trigger": trigger,
             "train.overwrite": overwrite,
             "train.resume": resume,
+            "train.strict_memory": strict_memory,
         },
     )
     if (num_processes or accelerate_config) and not os.environ.get("LORAKIT_LAUNCHED"):
@@ -372,11 +379,26 @@ def export(
         Path, typer.Argument(help="A lorakit run folder or an adapter .safetensors file.")
     ],
     format_: Annotated[
-        str, typer.Option("--format", "-f", help="kohya, diffusers or all.")
-    ] = "kohya",
+        str | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help="kohya, diffusers or all; default: the family's (kohya; SD3: diffusers).",
+        ),
+    ] = None,
     out_path: Annotated[
         Path, typer.Option("--out", "-o", help="Output file (.safetensors) or folder.")
     ] = Path("."),
+    naming: Annotated[
+        str,
+        typer.Option(
+            help="kohya names: original (SDXL SGM, FLUX BFL fused, SD3 joint_blocks) or diffusers."
+        ),
+    ] = "original",
+    dtype: Annotated[str, typer.Option(help="Stored weight dtype: fp32, fp16 or bf16.")] = "fp32",
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Read a pickled .pt/.ckpt source (weights_only, no code).")
+    ] = False,
 ) -> None:
     """Write an adapter in another format (exact: same weights, same strength).
 
@@ -387,14 +409,22 @@ def export(
       lorakit export runs/demo/lorakit.safetensors --format all --out exported/
     """
     from lorakit.export import EXPORTERS, read_adapter, write_adapter
+    from lorakit.models import get_family
 
+    source = _adapter_file(src)
+    adapter, src_fmt = read_adapter(source, allow_pickle=allow_pickle)
+    format_ = format_ or getattr(get_family(adapter.family), "default_export_format", "kohya")
     formats = list(EXPORTERS) if format_ == "all" else [format_]
     if any(f not in EXPORTERS for f in formats):
         raise LorakitError(
             f"--format '{format_}' is unknown; choose {', '.join(EXPORTERS)} or all."
         )
-    source = _adapter_file(src)
-    adapter, src_fmt = read_adapter(source)
+    if adapter.metadata.get("lorakit.split_fused"):
+        out.print(
+            f"split {adapter.metadata['lorakit.split_fused']} fused modules (qkv/linear1) into "
+            "their diffusers projections (exact ΔW)",
+            highlight=False,
+        )
     name = adapter.metadata.get("ss_output_name") or source.stem
     for fmt in formats:
         if out_path.suffix == ".safetensors":
@@ -407,12 +437,131 @@ def export(
             raise LorakitError(
                 f"Refusing to overwrite the source '{source}'; choose another --out."
             )
-        write_adapter(adapter, fmt, target)
+        write_adapter(adapter, fmt, target, naming=naming, dtype=dtype)
         out.print(
             f"{src_fmt} → {fmt}: {target} ({len(adapter.modules)} modules; loads in "
             f"{EXPORTERS[fmt].loads_in})",
             highlight=False,
         )
+
+
+@app.command("inspect")
+@friendly
+def inspect_cmd(
+    file: Annotated[Path, typer.Argument(help="A LoRA file (.safetensors) or a lorakit run.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Read a pickled .pt/.ckpt file (weights_only, no code).")
+    ] = False,
+) -> None:
+    """Show a LoRA file's format, family, rank/alpha per module group, size, metadata, trigger
+    phrase, and whether every key maps to a module of the family (exit 1 if not).
+
+    Example:
+
+      lorakit inspect runs/demo/lorakit.safetensors --json
+    """
+    import json
+
+    from lorakit.inspect import check_line, inspect_file, render
+
+    info = inspect_file(_adapter_file(file), allow_pickle=allow_pickle)
+    if as_json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+    else:
+        out.print(escape(render(info)), highlight=False, soft_wrap=True)
+    if not info["all_keys_mapped"]:
+        err.print(escape(check_line(info)), highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def resize(
+    adapter_path: Annotated[Path, typer.Argument(help="Adapter file or lorakit run folder.")],
+    rank: Annotated[int | None, typer.Option(help="Target rank per module.")] = None,
+    energy: Annotated[
+        float | None, typer.Option(help="Keep this fraction of Frobenius energy per module.")
+    ] = None,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors.")] = Path(
+        "resized.safetensors"
+    ),
+    format_: Annotated[
+        str | None, typer.Option("--format", "-f", help="kohya or diffusers (default: input's).")
+    ] = None,
+) -> None:
+    """Lower the rank by truncated SVD per module; prints the retained energy.
+
+    Example:
+
+      lorakit resize runs/demo --rank 4 --out small.safetensors
+    """
+    from lorakit.export import EXPORTERS, read_adapter, write_adapter
+    from lorakit.resize import resize_adapter
+
+    source = _adapter_file(adapter_path)
+    adapter, src_fmt = read_adapter(source)
+    fmt = format_ or (src_fmt if src_fmt in EXPORTERS else "kohya")
+    if fmt not in EXPORTERS:
+        raise LorakitError(f"--format '{fmt}' is unknown; choose {', '.join(EXPORTERS)}.")
+    new, per, overall = resize_adapter(adapter, rank, energy)
+    if out_path.resolve() == source.resolve():
+        raise LorakitError(f"Refusing to overwrite the source '{source}'; choose another --out.")
+    for name, kept in sorted(per.items()):
+        r = new.modules[tuple(name.split(".", 1))].rank
+        out.print(f"  {name}: rank {r}, energy {kept:.4f}", highlight=False)
+    write_adapter(new, fmt, out_path)
+    out.print(f"retained energy overall: {overall:.4f} → {out_path} ({fmt})", highlight=False)
+
+
+@app.command()
+@friendly
+def merge(
+    adapters: Annotated[
+        list[str], typer.Argument(help="Adapter files, each optionally FILE:WEIGHT.")
+    ],
+    base: Annotated[str, typer.Option(help="Base model: tiny:FAMILY, folder, hub id or file.")],
+    scale: Annotated[float, typer.Option(help="Overall LoRA strength.")] = 1.0,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output diffusers folder.")] = Path(
+        "merged"
+    ),
+    single_file: Annotated[
+        bool, typer.Option(help="Also write an original-layout single-file checkpoint.")
+    ] = False,
+) -> None:
+    """Fuse adapters into the base weights and save a diffusers folder.
+
+    Example:
+
+      lorakit merge runs/demo/lorakit.safetensors:0.8 other.safetensors:0.5 --base tiny:sd15
+    """
+    from lorakit.config import ModelConfig
+    from lorakit.export import read_adapter
+    from lorakit.merge import merge_into
+    from lorakit.models import load_model
+
+    if single_file:
+        raise LorakitError(
+            "--single-file is not available yet; merge writes a diffusers folder (load it with "
+            "from_pretrained, or convert it with diffusers' convert scripts)."
+        )
+    loaded = []
+    for spec in adapters:
+        path, weight = spec, 1.0
+        head, sep, tail = spec.rpartition(":")
+        if sep and head and not tail.startswith(("\\", "/")):
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                path = spec
+        adapter, _ = read_adapter(_adapter_file(Path(path)))
+        loaded.append((adapter, weight * scale))
+    family, comps = load_model(ModelConfig(name=base))
+    n = merge_into(family, comps, loaded)
+    if out_path.exists() and any(out_path.iterdir()):
+        raise LorakitError(f"--out '{out_path}' exists and is not empty; choose a new folder.")
+    family.save(comps, str(out_path))
+    out.print(f"merged {len(loaded)} adapter(s) into {n} modules → {out_path}", highlight=False)
 
 
 def _adapter_file(src: Path) -> Path:
@@ -541,6 +690,46 @@ def env_cmd(
         out.print(f"{mark} {escape(check['name'])}: {escape(check['detail'])}", highlight=False)
         if check["fix"]:
             out.print(f"      fix: {escape(check['fix'])}", highlight=False)
+
+
+@app.command("plan")
+@friendly
+def plan_cmd(
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    vram: Annotated[
+        float | None,
+        typer.Option(help="GPU memory in GiB to check against (default: the detected GPU)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Estimate the peak GPU memory of a training config without loading any weights, and with
+    --vram propose the settings that make it fit (as --set lines).
+
+    Example:  lorakit plan --preset sdxl-12gb --vram 12
+    """
+    import json
+
+    from lorakit import planner
+
+    c = _resolve(preset, config, set_)
+    target = vram if vram is not None else planner.detected_vram_gib()
+    p = planner.plan(c)
+    sets: list[str] = []
+    if target is not None and not p.fits(target):
+        sets, _ = planner.propose(c, target)
+    if as_json:
+        rep = dict(p.to_dict(), vram_gib=target, fits=None if target is None else p.fits(target))
+        rep["proposal"] = sets
+        sys.stdout.write(json.dumps(rep, indent=2) + "\n")
+        return
+    out.print(f"[bold]{p.family}[/bold] training plan (real architecture)", highlight=False)
+    out.print(escape(planner.table(p, target)), highlight=False)
+    if sets:
+        out.print("to fit, add:", highlight=False)
+        for s in sets:
+            out.print(f"  --set {escape(s)}", highlight=False)
 
 
 @app.command("tiny-model")

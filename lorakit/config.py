@@ -124,6 +124,19 @@ class LoraConfigSection:
     projections: SD1.5/SDXL to_q/to_k/to_v/to_out.0, SD3/FLUX also the text stream's)."""
     init: Literal["default", "gaussian"] = "default"
     """Initialisation of lora_A (lora_B always starts at zero, so step 0 equals the base model)."""
+    type: Literal["lora", "loha", "lokr"] = "lora"
+    """Adapter kind (peft): `lora`, or LyCORIS `loha` (Hadamard) / `lokr` (Kronecker) — those
+    export only as export.formats = ["lycoris"] (kohya key layout, read by ComfyUI/A1111/Forge)."""
+    use_rslora: bool = False
+    """rsLoRA: scale by alpha/√rank instead of alpha/rank (files store alpha' = alpha·√rank)."""
+    use_dora: bool = False
+    """DoRA (lora.type = "lora" only): a trained per-output magnitude; exports as "lycoris"
+    (`.dora_scale`)."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: a table of module-name regex/suffix → rank (peft rank_pattern)."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides: a table of module-name regex/suffix → alpha (peft
+    alpha_pattern)."""
     train_text_encoder: bool = False
     """Also train a LoRA on the CLIP text encoder(s); captions are then encoded every step."""
     text_encoder_rank: int = 0
@@ -160,10 +173,13 @@ class TrainConfig:
     """Learning-rate schedule after warmup."""
     warmup_steps: int = 0
     """Linear warmup steps."""
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw8bit"
-    """`adamw` (torch) or `adamw8bit` (bitsandbytes, about a quarter of the optimizer memory)."""
+    optimizer: Literal[
+        "adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "adafactor", "prodigy"
+    ] = "adamw8bit"
+    """`adamw` (torch), `adamw8bit`/`paged_adamw8bit`/`lion8bit` (bitsandbytes 8-bit state),
+    `adafactor` (fixed lr) or `prodigy` (set train.lr = 1.0); see lorakit/optim.py."""
     optimizer_fallback: bool = False
-    """If the 8-bit optimizer cannot run here, fall back to torch AdamW instead of stopping."""
+    """If a bitsandbytes optimizer cannot run here, fall back to torch AdamW instead of stopping."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -202,6 +218,11 @@ class TrainConfig:
     """`latest` or a checkpoint folder to continue from exactly; empty = a fresh run."""
     log_every: int = 10
     """Print / log the smoothed loss every N steps."""
+    strict_memory: bool = False
+    """On CUDA, refuse to start when `lorakit plan` estimates the run will not fit the GPU
+    (off: warn and start anyway)."""
+    compile: bool = False
+    """torch.compile the denoiser after LoRA injection (first steps slower while it compiles)."""
 
 
 @dataclass
@@ -230,6 +251,8 @@ class SampleConfig:
     """LoRA-scale sweep: each seed column repeated at these strengths (0 = base model); [] = off."""
     every_minutes: float = 0.0
     """Also render a grid when this many minutes passed since the last one (0 = off)."""
+    every_epochs: int = 0
+    """Also render a grid at the end of every N-th epoch (0 = off)."""
     save_individual: bool = False
     """Also write every cell as its own PNG under `samples/step-NNNNNN/`."""
 
@@ -241,11 +264,16 @@ class ExportConfig:
     name: str = "lorakit"
     """File stem of the adapter: `OUT/<name>.safetensors`."""
     formats: list[str] = field(default_factory=lambda: ["kohya", "diffusers"])
-    """Formats to write: `kohya` (ComfyUI/A1111/Forge) and/or `diffusers`."""
+    """Formats to write: `kohya` (ComfyUI/A1111/Forge) and/or `diffusers`; `lycoris` instead of
+    `kohya` for LoHa/LoKr/DoRA (lora.type, lora.use_dora)."""
     title: str = ""
     """`modelspec.title`; empty = export.name."""
     description: str = ""
     """`modelspec.description`."""
+    kohya_names: Literal["original", "diffusers"] = "original"
+    """kohya key names: `original` (SDXL SGM, FLUX BFL fused, SD3 joint_blocks) or `diffusers`."""
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Stored LoRA weight dtype of exported files."""
 
 
 @dataclass
@@ -337,6 +365,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(hint))
     if origin is list:
         return f"a list of {_describe(typing.get_args(hint)[0])}s"
+    if origin is dict:
+        return f"a table mapping names to {_describe(typing.get_args(hint)[1])} each"
     return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
         hint, str(hint)
     )
@@ -362,6 +392,11 @@ def _coerce(value: Any, hint: Any) -> Any:
             raise TypeError
         (item,) = typing.get_args(hint)
         return [_coerce(v, item) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError
+        key_hint, value_hint = typing.get_args(hint)
+        return {_coerce(k, key_hint): _coerce(v, value_hint) for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -579,6 +614,7 @@ def validate(c: Config) -> None:
             "Config keys 'lora.text_encoder_rank' and 'lora.text_encoder_alpha' must be 0 (= the "
             f"UNet's value) or more, got {c.lora.text_encoder_rank}, {c.lora.text_encoder_alpha}."
         )
+    _validate_adapter_kind(c)
     if c.lora.train_text_encoder and not c.lora.text_encoder_target_modules:
         raise ConfigError(
             "Config key 'lora.text_encoder_target_modules' must name at least one module when "
@@ -612,3 +648,44 @@ def validate(c: Config) -> None:
             f"model.quantize = '{c.model.quantize}' needs a CUDA GPU (bitsandbytes 4/8-bit "
             "weights), but train.device = 'cpu'. Set model.quantize = 'none' to train on the CPU."
         )
+
+
+def _validate_adapter_kind(c: Config) -> None:
+    """lora.type / use_dora / use_rslora / patterns: combinations peft and the formats support."""
+    import re
+
+    lo = c.lora
+    if lo.type != "lora" and (lo.use_dora or lo.use_rslora):
+        raise ConfigError(
+            f"lora.use_dora / lora.use_rslora apply to lora.type = 'lora' only, but lora.type = "
+            f"'{lo.type}'. Set them to false, or lora.type = 'lora'."
+        )
+    patterns = {"lora.rank_pattern": lo.rank_pattern, "lora.alpha_pattern": lo.alpha_pattern}
+    for key, table in patterns.items():
+        for pattern, value in table.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(
+                    f"Config key '{key}' has the pattern {pattern!r}, which is not a valid regular "
+                    f"expression ({e}). Use a module name suffix such as 'to_q' or 'attn1.to_k'."
+                ) from None
+            if not value > 0:
+                raise ConfigError(
+                    f"Config key '{key}' maps {pattern!r} to {value}; use a value > 0."
+                )
+    if {"kohya", "lycoris"} <= set(c.export.formats):
+        raise ConfigError(
+            "export.formats lists both 'kohya' and 'lycoris', which write the same file "
+            "(OUT/<name>.safetensors). Keep one: 'lycoris' for LoHa/LoKr/DoRA, 'kohya' otherwise."
+        )
+    if lo.type != "lora" or lo.use_dora:
+        kind = "DoRA" if lo.use_dora else lo.type
+        plain = [f for f in c.export.formats if f in ("kohya", "diffusers")]
+        if plain:
+            raise ConfigError(
+                f"A {kind} adapter (lora.type / lora.use_dora) cannot be written in the plain LoRA "
+                f"format(s) {plain}: they hold only lora_down/lora_up pairs. Set export.formats = "
+                "['lycoris'] (kohya key names with LyCORIS tensors: ComfyUI, A1111/Forge and "
+                "LyCORIS read it), or train a plain LoRA."
+            )

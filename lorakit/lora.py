@@ -27,6 +27,9 @@ class LoraWeights:
     up: torch.Tensor
     """`[out, r]` or `[out, r, 1, 1]`."""
     alpha: float
+    magnitude: torch.Tensor | None = None
+    """DoRA: peft's `lora_magnitude_vector` `[out]`, the norm each output row of W + ΔW is
+    rescaled to (W' = magnitude · (W + ΔW) / ‖W + ΔW‖_row); None = plain LoRA."""
 
     @property
     def rank(self) -> int:
@@ -43,9 +46,41 @@ class LoraWeights:
 
 
 @dataclass
+class LycorisWeights:
+    """A LoHa or LoKr module, tensors under their LyCORIS/peft names (no module prefix).
+
+    loha: `hada_w1_a [out, r]`, `hada_w1_b [r, in·kh·kw]`, `hada_w2_a`, `hada_w2_b` (same shapes);
+          ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / rank.
+    lokr: `lokr_w1 [a, c]` (or `lokr_w1_a/_b`), `lokr_w2 [b, d]` (or `lokr_w2_a [b, r]`,
+          `lokr_w2_b [r, d]`); ΔW = kron(w1, w2) · alpha / rank, shape `[a·b, c·d]`.
+    `rank` is the divisor of alpha (peft's r); when both LoKr factors are full matrices the
+    scale is baked into `lokr_w2` and alpha = rank, because ComfyUI/LyCORIS then ignore alpha.
+    """
+
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    alpha: float
+    rank: int
+
+    def delta(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        t = {k: v.float() for k, v in self.tensors.items()}
+        if self.kind == "loha":
+            d = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+        else:
+            w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+            w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+            d = torch.kron(w1, w2)
+        d = d * (self.alpha / self.rank)
+        return d.reshape(shape) if shape else d
+
+
+AdapterWeights = LoraWeights | LycorisWeights
+
+
+@dataclass
 class Adapter:
     family: str
-    modules: dict[tuple[str, str], LoraWeights]
+    modules: dict[tuple[str, str], AdapterWeights]
     metadata: dict[str, str] = field(default_factory=dict)
     """Training metadata carried between formats (`ss_*`, `modelspec.*`, `lorakit.*`)."""
 
@@ -62,20 +97,58 @@ class Adapter:
         return rank, alpha, rank_pattern, alpha_pattern
 
     def num_parameters(self) -> int:
-        return sum(w.down.numel() + w.up.numel() for w in self.modules.values())
+        return sum(_numel(w) for w in self.modules.values())
+
+    def kind(self) -> str:
+        """`lora`, `dora`, `loha` or `lokr` (one kind per adapter)."""
+        kinds = {_kind(w) for w in self.modules.values()}
+        if len(kinds) > 1:
+            raise LorakitError(f"The adapter mixes adapter kinds ({', '.join(sorted(kinds))}).")
+        return kinds.pop()
+
+
+def _kind(w: AdapterWeights) -> str:
+    if isinstance(w, LycorisWeights):
+        return w.kind
+    return "lora" if w.magnitude is None else "dora"
+
+
+def _numel(w: AdapterWeights) -> int:
+    if isinstance(w, LycorisWeights):
+        return sum(t.numel() for t in w.tensors.values())
+    return w.down.numel() + w.up.numel() + (0 if w.magnitude is None else w.magnitude.numel())
 
 
 def peft_config(cfg: LoraConfigSection, target_modules: list[str] | None = None):
-    from peft import LoraConfig
+    """peft config of `lora.type` (LoraConfig / LoHaConfig / LoKrConfig) with rsLoRA, DoRA and
+    the per-module rank/alpha patterns (regex or suffix of the module's runtime name)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
-    return LoraConfig(
+    # empty = UNet attention projections; the training loop passes the family's default
+    targets = target_modules or list(cfg.target_modules) or list(UNET_ATTENTION)
+    kind = getattr(cfg, "type", "lora")
+    common = dict(
         r=cfg.rank,
+        target_modules=targets,
+        rank_pattern=dict(getattr(cfg, "rank_pattern", {}) or {}),
+        alpha_pattern=dict(getattr(cfg, "alpha_pattern", {}) or {}),
+    )
+    if kind == "loha":
+        return LoHaConfig(alpha=cfg.alpha, module_dropout=cfg.dropout, **common)
+    if kind == "lokr":
+        return LoKrConfig(alpha=cfg.alpha, module_dropout=cfg.dropout, **common)
+    return LoraConfig(
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        # empty = UNet attention projections; the training loop passes the family's default
-        target_modules=target_modules or list(cfg.target_modules) or list(UNET_ATTENTION),
         init_lora_weights=True if cfg.init == "default" else "gaussian",
+        use_rslora=bool(getattr(cfg, "use_rslora", False)),
+        use_dora=bool(getattr(cfg, "use_dora", False)),
+        **common,
     )
+
+
+ADAPTER_PREFIXES = ("lora_", "hada_", "lokr_")
+"""Parameter-name prefixes of peft's LoRA (incl. DoRA's lora_magnitude_vector), LoHa, LoKr."""
 
 
 def inject_lora(
@@ -104,7 +177,7 @@ def inject_lora(
             f"Config key 'lora.target_modules' = {cfg.target_modules} matches no layer of the "
             f"{type(module).__name__}. Use module name suffixes such as: {', '.join(leaves[:30])}."
         ) from None
-    params = [p for n, p in module.named_parameters() if "lora_" in n]
+    params = [p for n, p in module.named_parameters() if any(x in n for x in ADAPTER_PREFIXES)]
     for p in params:
         p.requires_grad_(True)
     return params
@@ -159,11 +232,55 @@ def inject_text_encoder_lora(
 
 
 def lora_layers(module: torch.nn.Module):
+    """(runtime name, peft layer) of every LoRA/DoRA/LoHa/LoKr layer carrying our adapter."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
 
     for name, m in module.named_modules():
-        if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A:
+        if isinstance(m, (LoraLayer, LycorisLayer)) and ADAPTER_NAME in getattr(m, "scaling", {}):
             yield name, m
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32).clone()
+
+
+def layer_weights(layer) -> AdapterWeights:
+    """The adapter of one peft layer as format-neutral weights.
+
+    The stored alpha is `scaling · rank`, so every stack's `alpha / rank` reproduces peft's
+    scale exactly: for rsLoRA (scale alpha/√r) that is alpha' = alpha·√r."""
+    from peft.tuners.lora import LoraLayer
+
+    scaling = float(layer.scaling[ADAPTER_NAME])
+    if isinstance(layer, LoraLayer):
+        down = _cpu(layer.lora_A[ADAPTER_NAME].weight)
+        magnitude = None
+        if layer.use_dora.get(ADAPTER_NAME):
+            magnitude = _cpu(layer.lora_magnitude_vector[ADAPTER_NAME].weight)
+        return LoraWeights(
+            down=down,
+            up=_cpu(layer.lora_B[ADAPTER_NAME].weight),
+            # plain LoRA keeps its alpha bit-exact; rsLoRA stores alpha' = scale · r
+            alpha=scaling * down.shape[0]
+            if layer.use_rslora.get(ADAPTER_NAME)
+            else float(layer.lora_alpha[ADAPTER_NAME]),
+            magnitude=magnitude,
+        )
+    rank = int(layer.r[ADAPTER_NAME])
+    kind = "loha" if type(layer).__module__.startswith("peft.tuners.loha") else "lokr"
+    tensors = {
+        name: _cpu(getattr(layer, name)[ADAPTER_NAME])
+        for name in layer.adapter_layer_names
+        if ADAPTER_NAME in getattr(layer, name)
+    }
+    if set(tensors) & {"hada_t1", "hada_t2", "lokr_t2"}:
+        raise LorakitError("Tucker-decomposed (effective conv2d) LoHa/LoKr cannot be exported.")
+    if kind == "lokr" and {"lokr_w1", "lokr_w2"} <= set(tensors):
+        # both factors full: ComfyUI/LyCORIS apply scale 1 whatever the alpha — bake it in
+        tensors["lokr_w2"] = tensors["lokr_w2"] * scaling
+        return LycorisWeights(kind, tensors, float(rank), rank)
+    return LycorisWeights(kind, tensors, scaling * rank, rank)
 
 
 def extract_adapter(family: Family, components, metadata: dict[str, str] | None = None) -> Adapter:
@@ -182,11 +299,7 @@ def extract_adapter(family: Family, components, metadata: dict[str, str] | None 
                     f"of the real {family.name} architecture, so no inference stack could load "
                     "it. Narrow lora.target_modules."
                 )
-            modules[(target.component, name)] = LoraWeights(
-                down=layer.lora_A[ADAPTER_NAME].weight.detach().to("cpu", torch.float32).clone(),
-                up=layer.lora_B[ADAPTER_NAME].weight.detach().to("cpu", torch.float32).clone(),
-                alpha=float(layer.lora_alpha[ADAPTER_NAME]),
-            )
+            modules[(target.component, name)] = layer_weights(layer)
     if not modules:
         raise LorakitError("The model carries no LoRA weights to export.")
     return Adapter(family.name, modules, dict(metadata or {}))
@@ -210,8 +323,18 @@ def runtime_name(target: AdapterTarget, module: torch.nn.Module, canonical: str)
 
 
 def apply_adapter(family: Family, components, adapter: Adapter, scale: float = 1.0) -> None:
-    """Inject a saved adapter into components (for sampling / checks), optionally scaled."""
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    """Inject a saved adapter into components (for sampling / checks), optionally scaled.
+
+    Every kind: LoRA (rsLoRA files carry the adjusted alpha), DoRA (magnitudes copied in),
+    LoHa and LoKr (peft layers of the same structure, tensors copied in). `scale` multiplies
+    alpha (for DoRA that scales the direction update, as peft does)."""
+    from peft import (
+        LoHaConfig,
+        LoKrConfig,
+        LoraConfig,
+        inject_adapter_in_model,
+        set_peft_model_state_dict,
+    )
 
     targets = {t.component: t for t in family.targets}
     for component in adapter.components():
@@ -225,13 +348,33 @@ def apply_adapter(family: Family, components, adapter: Adapter, scale: float = 1
         rank, alpha, rank_pattern, alpha_pattern = adapter.rank_alpha(component)
         rank_pattern = {runtime_name(target, module, p): r for p, r in rank_pattern.items()}
         alpha_pattern = {runtime_name(target, module, p): a for p, a in alpha_pattern.items()}
-        config = LoraConfig(
+        kinds = {_kind(w) for w in items.values()}
+        if len(kinds) > 1:
+            raise LorakitError(
+                f"The {component} adapter mixes kinds ({', '.join(sorted(kinds))}); "
+                "lorakit applies one kind per component."
+            )
+        kind = kinds.pop()
+        common = dict(
             r=rank,
-            lora_alpha=alpha * scale,
             target_modules=sorted(items),
-            rank_pattern=rank_pattern,
-            alpha_pattern={p: a * scale for p, a in alpha_pattern.items()},
+            # peft reads pattern keys as regexes matched against a name suffix: escape paths
+            rank_pattern={_re_escape(p): r for p, r in rank_pattern.items()},
+            alpha_pattern={_re_escape(p): a * scale for p, a in alpha_pattern.items()},
         )
+        if kind in ("loha", "lokr"):
+            # explicit (r, alpha) per module: r also decides peft's LoKr factor structure
+            per = {_re_escape(p): _peft_rank_alpha(w) for p, w in items.items()}
+            common["r"], first_alpha = next(iter(per.values()))
+            common["rank_pattern"] = {p: r for p, (r, _) in per.items()}
+            common["alpha_pattern"] = {p: a * scale for p, (_, a) in per.items()}
+            cls = LoHaConfig if kind == "loha" else LoKrConfig
+            inject_adapter_in_model(
+                cls(alpha=first_alpha * scale, **common), module, adapter_name=ADAPTER_NAME
+            )
+            _copy_lycoris(module, items, component)
+            continue
+        config = LoraConfig(lora_alpha=alpha * scale, use_dora=kind == "dora", **common)
         inject_adapter_in_model(config, module, adapter_name=ADAPTER_NAME)
         state = {}
         for path, w in items.items():
@@ -244,6 +387,55 @@ def apply_adapter(family: Family, components, adapter: Adapter, scale: float = 1
                 f"{len(unexpected)} adapter weights did not fit the {component}: "
                 f"{', '.join(unexpected[:5])}. The adapter was made for another model."
             )
-        for _, layer in lora_layers(module):
-            for p in layer.parameters():
-                p.requires_grad_(False)
+        if kind == "dora":
+            layers = dict(lora_layers(module))
+            with torch.no_grad():
+                for path, w in items.items():
+                    target_vec = layers[path].lora_magnitude_vector[ADAPTER_NAME].weight
+                    target_vec.copy_(w.magnitude.reshape(target_vec.shape))
+        _freeze(module)
+
+
+def _peft_rank_alpha(w: LycorisWeights) -> tuple[int, float]:
+    """(r, alpha) that make peft build this module's factor structure at this scale: a full
+    `lokr_w2 [b, d]` needs r ≥ max(b, d) / 2 in peft, so r = max(b, d) there."""
+    if w.kind == "lokr" and "lokr_w2" in w.tensors:
+        r = max(w.tensors["lokr_w2"].shape)
+        return r, w.alpha / w.rank * r
+    return w.rank, w.alpha
+
+
+def _re_escape(path: str) -> str:
+    import re
+
+    return re.escape(path)
+
+
+def _freeze(module: torch.nn.Module) -> None:
+    for _, layer in lora_layers(module):
+        for p in layer.parameters():
+            p.requires_grad_(False)
+
+
+def _copy_lycoris(module: torch.nn.Module, items: dict, component: str) -> None:
+    """Copy LoHa/LoKr tensors into freshly injected peft layers of the same structure."""
+    layers = dict(lora_layers(module))
+    with torch.no_grad():
+        for path, w in items.items():
+            layer = layers[path]
+            have = {n for n in layer.adapter_layer_names if ADAPTER_NAME in getattr(layer, n)}
+            if have != set(w.tensors):
+                raise LorakitError(
+                    f"The {w.kind} module '{component}.{path}' stores {sorted(w.tensors)}, but "
+                    f"peft builds {sorted(have)} for this layer (another factorisation); "
+                    "lorakit cannot apply it."
+                )
+            for name, t in w.tensors.items():
+                dest = getattr(layer, name)[ADAPTER_NAME]
+                if dest.shape != t.shape:
+                    raise LorakitError(
+                        f"'{component}.{path}.{name}' has shape {tuple(t.shape)}, the model "
+                        f"needs {tuple(dest.shape)}. The adapter was made for another model."
+                    )
+                dest.copy_(t)
+    _freeze(module)

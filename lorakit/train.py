@@ -219,7 +219,13 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         meta.update(ss_steps=str(step))
         adapter = extract_adapter(family, comps, meta)
         return {
-            fmt: write_adapter(adapter, fmt, EXPORTERS[fmt].default_path(folder, c.export.name))
+            fmt: write_adapter(
+                adapter,
+                fmt,
+                EXPORTERS[fmt].default_path(folder, c.export.name),
+                naming=c.export.kohya_names,
+                dtype=c.export.dtype,
+            )
             for fmt in c.export.formats
         }
 

@@ -152,7 +152,7 @@ def test_exported_files_reload_in_diffusers_and_reproduce_the_transformer(tmp_pa
 
     with safe_open(str(paths["kohya"]), "pt") as f:
         meta = f.metadata()
-        assert "lora_unet_single_transformer_blocks_0_proj_mlp.alpha" in f.keys()
+        assert "lora_unet_single_blocks_0_linear1.alpha" in f.keys()  # BFL names, fused
     assert meta["ss_base_model_version"] == "flux1"
     assert meta["modelspec.architecture"] == "flux-1-dev/lora"
 

@@ -195,7 +195,9 @@ def trained_adapter(tmp_path_factory):
     adapter = extract_adapter(FAM, comps, {"ss_steps": "1"})
     out = tmp_path_factory.mktemp("sdxl-adapter")
     files = {
-        fmt: write_adapter(adapter, fmt, EXPORTERS[fmt].default_path(out, "brand"))
+        fmt: write_adapter(
+            adapter, fmt, EXPORTERS[fmt].default_path(out, "brand"), naming="diffusers"
+        )
         for fmt in ("kohya", "diffusers")
     }
     return comps, adapter, files

@@ -78,7 +78,9 @@ def te_adapter(request, tmp_path_factory):
     adapter = extract_adapter(fam, comps, {"ss_steps": "1"})
     out = tmp_path_factory.mktemp(f"te-{family}")
     files = {
-        fmt: write_adapter(adapter, fmt, EXPORTERS[fmt].default_path(out, "brand"))
+        fmt: write_adapter(
+            adapter, fmt, EXPORTERS[fmt].default_path(out, "brand"), naming="diffusers"
+        )
         for fmt in ("kohya", "diffusers")
     }
     return family, comps, adapter, files

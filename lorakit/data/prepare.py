@@ -3,8 +3,8 @@
     build(src, data, …) -> Prepared        in memory; what `train` uses on a raw folder
     prepare(src, out, data, …) -> Prepared  build + write OUT atomically
 
-OUT holds `dataset/` (a `datasets` dataset: image at the bucket size as lossless WebP (PNG
-where Pillow lacks WebP), caption, bucket, crop, original size, source, content hash, key,
+OUT holds `dataset/` (a `datasets` dataset: image at the bucket size as uncompressed PPM (see
+`doctor.encode_image` for why), caption, bucket, crop, original size, source, content hash, key,
 repeats, is_reg), `report.json`, `report.md`, `contact_sheet.png` and `lorakit_prepared.json`
 (the marker and the per-file results cache).
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -31,7 +32,7 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -130,29 +131,47 @@ def final_caption(item: SourceItem, data) -> str:
 # -- parallel processing -------------------------------------------------------------------------
 
 
-def run_jobs(jobs: list, workers: int, advance: Callable[[], None] = lambda: None) -> list[dict]:
-    """`process_image` over jobs, in `workers` processes (serially when 1, few jobs, or when a
-    pool cannot start here); results in job order."""
-    if workers > 1 and len(jobs) >= 4:
+def run_jobs(
+    jobs: Iterable, workers: int, advance: Callable[[], None] = lambda: None, expected: int = 0
+) -> list[dict]:
+    """`process_image` over jobs, in `workers` processes (serially when 1, when fewer than 4 jobs
+    are `expected`, or when a pool cannot start here); results in job order.
+
+    `jobs` may be a lazy iterator: the pool is started (forked) first and each job is queued as
+    soon as the iterator yields it, so reading + hashing the source overlaps decoding.
+    """
+    jobs = iter(jobs)
+    first = next(jobs, None)
+    if first is None:
+        return []  # nothing to decode (an unchanged re-run): no pool, no imports
+    jobs = itertools.chain([first], jobs)
+    if workers > 1 and expected >= 4:
         methods = mp.get_all_start_methods()
         # fork: workers start in milliseconds and do not re-import torch.
         ctx = mp.get_context("fork") if "fork" in methods else None
         import imagehash  # noqa: F401  (imported once here, inherited by forked workers)
+        import scipy.fftpack  # noqa: F401  (phash's DCT: ~0.2 s per worker otherwise)
 
         try:
-            ex = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx)
+            ex = ProcessPoolExecutor(workers, mp_context=ctx)
         except (OSError, NotImplementedError, PermissionError):
             ex = None  # no processes here (sandbox, no /dev/shm): one process below
         if ex is not None:
+            queued: list = []
             try:
+                futures = []
+                for job in jobs:
+                    queued.append(job)
+                    futures.append(ex.submit(process_image, job))
                 out = []
-                for res in ex.map(process_image, jobs, chunksize=1):
-                    out.append(res)
+                for fut in futures:  # in order; a worker's result is ~1 image, no batching
+                    out.append(fut.result())
                     advance()
                 ex.shutdown()
                 return out
             except BrokenProcessPool:
                 ex.shutdown(wait=False, cancel_futures=True)  # redo serially below
+                jobs = itertools.chain(queued, jobs)
             except BaseException:  # Ctrl-C: stop at once, queued images are not started
                 ex.shutdown(wait=False, cancel_futures=True)
                 raise
@@ -211,50 +230,63 @@ def build(
             Problem(p.kind, f"[reg] {p.file}", p.message, p.severity) for p in reg.problems
         ]
 
-    # 1. read + hash every file (no decoding)
-    hashed: list[tuple[SourceItem, bytes, str]] = []
-    first_by_hash: dict[tuple[str, bool], str] = {}
-    for it in items:
-        try:
-            raw = it.read_bytes()
-        except OSError as e:
-            problems.append(
-                Problem("unreadable", it.name, f"cannot be read: {e.strerror or e}", "error")
-            )
-            continue
-        if not raw:
-            problems.append(Problem("zero_byte", it.name, "empty file (0 bytes)", "error"))
-            continue
-        h = hashlib.sha256(raw).hexdigest()
-        if (h, it.is_reg) in first_by_hash:
-            problems.append(
-                Problem(
-                    "exact_duplicate",
-                    it.name,
-                    f"byte-identical to '{first_by_hash[(h, it.is_reg)]}'; left out",
-                    "error",
-                )
-            )
-            continue
-        first_by_hash[(h, it.is_reg)] = it.name
-        hashed.append((it, raw, h))
-
-    t_hash = time.perf_counter() - t0
-    # 2. decode what the cache does not know, in parallel
     cache = dict(cache or {})
     results: dict[str, dict] = {}
 
     def ck(h: str, forced) -> str:
         return f"{h}|{fp}|{forced[0]}x{forced[1]}" if forced else f"{h}|{fp}"
 
-    todo = [(it, raw, h) for it, raw, h in hashed if ck(h, None) not in cache]
+    # 1. read + hash every file (no decoding); 2. queue what the cache does not know for the
+    # decode workers at once (a generator consumed by run_jobs), so hashing overlaps decoding.
+    hashed: list[tuple[SourceItem, bytes, str]] = []
+    todo: list[tuple[SourceItem, bytes, str]] = []
+    first_by_hash: dict[tuple[str, bool], str] = {}
+    queued: set[str] = set()
+    t_hash = 0.0
+
+    def new_jobs():
+        nonlocal t_hash
+        t = time.perf_counter()
+        for it in items:
+            try:
+                raw = it.read_bytes()
+            except OSError as e:
+                problems.append(
+                    Problem("unreadable", it.name, f"cannot be read: {e.strerror or e}", "error")
+                )
+                continue
+            if not raw:
+                problems.append(Problem("zero_byte", it.name, "empty file (0 bytes)", "error"))
+                continue
+            h = hashlib.sha256(raw).hexdigest()
+            if (h, it.is_reg) in first_by_hash:
+                problems.append(
+                    Problem(
+                        "exact_duplicate",
+                        it.name,
+                        f"byte-identical to '{first_by_hash[(h, it.is_reg)]}'; left out",
+                        "error",
+                    )
+                )
+                continue
+            first_by_hash[(h, it.is_reg)] = it.name
+            hashed.append((it, raw, h))
+            if ck(h, None) not in cache and h not in queued:
+                queued.add(h)
+                todo.append((it, raw, h))
+                t_hash += time.perf_counter() - t
+                yield (it.name, raw, params, None, fast_decode)
+                t = time.perf_counter()
+        t_hash += time.perf_counter() - t
+
     decoded = 0
-    with _progress(console, len(todo)) as prog:
-        task = prog.add_task("prepare", total=len(todo))
-        jobs = [(it.name, raw, params, None, fast_decode) for it, raw, h in todo]
-        for (_it, _raw, h), res in zip(
-            todo, run_jobs(jobs, default_workers(data), lambda: prog.advance(task)), strict=True
-        ):
+    with _progress(console, len(items)) as prog:
+        task = prog.add_task("prepare", total=None)
+        res_list = run_jobs(
+            new_jobs(), default_workers(data), lambda: prog.advance(task), expected=len(items)
+        )
+        prog.update(task, total=len(todo))
+        for (_it, _raw, h), res in zip(todo, res_list, strict=True):
             decoded += res["decoded"]
             cache[ck(h, None)] = res
     reused = len(hashed) - len(todo)
@@ -309,7 +341,8 @@ def build(
             for r in redo
             if ck(r["content_hash"], plan[tuple(r["bucket"])]) not in cache
         ]
-        for job, res in zip(jobs, run_jobs(jobs, default_workers(data)), strict=True):
+        merged = run_jobs(jobs, default_workers(data), expected=len(jobs))
+        for job, res in zip(jobs, merged, strict=True):
             decoded += res["decoded"]
             cache[ck(hashlib.sha256(job[1]).hexdigest(), job[3])] = res
         for r in redo:
@@ -615,7 +648,6 @@ def _dataset(rows: list[dict]):
         }
     )
     cols = {
-        "image": [{"bytes": r["png"], "path": None} for r in rows],
         "caption": [r["caption"] for r in rows],
         "bucket_width": [r["bucket"][0] for r in rows],
         "bucket_height": [r["bucket"][1] for r in rows],
@@ -629,17 +661,84 @@ def _dataset(rows: list[dict]):
         "repeats": [r["repeats"] for r in rows],
         "is_reg": [r["is_reg"] for r in rows],
     }
+    import numpy as np
     import pyarrow as pa
     from datasets import DatasetInfo
     from datasets.table import InMemoryTable
 
     # Built directly (not Dataset.from_dict) with our own fingerprint: datasets would otherwise
     # dill-hash every image byte again (~0.3 s per 200 images) for a cache we never use.
-    table = pa.Table.from_pydict(features.encode_batch(cols), schema=features.arrow_schema)
+    schema = features.arrow_schema
+    meta = pa.Table.from_arrays(
+        [pa.array(cols[name], schema.field(name).type) for name in schema.names[1:]],
+        schema=pa.schema([schema.field(name) for name in schema.names[1:]]),
+    )
+    # One record batch per image whose bytes column wraps the encoded bytes without copying
+    # them (pa.py_buffer): the image bytes (≈ all of the data) are copied only when written.
+    batches = []
+    no_path = pa.nulls(1, pa.string())
+    for i, r in enumerate(rows):
+        offsets = pa.py_buffer(np.array([0, len(r["png"])], np.int32).tobytes())
+        data = pa.Array.from_buffers(pa.binary(), 1, [None, offsets, pa.py_buffer(r["png"])])
+        image = pa.StructArray.from_arrays([data, no_path], names=["bytes", "path"])
+        cols_i = [image] + [c.slice(i, 1) for c in meta.columns]
+        batches.append(
+            pa.RecordBatch.from_arrays(
+                [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in cols_i],
+                schema=schema,
+            )
+        )
+    table = pa.Table.from_batches(batches, schema=schema)
     fingerprint = hashlib.sha256("".join(cols["key"]).encode()).hexdigest()[:16]
     return Dataset(
         InMemoryTable(table), info=DatasetInfo(features=features), fingerprint=fingerprint
     )
+
+
+def _save_dataset(ds, path: Path) -> None:
+    """`ds.save_to_disk(path)` for our in-memory, already-embedded dataset in one shard, minus
+    its extra passes over the image bytes (re-embedding and size estimation: ~0.4 s per 150 MB
+    here). Same files as `save_to_disk`: one Arrow stream shard, `state.json`,
+    `dataset_info.json`; `load_from_disk` reads it (tests check the round trip)."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    path.mkdir(parents=True)
+    name = "data-00000-of-00001.arrow"
+    table = ds.data.table
+    with pa.OSFile(str(path / name), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+    state = {
+        "_data_files": [{"filename": name}],
+        "_fingerprint": ds._fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (path / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), "utf-8")
+    info = dataclasses.asdict(ds.info)
+    info = {k: info[k] for k in sorted(info)}
+    (path / "dataset_info.json").write_text(json.dumps(info, indent=2), "utf-8")
+
+
+def _rows_digest(rows: list[dict]) -> str:
+    """Identity of the dataset's content: the image key (a hash of its pixels, bucket and crop)
+    and every other column of every row, in order."""
+    cols = ("key", "caption", "source", "content_hash", "repeats", "is_reg", "original_size")
+    text = json.dumps([[r[c] for c in cols] for r in rows], default=list)
+    return hashlib.sha256(f"{FORMAT_VERSION}|{text}".encode()).hexdigest()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)  # the old OUT is replaced, never modified: sharing is safe
+        except OSError:
+            shutil.copy2(f, dst / f.name)
 
 
 @contextlib.contextmanager
@@ -684,14 +783,23 @@ def _swap_in(new: Path, out: Path) -> None:
             new.rename(out)
 
 
-def write(p: Prepared, out: Path, old_sheet: tuple[set[str], bytes] | None = None) -> None:
+def write(
+    p: Prepared,
+    out: Path,
+    old_sheet: tuple[set[str], bytes] | None = None,
+    old_digest: str = "",
+) -> None:
     """Write OUT from scratch in a temp sibling, then swap it in."""
     out.parent.mkdir(parents=True, exist_ok=True)
     new = out.parent / f".{out.name}.new-{os.getpid()}"
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir()
     try:
-        _dataset(p.rows).save_to_disk(str(new / "dataset"))
+        digest = _rows_digest(p.rows)
+        if old_digest == digest and (out / "dataset").is_dir():
+            _link_or_copy(out / "dataset", new / "dataset")  # unchanged: no bytes rewritten
+        else:
+            _save_dataset(_dataset(p.rows), new / "dataset")
         rep = report_dict(p)
         atomic_write_text(new / "report.json", json.dumps(rep, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(new / "report.md", report_md(rep))
@@ -709,6 +817,7 @@ def write(p: Prepared, out: Path, old_sheet: tuple[set[str], bytes] | None = Non
             "source": p.source,
             "params": p.params.fingerprint(),
             "keys": sorted(keys),
+            "rows_digest": digest,
             "cache": cache,
         }
         atomic_write_text(new / MARKER, json.dumps(meta) + "\n")
@@ -734,11 +843,12 @@ def prepare(
     _check_paths(src, out, data)
     _recover(out)
     cache = load_cache(out)
-    old_sheet = None
+    old_sheet, old_digest = None, ""
     if (out / MARKER).is_file() and (out / "contact_sheet.png").is_file():
         try:
-            keys = set(json.loads((out / MARKER).read_text(encoding="utf-8")).get("keys", []))
-            old_sheet = (keys, (out / "contact_sheet.png").read_bytes())
+            meta = json.loads((out / MARKER).read_text(encoding="utf-8"))
+            old_sheet = (set(meta.get("keys", [])), (out / "contact_sheet.png").read_bytes())
+            old_digest = meta.get("rows_digest", "") if cache else ""
         except (OSError, ValueError):
             old_sheet = None
     p = build(
@@ -751,7 +861,7 @@ def prepare(
         )
     if not p.fatal:
         t0 = time.perf_counter()
-        write(p, out, old_sheet)
+        write(p, out, old_sheet, old_digest)
         p.timings["write"] = time.perf_counter() - t0
         p.seconds += p.timings["write"]
     return p

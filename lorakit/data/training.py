@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorakit.data.buckets import batch_fit_message, samples_per_bucket, underfull
+from lorakit.data.buckets import batch_fit_message, merge_plan, samples_per_bucket, underfull
 from lorakit.data.layouts import Problem
 from lorakit.data.prepare import MARKER, Prepared, build, load_prepared, prepare, summary_text
 from lorakit.errors import ConfigError, LorakitError
@@ -111,13 +111,23 @@ def load_training_set(
         rows = load_prepared(Path(source))
         counts = samples_per_bucket([(tuple(r["bucket"]), r["repeats"]) for r in rows])
         bad = underfull(counts, batch_size)
+        if bad and data.small_buckets == "merge":
+            rows, problems = _merge_prepared(rows, counts, batch_size)
+            bad = underfull(
+                samples_per_bucket([(tuple(r["bucket"]), r["repeats"]) for r in rows]),
+                batch_size,
+            )
         if bad and data.small_buckets == "drop":
             rows = [r for r in rows if tuple(r["bucket"]) not in bad]
         elif bad:
             raise ConfigError(
                 batch_fit_message(bad, batch_size, f"the prepared set '{source}'")
-                + " For a prepared set, re-run `lorakit prepare` with --batch-size "
-                f"{batch_size} (merging happens there)."
+                + (
+                    " Even merged into one bucket there are too few samples: lower "
+                    "train.batch_size or add images."
+                    if data.small_buckets == "merge"
+                    else ""
+                )
             )
         if not rows:
             raise LorakitError(f"The prepared set '{source}' has no images.")
@@ -144,6 +154,32 @@ def load_training_set(
             raise (ConfigError if "cannot fill one batch" in p.fatal else LorakitError)(msg)
         rows, problems = p.rows, p.problems
     return TrainingSet(_records(rows), [r["png"] for r in rows], problems)
+
+
+def _merge_prepared(rows: list[dict], counts, batch_size: int) -> tuple[list[dict], list[Problem]]:
+    """data.small_buckets = "merge" for a prepared set: the images of buckets that cannot fill a
+    batch are re-cropped from their prepared pixels into the bucket `merge_plan` picks (the same
+    plan `lorakit prepare --batch-size` applies to the source images)."""
+    from lorakit.data.doctor import rebucket
+
+    plan = merge_plan(counts, batch_size)
+    out, problems = [], []
+    for r in rows:
+        target = plan.get(tuple(r["bucket"]))
+        if target is None:
+            out.append(r)
+            continue
+        moved = rebucket(r["png"], tuple(r["crop"]), target)
+        problems.append(
+            Problem(
+                "bucket_merged",
+                r["source"],
+                f"bucket {r['bucket'][0]}×{r['bucket'][1]} could not fill a batch of "
+                f"{batch_size}; moved to {target[0]}×{target[1]}",
+            )
+        )
+        out.append({**r, **moved})
+    return out, problems
 
 
 def epoch_batches(records: list[Record], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -20,9 +20,14 @@ METADATA_KEY = "lora_adapter_metadata"
 FILENAME = "pytorch_lora_weights.safetensors"
 
 
-def to_state_dict(adapter: Adapter, family: Family) -> dict[str, torch.Tensor]:
+def to_state_dict(adapter: Adapter, family: Family, **_: object) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for (component, path), w in sorted(adapter.modules.items()):
+        if not isinstance(w, LoraWeights) or getattr(w, "magnitude", None) is not None:
+            raise LorakitError(
+                f"Module '{component}.{path}' is not a plain LoRA; the diffusers LoRA layout "
+                "cannot hold it. Export it with the LyCORIS exporter (--format lycoris)."
+            )
         out[f"{component}.{path}.lora_A.weight"] = w.down.contiguous()
         out[f"{component}.{path}.lora_B.weight"] = w.up.contiguous()
     return out
@@ -97,9 +102,11 @@ def from_state_dict(
     return Adapter(family.name, modules, dict(meta))
 
 
-def write_metadata(adapter: Adapter, family: Family, tensors) -> dict[str, str]:
+def write_metadata(adapter: Adapter, family: Family, tensors, **_: object) -> dict[str, str]:
     rank, alpha, _, _ = adapter.rank_alpha(_main_component(adapter, family))
-    meta = md.finalize(adapter.metadata, family, tensors, rank, alpha)
+    kohya_only = ("lorakit.kohya_names", "lorakit.fused", "lorakit.split_fused")
+    meta = {k: v for k, v in adapter.metadata.items() if k not in kohya_only}
+    meta = md.finalize(meta, family, tensors, rank, alpha)
     meta[METADATA_KEY] = json.dumps(peft_metadata(adapter, family), indent=2, sort_keys=True)
     meta["format"] = "pt"
     return meta

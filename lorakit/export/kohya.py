@@ -1,40 +1,189 @@
-"""kohya / A1111 / ComfyUI format: `lora_unet_<path_with_underscores>.lora_down.weight`.
+"""kohya / A1111 / ComfyUI format: `<prefix><original module path with '_'>.lora_down.weight`,
+`.lora_up.weight` and `.alpha` (always written: stacks that miss it assume alpha = rank).
 
-Keys come from the family's fixed module tables: `known_modules()` gives the real architecture's
-dotted paths; the underscore form is built from them, and read back through the same table
-(underscores are ambiguous, so the inverse needs the table).
+Module names come from fixed tables (`names.Entry`), never from `named_modules()`:
+- `original` naming (default): what kohya's own trainers write and every stack reads —
+  SD1.5 diffusers names (kohya trains SD1.5 on the diffusers UNet), SDXL SGM names (`sgm.py`),
+  FLUX BFL names with fused qkv/linear1 (`bfl.py`), SD3 `joint_blocks_…` (`sd3_names.py`);
+- `diffusers` naming: `lora_unet_` + diffusers paths (SDXL: read by ComfyUI, A1111, diffusers).
+
+Fusing split LoRAs (q, k, v[, mlp]) into one original module is exact: the fused LoRA is
+block-diagonal in rank (down = concat of downs, up = block-diagonal of ups, rank = Σ ranks), so
+its ΔW is the concatenation of the parts' ΔWs; missing parts are zero rows. Reading splits the
+fused up by output rows and keeps, per part, only the rank columns that are non-zero in its rows,
+so a lorakit-fused file splits back into the very same tensors (and any other into the same ΔW).
 """
 
 from __future__ import annotations
+
+import json
+from functools import cache
 
 import torch
 
 from lorakit.errors import LorakitError
 from lorakit.export import metadata as md
+from lorakit.export.names import Entry, identity_table
 from lorakit.lora import Adapter, LoraWeights
 from lorakit.models.base import Family
 
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+NAMINGS = ("original", "diffusers")
+ORIGINAL_NAMES = {"sd15": "diffusers", "sdxl": "sgm", "flux": "bfl", "sd3": "sd3"}
+"""What `original` means per family (recorded as `lorakit.kohya_names`)."""
 
 
-def key_table(family: Family) -> dict[str, tuple[str, str]]:
-    """kohya module key → (component, dotted module path) for the family's real architecture."""
-    table = {}
-    for target in family.targets:
-        for path in family.known_modules(target.component):
-            table[target.kohya_prefix + path.replace(".", "_")] = (target.component, path)
-    return table
+def _original_table(family: Family) -> dict:
+    from lorakit.export import bfl, sd3_names, sgm
+
+    build = {"sdxl": sgm.table, "flux": bfl.table, "sd3": sd3_names.table}.get(family.name)
+    return build(family) if build else identity_table(family)
 
 
-def to_state_dict(adapter: Adapter, family: Family) -> dict[str, torch.Tensor]:
+@cache
+def _tables(family: Family) -> dict[str, dict[str, tuple[str, Entry]]]:
     prefixes = {t.component: t.kohya_prefix for t in family.targets}
+    out = {}
+    for naming, build in (("original", _original_table), ("diffusers", identity_table)):
+        out[naming] = {
+            prefixes[comp] + orig.replace(".", "_"): (comp, entry)
+            for (comp, orig), entry in build(family).items()
+        }
+    return out
+
+
+def key_table(family: Family, naming: str = "original") -> dict[str, Entry]:
+    """kohya module key → Entry (which diffusers modules it stands for)."""
+    return {k: e for k, (_, e) in _tables(family)[naming].items()}
+
+
+def _swaps(entry: Entry, up: torch.Tensor, down: torch.Tensor) -> bool:
+    if entry.swap == "if_two_chunks":
+        return up.shape[0] == 2 * down.shape[1]
+    return bool(entry.swap)
+
+
+def _swap_halves(up: torch.Tensor) -> torch.Tensor:
+    a, b = up.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _plain(w, where: str) -> LoraWeights:
+    if not isinstance(w, LoraWeights) or getattr(w, "magnitude", None) is not None:
+        kind = "DoRA" if isinstance(w, LoraWeights) else type(w).__name__
+        raise LorakitError(
+            f"Module '{where}' is a {kind} adapter, which the plain kohya LoRA layout cannot "
+            "hold. Export it with the LyCORIS exporter (--format lycoris) instead."
+        )
+    return w
+
+
+def fuse(entry: Entry, parts: list[LoraWeights | None], where: str = "") -> LoraWeights:
+    """Combine the LoRAs of `entry.parts` (None = part has no LoRA) into one exact LoRA of the
+    fused module. Equal scales keep the tensors and set alpha = scale × Σ rank; unequal scales
+    are baked into `up` with alpha = Σ rank."""
+    present = [(i, w) for i, w in enumerate(parts) if w is not None]
+    if len(parts) == 1:
+        w = parts[0]
+        if not _swaps(entry, w.up, w.down):
+            return w
+        return LoraWeights(w.down, _swap_halves(w.up), w.alpha)
+    i0, w0 = present[0]
+    base = w0.up.shape[0] // entry.mults[i0]
+    widths = [m * base for m in entry.mults]
+    for i, w in present:
+        if w.up.shape[0] != widths[i] or w.down.shape[1] != w0.down.shape[1]:
+            raise LorakitError(
+                f"The LoRAs fused into '{where}' have inconsistent shapes "
+                f"({entry.parts[i]}: up {tuple(w.up.shape)}, expected {widths[i]} rows)."
+            )
+    scales = {w.alpha / w.rank for _, w in present}
+    rank = sum(w.rank for _, w in present)
+    down = torch.cat([w.down for _, w in present], dim=0)
+    up = torch.zeros(sum(widths), rank, dtype=w0.up.dtype)
+    row, col = [0, *torch.tensor(widths).cumsum(0).tolist()], 0
+    for i, w in present:
+        u = w.up if len(scales) == 1 else w.up * (w.alpha / w.rank)
+        up[row[i] : row[i + 1], col : col + w.rank] = u
+        col += w.rank
+    alpha = scales.pop() * rank if len(scales) == 1 else float(rank)
+    return LoraWeights(down, up, float(alpha))
+
+
+def split(entry: Entry, w: LoraWeights, where: str = "") -> dict[str, LoraWeights]:
+    """Inverse of `fuse`: exact ΔW per part; parts whose rows are all zero are left out."""
+    if len(entry.parts) == 1:
+        if _swaps(entry, w.up, w.down):
+            w = LoraWeights(w.down, _swap_halves(w.up), w.alpha)
+        return {entry.parts[0]: w}
+    total = w.up.shape[0]
+    if total % sum(entry.mults):
+        raise LorakitError(
+            f"'{where}' has {total} output rows, which do not split into "
+            f"{'/'.join(p.rsplit('.', 1)[-1] for p in entry.parts)} in the ratio "
+            f"{':'.join(map(str, entry.mults))}; the file was made for another architecture."
+        )
+    base = total // sum(entry.mults)
+    row_spans, row = [], 0
+    for m in entry.mults:
+        row_spans.append((row, row + m * base))
+        row += m * base
+    blocks = _equal_blocks(w, row_spans)
+    out = {}
+    for i, (path, (r0, r1)) in enumerate(zip(entry.parts, row_spans, strict=False)):
+        rows = w.up[r0:r1]
+        cols = blocks[i] if blocks is not None else (rows != 0).any(dim=0)
+        n = int(cols.sum())
+        if n == 0:
+            continue
+        out[path] = LoraWeights(w.down[cols].clone(), rows[:, cols].clone(), w.alpha * n / w.rank)
+    return out
+
+
+def _equal_blocks(w: LoraWeights, row_spans: list[tuple[int, int]]) -> list | None:
+    """Column masks when the fused LoRA is block-diagonal with equal ranks per part — the layout
+    `fuse` writes for parts trained with one rank. Then every part comes back with its own
+    columns, also a part whose update is still exactly zero (e.g. before the first lr step)."""
+    n = len(row_spans)
+    if w.rank % n:
+        return None
+    size = w.rank // n
+    masks = []
+    for i, (r0, r1) in enumerate(row_spans):
+        mask = torch.zeros(w.rank, dtype=torch.bool)
+        mask[i * size : (i + 1) * size] = True
+        if (w.up[r0:r1][:, ~mask] != 0).any():
+            return None  # not this layout: fall back to the non-zero columns
+        masks.append(mask)
+    return masks
+
+
+def to_state_dict(
+    adapter: Adapter, family: Family, naming: str = "original", **_: object
+) -> dict[str, torch.Tensor]:
+    if naming not in NAMINGS:
+        raise LorakitError(f"kohya naming '{naming}' is unknown; choose {', '.join(NAMINGS)}.")
+    covered: set[tuple[str, str]] = set()
     out: dict[str, torch.Tensor] = {}
-    for (component, path), w in sorted(adapter.modules.items()):
-        key = prefixes[component] + path.replace(".", "_")
+    for key, (comp, entry) in sorted(_tables(family)[naming].items()):
+        parts = [adapter.modules.get((comp, p)) for p in entry.parts]
+        if all(w is None for w in parts):
+            continue
+        parts = [
+            None if w is None else _plain(w, f"{comp}.{p}")
+            for w, p in zip(parts, entry.parts, strict=False)
+        ]
+        covered |= {(comp, p) for p, w in zip(entry.parts, parts, strict=False) if w is not None}
+        w = fuse(entry, parts, key)
         out[f"{key}.lora_down.weight"] = w.down.contiguous()
         out[f"{key}.lora_up.weight"] = w.up.contiguous()
-        # Always written: stacks that miss it assume alpha = rank (wrong strength).
         out[f"{key}.alpha"] = torch.tensor(float(w.alpha), dtype=torch.float32)
+    left = sorted(f"{c}.{p}" for c, p in set(adapter.modules) - covered)
+    if left:
+        raise LorakitError(
+            f"{len(left)} adapter modules have no kohya name for {family.name}: "
+            f"{', '.join(left[:8])}. Nothing was written."
+        )
     return out
 
 
@@ -42,38 +191,93 @@ def detect(keys: list[str]) -> bool:
     return bool(keys) and all(k.startswith("lora_") and k.endswith(SUFFIXES) for k in keys)
 
 
-def from_state_dict(
-    tensors: dict[str, torch.Tensor], meta: dict[str, str], family: Family
-) -> Adapter:
-    table = key_table(family)
+def group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         base, suffix = next(((key[: -len(s)], s) for s in SUFFIXES if key.endswith(s)), (key, ""))
         groups.setdefault(base, {})[suffix] = t
-    unmapped = sorted(b for b in groups if b not in table)
+    return groups
+
+
+def unmapped_keys(keys: list[str], family: Family) -> list[str]:
+    """Module keys (without suffix) of a kohya file that name no module of `family`."""
+    tables = _tables(family)
+    return sorted(
+        {b for b in group(dict.fromkeys(keys)) if not any(b in t for t in tables.values())}
+    )
+
+
+def from_state_dict(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str], family: Family
+) -> Adapter:
+    tables = _tables(family)
+    groups = group(tensors)
+    unmapped = sorted(b for b in groups if not any(b in t for t in tables.values()))
     if unmapped:
         raise LorakitError(
             f"{len(unmapped)} kohya keys do not name a module of {family.name}: "
             f"{', '.join(unmapped[:8])}{' …' if len(unmapped) > 8 else ''}. The file was made for "
             "another model family or architecture; nothing was written."
         )
-    modules = {}
-    for base, parts in groups.items():
+    modules: dict[tuple[str, str], LoraWeights] = {}
+    fused = 0
+    for base, parts in sorted(groups.items()):
         if ".lora_down.weight" not in parts or ".lora_up.weight" not in parts:
             raise LorakitError(f"kohya module '{base}' lacks lora_down or lora_up weights.")
-        down = parts[".lora_down.weight"].float()
+        comp, entry = tables["original"].get(base) or tables["diffusers"][base]
+        down, up = parts[".lora_down.weight"].float(), parts[".lora_up.weight"].float()
+        if down.shape[0] != up.shape[1]:
+            raise LorakitError(
+                f"kohya module '{base}': lora_down {tuple(down.shape)} and lora_up "
+                f"{tuple(up.shape)} disagree on the rank; the file is damaged."
+            )
         alpha = parts.get(".alpha")
-        modules[table[base]] = LoraWeights(
-            down=down,
-            up=parts[".lora_up.weight"].float(),
-            alpha=float(alpha) if alpha is not None else float(down.shape[0]),
+        w = LoraWeights(down, up, float(alpha) if alpha is not None else float(down.shape[0]))
+        fused += entry.fused
+        for path, pw in split(entry, w, base).items():
+            if (comp, path) in modules:
+                raise LorakitError(
+                    f"'{comp}.{path}' is named twice in the file (fused and split keys); "
+                    "the file is inconsistent."
+                )
+            modules[(comp, path)] = pw
+    meta = {k: v for k, v in meta.items() if k not in ("lorakit.kohya_names", "lorakit.fused")}
+    if fused:
+        meta["lorakit.split_fused"] = str(fused)
+    return Adapter(family.name, modules, meta)
+
+
+def fused_note(family: Family, tensors: dict[str, torch.Tensor], naming: str) -> dict[str, str]:
+    """Metadata recording the names used and how fusing changed ranks (`ss_network_dim` keeps
+    the per-projection rank)."""
+    if naming == "diffusers":
+        return {"lorakit.kohya_names": "diffusers"}
+    note = {"lorakit.kohya_names": ORIGINAL_NAMES.get(family.name, "diffusers")}
+    table = _tables(family)["original"]
+    ranks = {
+        k.removesuffix(".lora_down.weight"): int(t.shape[0])
+        for k, t in tensors.items()
+        if k.endswith(".lora_down.weight") and table[k.removesuffix(".lora_down.weight")][1].fused
+    }
+    if ranks:
+        note["lorakit.fused"] = json.dumps(
+            {
+                "note": "split q/k/v(/mlp) LoRAs fused block-diagonally into the original fused "
+                "modules; rank = sum of the parts' ranks; ΔW is exact",
+                "ranks": ranks,
+            },
+            sort_keys=True,
         )
-    return Adapter(family.name, modules, dict(meta))
+    return note
 
 
-def write_metadata(adapter: Adapter, family: Family, tensors) -> dict[str, str]:
+def write_metadata(
+    adapter: Adapter, family: Family, tensors, naming: str = "original", **_: object
+) -> dict[str, str]:
     rank, alpha, _, _ = adapter.rank_alpha(_main_component(adapter, family))
-    meta = {k: v for k, v in adapter.metadata.items() if k != "lora_adapter_metadata"}
+    drop = ("lora_adapter_metadata", "lorakit.split_fused")
+    meta = {k: v for k, v in adapter.metadata.items() if k not in drop}
+    meta |= fused_note(family, tensors, naming)
     return md.finalize(meta, family, tensors, rank, alpha)
 
 

@@ -185,6 +185,8 @@ class Flux:
     modelspec_architecture = "flux-1-dev/lora"
     """For dev; a schnell run is labelled `flux-1-schnell/lora` (see `modelspec_for`)."""
     denoiser_name = "transformer"
+    default_export_format = "kohya"
+    """`lorakit export` default: the format ComfyUI and A1111 load for this family."""
     targets = (
         AdapterTarget("transformer", "lora_unet_"),
         AdapterTarget("text_encoder", "lora_te1_", canonical_prefix="text_model."),

@@ -211,6 +211,8 @@ class SD15:
     base_model_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"
     denoiser_name = "unet"
+    default_export_format = "kohya"
+    """`lorakit export` default: the format ComfyUI and A1111 load for this family."""
     default_targets = UNET_ATTENTION
     targets = (
         AdapterTarget("unet", "lora_unet_"),

@@ -234,6 +234,8 @@ class SD3:
     """kohya's value for SD3.5 large (`medium` / `5-medium` for the medium models)."""
     modelspec_architecture = "stable-diffusion-3-5-large/lora"
     denoiser_name = "transformer"
+    default_export_format = "diffusers"
+    """`lorakit export` default: the format ComfyUI and A1111 load for this family."""
     targets = (
         AdapterTarget("transformer", "lora_unet_"),
         AdapterTarget("text_encoder", "lora_te1_", canonical_prefix="text_model."),

@@ -195,6 +195,8 @@ class SDXL:
     base_model_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
     denoiser_name = "unet"
+    default_export_format = "kohya"
+    """`lorakit export` default: the format ComfyUI and A1111 load for this family."""
     default_targets = UNET_ATTENTION
     targets = (
         AdapterTarget("unet", "lora_unet_"),

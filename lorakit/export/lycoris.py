@@ -1,0 +1,169 @@
+"""LyCORIS format: kohya key names (`lora_unet_<path_with_underscores>`, `lora_te…`) carrying
+LyCORIS tensors — what ComfyUI, A1111/Forge and LyCORIS load for LoHa, LoKr and DoRA.
+
+Per module key `K` (one diffusers/transformers module, 1:1 — names from the kohya exporter's
+`diffusers` naming table; LyCORIS tensors are never fused into BFL/SD3 qkv modules):
+
+    LoRA   K.lora_down.weight [r, in(,kh,kw)], K.lora_up.weight [out, r(,1,1)], K.alpha
+    DoRA   the LoRA tensors + K.dora_scale [out, 1(,1,1)] (peft's lora_magnitude_vector,
+           reshaped to the output-axis layout that ComfyUI/LyCORIS test with
+           `dora_scale.shape[0] == out`)
+    LoHa   K.hada_w1_a [out, r], K.hada_w1_b [r, in], K.hada_w2_a, K.hada_w2_b, K.alpha
+    LoKr   K.lokr_w1 (or K.lokr_w1_a/_b), K.lokr_w2 (or K.lokr_w2_a [b, r], K.lokr_w2_b [r, d]),
+           K.alpha; when both factors are full, alpha = rank and the scale is baked into w2
+
+ΔW scale is always `alpha / rank` (rank = the inner dim of the decomposed factor), as in
+ComfyUI's weight adapters. rsLoRA files already carry alpha' = alpha·√r (lorakit/lora.py).
+
+DoRA caveat: peft normalises each output row of W + ΔW; ComfyUI/Forge's output-axis DoRA
+divides by the norm of the ORIGINAL W instead, so there a DoRA file applies with the direction
+normalised slightly differently (exact in lorakit and peft; not bit-exact in ComfyUI).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from lorakit.errors import LorakitError
+from lorakit.export import metadata as md
+from lorakit.lora import Adapter, LoraWeights, LycorisWeights
+from lorakit.models.base import Family
+
+FILENAME_SUFFIX = ".lycoris.safetensors"
+LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "dora_scale")
+LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOKR_SUFFIXES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+SUFFIXES = (*LORA_SUFFIXES, *LOHA_SUFFIXES, *LOKR_SUFFIXES, "alpha")
+SPECIFIC = ("dora_scale", *LOHA_SUFFIXES, *LOKR_SUFFIXES)
+
+
+def _names(family: Family) -> dict[tuple[str, str], str]:
+    """(component, diffusers path) → kohya module key (1:1 modules only)."""
+    from lorakit.export.kohya import key_table
+
+    prefixes = {t.component: t.kohya_prefix for t in family.targets}
+    out = {}
+    for key, entry in key_table(family, "diffusers").items():
+        if len(entry.parts) == 1:
+            out[(entry.component, entry.parts[0])] = key
+    # the prefix decides the component when several share a path shape
+    return {k: v for k, v in out.items() if v.startswith(prefixes[k[0]])}
+
+
+def to_state_dict(adapter: Adapter, family: Family, **_: object) -> dict[str, torch.Tensor]:
+    names = _names(family)
+    out: dict[str, torch.Tensor] = {}
+    for (component, path), w in sorted(adapter.modules.items()):
+        key = names.get((component, path))
+        if key is None:
+            raise LorakitError(
+                f"Module '{component}.{path}' has no kohya name for {family.name}; nothing "
+                "was written."
+            )
+        if isinstance(w, LycorisWeights):
+            for name, t in sorted(w.tensors.items()):
+                out[f"{key}.{name}"] = t.contiguous()
+        else:
+            out[f"{key}.lora_down.weight"] = w.down.contiguous()
+            out[f"{key}.lora_up.weight"] = w.up.contiguous()
+            if w.magnitude is not None:
+                rest = [1] * (w.down.dim() - 1)
+                out[f"{key}.dora_scale"] = w.magnitude.reshape(w.up.shape[0], *rest).contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(w.alpha), dtype=torch.float32)
+    return out
+
+
+def detect(keys: list[str]) -> bool:
+    """LyCORIS-specific tensors present, every key in the kohya `lora_…` layout."""
+    if not keys or not all(k.startswith("lora_") and _suffix(k) in SUFFIXES for k in keys):
+        return False
+    return any(_suffix(k) in SPECIFIC for k in keys)
+
+
+def _suffix(key: str) -> str:
+    return key.split(".", 1)[1] if "." in key else ""
+
+
+def from_state_dict(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str], family: Family
+) -> Adapter:
+    table = {key: cp for cp, key in _names(family).items()}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        base, _, suffix = key.partition(".")
+        groups.setdefault(base, {})[suffix] = t
+    unmapped = sorted(b for b in groups if b not in table)
+    if unmapped:
+        raise LorakitError(
+            f"{len(unmapped)} LyCORIS keys do not name a module of {family.name}: "
+            f"{', '.join(unmapped[:8])}{' …' if len(unmapped) > 8 else ''}."
+        )
+    modules = {}
+    for base, parts in groups.items():
+        alpha_t = parts.pop("alpha", None)
+        if set(parts) & set(LOHA_SUFFIXES):
+            modules[table[base]] = _loha(base, parts, alpha_t)
+        elif set(parts) & set(LOKR_SUFFIXES):
+            modules[table[base]] = _lokr(base, parts, alpha_t)
+        else:
+            if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+                raise LorakitError(f"Module '{base}' lacks lora_down or lora_up weights.")
+            down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
+            mag = parts.get("dora_scale")
+            if mag is not None and mag.shape[0] != up.shape[0]:
+                raise LorakitError(
+                    f"Module '{base}' has an input-axis dora_scale {tuple(mag.shape)}; lorakit "
+                    "(like peft) supports only output-axis DoRA."
+                )
+            alpha = float(alpha_t) if alpha_t is not None else float(down.shape[0])
+            magnitude = None if mag is None else mag.float().reshape(up.shape[0])
+            modules[table[base]] = LoraWeights(down, up, alpha, magnitude)
+    return Adapter(family.name, modules, dict(meta))
+
+
+def _loha(base: str, parts: dict[str, torch.Tensor], alpha_t) -> LycorisWeights:
+    missing = [s for s in LOHA_SUFFIXES if s not in parts]
+    if missing or set(parts) - set(LOHA_SUFFIXES):
+        raise LorakitError(
+            f"LoHa module '{base}' has tensors {sorted(parts)}; lorakit reads exactly "
+            f"{', '.join(LOHA_SUFFIXES)} (no Tucker/CP decomposition)."
+        )
+    rank = int(parts["hada_w1_b"].shape[0])
+    alpha = float(alpha_t) if alpha_t is not None else float(rank)
+    return LycorisWeights("loha", {k: v.float() for k, v in parts.items()}, alpha, rank)
+
+
+def _lokr(base: str, parts: dict[str, torch.Tensor], alpha_t) -> LycorisWeights:
+    if set(parts) - set(LOKR_SUFFIXES):
+        raise LorakitError(f"LoKr module '{base}' has unsupported tensors {sorted(parts)}.")
+    has_w1 = "lokr_w1" in parts or {"lokr_w1_a", "lokr_w1_b"} <= set(parts)
+    has_w2 = "lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= set(parts)
+    if not (has_w1 and has_w2):
+        raise LorakitError(f"LoKr module '{base}' lacks a factor ({sorted(parts)}).")
+    # ComfyUI: alpha / dim with dim = the decomposed factor's rank; both full → scale 1
+    dim = next((int(parts[k].shape[0]) for k in ("lokr_w2_b", "lokr_w1_b") if k in parts), None)
+    if dim is None:
+        rank, alpha = 1, 1.0
+    else:
+        rank = dim
+        alpha = float(alpha_t) if alpha_t is not None else float(dim)
+    return LycorisWeights("lokr", {k: v.float() for k, v in parts.items()}, alpha, rank)
+
+
+def write_metadata(adapter: Adapter, family: Family, tensors, **_: object) -> dict[str, str]:
+    comps = adapter.components()
+    main = family.denoiser_name if family.denoiser_name in comps else comps[0]
+    rank, alpha, _, _ = adapter.rank_alpha(main)
+    drop = ("lora_adapter_metadata", "lorakit.split_fused", "lorakit.kohya_names", "lorakit.fused")
+    meta = {k: v for k, v in adapter.metadata.items() if k not in drop}
+    kind = adapter.kind()
+    algo = {"lora": "lora", "dora": "lora", "loha": "loha", "lokr": "lokr"}[kind]
+    args = {"algo": algo}
+    if kind == "dora":
+        args["dora_wd"] = "True"
+    meta["ss_network_module"] = "lycoris.kohya"
+    meta["ss_network_args"] = json.dumps(args)
+    meta["lorakit.adapter_kind"] = kind
+    return md.finalize(meta, family, tensors, rank, alpha)

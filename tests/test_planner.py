@@ -1,0 +1,177 @@
+"""`lorakit plan`: exact byte counts, the meta-device activation trace against real CPU passes,
+proposals that fit the planner's own estimate, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lorakit import config as cfg
+from lorakit import planner
+from tests.conftest import cli
+
+
+def test_weight_bytes_by_dtype_and_quantization():
+    m = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.LayerNorm(128))
+    n_lin, n_other = 256 * 128, 128 + 2 * 128
+    assert planner.weight_bytes(m, 2) == 2 * (n_lin + n_other)
+    assert planner.weight_bytes(m, 4) == 4 * (n_lin + n_other)
+    # NF4: 0.5 B codes + uint8 absmax per 64 + fp32 second-level absmax per 256 blocks + consts
+    nf4 = n_lin // 2 + n_lin // 64 + 4 * 2 + 64
+    assert planner.weight_bytes(m, 2, "nf4") == nf4 + 2 * n_other
+    assert planner.weight_bytes(m, 2, "int8") == n_lin + 4 * 128 + 2 * n_other
+
+
+def _state_bytes(opt) -> int:
+    seen, total = set(), 0
+    for state in opt.state.values():
+        for k, v in state.items():
+            fresh = torch.is_tensor(v) and v.data_ptr() not in seen and not k.startswith("qmap")
+            if fresh and k != "step" and v.numel() > 1:
+                seen.add(v.data_ptr())
+                total += v.numel() * v.element_size()
+    return total
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
+def test_optimizer_bytes_equal_the_real_optimizer_state(name):
+    from lorakit.config import TrainConfig
+    from lorakit.train import build_optimizer
+
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((16, 320), (320, 16), (8, 32), (7,))]
+    opt = build_optimizer(params, TrainConfig(optimizer=name), torch.device("cpu"))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sizes = [p.numel() for p in params]
+    assert planner.optimizer_bytes(sizes, name) == _state_bytes(opt)
+
+
+def test_lora_count_equals_what_inject_lora_creates():
+    from lorakit.config import LoraConfigSection
+    from lorakit.lora import inject_lora
+    from lorakit.models import get_family
+
+    fam = get_family("sdxl")
+    unet = fam.build_tiny().unet
+    targets = list(fam.default_targets)
+    predicted = sum(planner.lora_shapes(unet, targets, 8))
+    params = inject_lora(unet, LoraConfigSection(rank=8, target_modules=targets), 0)
+    assert predicted == sum(p.numel() for p in params) > 0
+
+
+def test_real_architectures_have_the_published_sizes():
+    counts = {
+        f: sum(p.numel() for p in planner.build_denoiser(f).parameters()) for f in planner.ARCHS
+    }
+    assert 859e6 < counts["sd15"] < 860e6  # 859.5 M
+    assert 2.56e9 < counts["sdxl"] < 2.57e9  # 2.567 B
+    assert 8.0e9 < counts["sd3"] < 8.2e9  # SD3.5 large 8.1 B
+    assert 11.8e9 < counts["flux"] < 12.0e9  # FLUX.1-dev 11.9 B
+    t5 = planner.build_frozen("flux")["text_encoder_2"]
+    assert 4.7e9 < sum(p.numel() for p in t5.parameters()) < 4.8e9
+
+
+MID_UNET = dict(
+    sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=64,
+    block_out_channels=(64, 128), attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["tiny", "mid"])
+def test_meta_trace_matches_a_real_cpu_forward(which):
+    """The planner's meta-device trace saves the same bytes as a real CPU pass (±15%)."""
+    from diffusers import UNet2DConditionModel
+
+    from lorakit.config import LoraConfigSection
+    from lorakit.lora import inject_lora
+    from lorakit.models.sd15 import TINY_UNET
+
+    config = TINY_UNET if which == "tiny" else MID_UNET
+
+    def measure(device: str) -> int:
+        torch.manual_seed(0)
+        with torch.device(device):
+            unet = UNet2DConditionModel(**config)
+        unet.requires_grad_(False)
+        inject_lora(unet, LoraConfigSection(rank=4, target_modules=["to_q", "to_v"]), 0)
+        side, dim = 16, config["cross_attention_dim"]
+        lat = torch.randn(2, 4, side, side, device=device)
+        cond = {"encoder_hidden_states": torch.randn(2, 77, dim, device=device)}
+        t = torch.tensor([10, 500], device=device)
+        count = planner.count_saved(unet, "sd15", lat, t, cond, checkpointing=False)
+        return count.retained
+
+    real, meta = measure("cpu"), measure("meta")
+    assert real > 0
+    assert abs(meta - real) / real < 0.15, (meta, real)
+
+
+def test_checkpointing_and_resolution_move_activations_the_right_way():
+    args = ("sd15", 1, "fp16", ("to_q", "to_k", "to_v", "to_out.0"), 16)
+    full = planner.saved_activations("sd15", 512, 1, False, *args[2:])
+    ckpt = planner.saved_activations("sd15", 512, 1, True, *args[2:])
+    small = planner.saved_activations("sd15", 256, 1, True, *args[2:])
+    assert planner.activation_bytes(ckpt) < 0.5 * planner.activation_bytes(full)
+    assert planner.activation_bytes(small) < 0.5 * planner.activation_bytes(ckpt)
+
+
+def test_sd15_estimate_matches_the_h100_measurement():
+    """benchmarks/gpu_check-h100-2026-11-26.json: real SD1.5 UNet, fp16, LoRA r16, 8-bit AdamW,
+    512 px, batch 1, UNet only: 1.958 GiB (checkpointing) / 2.799 GiB (none)."""
+    for ckpt, measured in ((True, 1.958), (False, 2.799)):
+        c = cfg.resolve(
+            preset="sd15-8gb",
+            sets=["sample.every=0", f"train.gradient_checkpointing={str(ckpt).lower()}"],
+        )
+        p = planner.plan(c)
+        assert abs(p.phases["train"] / planner.GIB - measured) / measured < 0.10
+
+
+@pytest.mark.parametrize(
+    ("preset", "sets", "vram"),
+    [
+        ("sd15", ["train.gradient_checkpointing=false", "train.optimizer='adamw'"], 6.0),
+        ("sd15", ["train.batch_size=4", "train.mixed_precision='no'"], 8.0),
+        ("flux-24gb", [], 40.0),
+    ],
+)
+def test_proposals_fit_the_planners_own_estimate(preset, sets, vram):
+    c = cfg.resolve(preset=preset, sets=sets)
+    assert not planner.plan(c).fits(vram)
+    proposal, _ = planner.propose(c, vram)
+    assert proposal
+    fixed = cfg.resolve(preset=preset, sets=sets + proposal)
+    assert planner.plan(fixed).fits(vram)
+
+
+def test_impossible_target_is_a_clear_error():
+    from lorakit.errors import LorakitError
+
+    with pytest.raises(LorakitError, match="No lorakit setting"):
+        planner.propose(cfg.resolve(preset="flux-16gb"), 2.0)
+
+
+def test_plan_cli_json_and_table():
+    res = cli(
+        "plan", "--preset", "sd15", "--set", "train.optimizer='adamw'", "--vram", "6", "--json"
+    )
+    rep = json.loads(res.output)
+    assert rep["family"] == "sd15" and rep["fits"] is False
+    assert "train.optimizer='adamw8bit'" in rep["proposal"]
+    table = cli("plan", "--preset", "sd15-8gb", "--vram", "80").output
+    assert "verdict: fits in 80 GiB" in table and "denoiser weights" in table
+
+
+def test_plan_cli_unknown_family_is_one_paragraph():
+    res = cli("plan", "--set", "model.name=org/mystery", expect=2)
+    assert "model.family" in res.output and "Traceback" not in res.output
+
+
+def test_no_check_on_cpu_training():
+    c = cfg.resolve(preset="flux-16gb")
+    assert planner.check_before_training(c, torch.device("cpu"), strict=True) is None
