@@ -33,7 +33,8 @@ class ModelConfig:
 
     name: str = ""
     """`tiny:sd15` (offline random-weight model), a hub id, a local diffusers folder, or a
-    single-file `.safetensors` checkpoint (SD1.5/SDXL as downloaded from model sites)."""
+    single-file `.safetensors` checkpoint as downloaded from model sites (SD1.5/SDXL; SD3/FLUX:
+    transformer from the file, the rest from `single_file_config`)."""
     family: Literal["auto", "sd15", "sdxl", "sd3", "flux"] = "auto"
     """Model family; `auto` = from `tiny:FAMILY`, `model_index.json` or a checkpoint's keys."""
     revision: str = ""
@@ -44,7 +45,8 @@ class ModelConfig:
     """Allow loading `.bin`/`.ckpt` pickled weights. Off: only safetensors are read."""
     single_file_config: str = ""
     """For a `.safetensors` checkpoint: a local diffusers folder with its configs and tokenizers;
-    empty = the family's built-in real configs (tokenizers then from the local HF cache)."""
+    empty = the family's built-in real configs (tokenizers then from the local HF cache). SD3 and
+    FLUX need it: their text encoders, tokenizers and scheduler are read from this folder."""
     t5_max_length: int = 0
     """SD3/FLUX: T5 tokens per caption; 0 = the pipeline's default (SD3 256, FLUX 512)."""
     drop_t5: bool = False

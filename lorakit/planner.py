@@ -53,7 +53,7 @@ BACKWARD_TRANSIENT × the largest saved tensor (activation gradients alive durin
 Both fitted to the two H100 SD1.5 measurements (benchmarks/gpu_check-h100-2026-11-26.json:
 512 px, fp16, r16, 1.958 GiB with checkpointing, 2.799 GiB without); SDXL/FLUX rows of
 `benchmarks/gpu_check.py` validate them (BENCHMARKS.md)."""
-VAE_ENCODE_CHUNK = 8
+VAE_ENCODE_CHUNK = 1
 """Images per VAE encode call while caching, as in `train._encode_images`."""
 
 # bytes per element of an optimizer's state, for tensors of n elements (see `optimizer_bytes`)
@@ -580,7 +580,7 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     rows[f"optimizer state ({t.optimizer})"] = optimizer_bytes(all_sizes, opt_name)
 
     encode_each_step = lo.train_text_encoder or c.data.shuffle_tags
-    resident = c.sample.every > 0 or encode_each_step
+    resident = encode_each_step
     if resident:
         for name, b in frozen_bytes.items():
             rows[f"{name} (resident)"] = b

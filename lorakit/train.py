@@ -87,6 +87,9 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         gradient_accumulation_steps=c.train.grad_accum,
     )
     _check_precision(c.train, accelerator.device)
+    from lorakit.planner import check_before_training  # cheap; returns at once on CPU / tiny
+
+    memory_warning = check_before_training(c, accelerator.device, c.train.strict_memory)
     torch.manual_seed(c.train.seed)
 
     # -- resume point, data, model ----------------------------------------------------------
@@ -130,7 +133,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             )
         )
     image_cond = _image_conditioning(family, comps, records)
-    if device.type != "cpu" and c.sample.every == 0 and not encode_each_step:
+    if device.type != "cpu" and not encode_each_step:
         for module in family.frozen_modules(comps).values():
             module.to("cpu")  # only the denoiser is needed from here on
 
@@ -150,6 +153,9 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             if c.train.gradient_checkpointing:
                 te.gradient_checkpointing_enable()
             te.train()
+    if c.train.compile:
+        # After LoRA injection (parameters are shared with comps); the first steps compile.
+        denoiser = torch.compile(denoiser)
     optimizer = build_optimizer(params, c.train, device, lr=scaled_lr(c, accelerator.num_processes))
     lr_schedule = build_lr_schedule(optimizer, c.train, accelerator.num_processes)
     denoiser, optimizer, lr_schedule = accelerator.prepare(denoiser, optimizer, lr_schedule)
@@ -177,6 +183,8 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     )
     reporter.start_at(start_step)
     _banner(reporter, c, data, str(data_dir), accelerator.num_processes, order, resume_from)
+    if memory_warning:
+        reporter.message(f"[yellow]warning:[/yellow] {memory_warning}")
 
     def sample(step: int) -> None:
         nonlocal last_sample
@@ -685,6 +693,8 @@ def _encode_images(family: Family, comps, data, cache_dir: Path, device, acceler
     stale latent. Only the main process writes it (it runs first; the others then only read).
     """
     vae = comps.vae
+    if device.type == "cuda" and hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()  # one image at a time: 8 × 1024 px through an fp32 VAE needs ~20 GiB
     store = LatentCache(cache_dir / "latents", vae_identity(vae))
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for i, r in enumerate(data.records):

@@ -169,3 +169,140 @@ def to_original(family: str, comps) -> dict[str, torch.Tensor]:
     else:
         raise ValueError(family)
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+# -- SD3 / FLUX transformers (inverse of diffusers' convert_{sd3,flux}_transformer_checkpoint…) ----
+
+
+def _shift_scale(weight: torch.Tensor) -> torch.Tensor:
+    """diffusers' AdaLayerNormContinuous is (scale, shift); original files store (shift, scale)."""
+    scale, shift = weight.chunk(2, dim=0)
+    return torch.cat([shift, scale], dim=0)
+
+
+def _qkv(sd, prefix: str, names=("to_q", "to_k", "to_v")) -> dict[str, torch.Tensor]:
+    return {
+        kind: torch.cat([sd[f"{prefix}{n}.{kind}"] for n in names]) for kind in ("weight", "bias")
+    }
+
+
+def sd3_transformer_to_original(transformer, prefix: str = "model.diffusion_model.") -> dict:
+    """SD3Transformer2DModel → `joint_blocks.*` (SD3/SD3.5 single-file layout)."""
+    sd = transformer.state_dict()
+    n = transformer.config.num_layers
+    dual = set(transformer.config.dual_attention_layers or ())
+    o = {
+        "pos_embed": sd["pos_embed.pos_embed"],
+        "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
+        "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
+        "context_embedder.weight": sd["context_embedder.weight"],
+        "context_embedder.bias": sd["context_embedder.bias"],
+        "final_layer.linear.weight": sd["proj_out.weight"],
+        "final_layer.linear.bias": sd["proj_out.bias"],
+        "final_layer.adaLN_modulation.1.weight": _shift_scale(sd["norm_out.linear.weight"]),
+        "final_layer.adaLN_modulation.1.bias": _shift_scale(sd["norm_out.linear.bias"]),
+    }
+    for ours, theirs in (("timestep_embedder", "t_embedder"), ("text_embedder", "y_embedder")):
+        for lin, idx in (("linear_1", 0), ("linear_2", 2)):
+            for kind in ("weight", "bias"):
+                o[f"{theirs}.mlp.{idx}.{kind}"] = sd[f"time_text_embed.{ours}.{lin}.{kind}"]
+    for i in range(n):
+        b, j = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        last = i == n - 1
+        for kind, t in _qkv(sd, b + "attn.").items():
+            o[f"{j}x_block.attn.qkv.{kind}"] = t
+        add = ("add_q_proj", "add_k_proj", "add_v_proj")
+        for kind, t in _qkv(sd, b + "attn.", add).items():
+            o[f"{j}context_block.attn.qkv.{kind}"] = t
+        pairs = [
+            ("attn.to_out.0.", "x_block.attn.proj."),
+            ("norm1.linear.", "x_block.adaLN_modulation.1."),
+            ("ff.net.0.proj.", "x_block.mlp.fc1."),
+            ("ff.net.2.", "x_block.mlp.fc2."),
+        ]
+        if not last:
+            pairs += [
+                ("attn.to_add_out.", "context_block.attn.proj."),
+                ("norm1_context.linear.", "context_block.adaLN_modulation.1."),
+                ("ff_context.net.0.proj.", "context_block.mlp.fc1."),
+                ("ff_context.net.2.", "context_block.mlp.fc2."),
+            ]
+        if i in dual:
+            for kind, t in _qkv(sd, b + "attn2.").items():
+                o[f"{j}x_block.attn2.qkv.{kind}"] = t
+            pairs.append(("attn2.to_out.0.", "x_block.attn2.proj."))
+        for ours, theirs in pairs:
+            for kind in ("weight", "bias"):
+                o[j + theirs + kind] = sd[b + ours + kind]
+        if last:  # the context stream's last modulation is (shift, scale) only
+            for kind in ("weight", "bias"):
+                w = sd[f"{b}norm1_context.linear.{kind}"]
+                o[f"{j}context_block.adaLN_modulation.1.{kind}"] = _shift_scale(w)
+        norms = [("attn.norm_q.", "x_block.attn.ln_q."), ("attn.norm_k.", "x_block.attn.ln_k."),
+                 ("attn.norm_added_q.", "context_block.attn.ln_q."),
+                 ("attn.norm_added_k.", "context_block.attn.ln_k.")]  # fmt: skip
+        if i in dual:
+            norms += [
+                ("attn2.norm_q.", "x_block.attn2.ln_q."),
+                ("attn2.norm_k.", "x_block.attn2.ln_k."),
+            ]
+        for ours, theirs in norms:
+            if b + ours + "weight" in sd:
+                o[j + theirs + "weight"] = sd[b + ours + "weight"]
+    return {prefix + k: v.detach().clone().contiguous() for k, v in o.items()}
+
+
+def flux_transformer_to_original(transformer, prefix: str = "") -> dict:
+    """FluxTransformer2DModel → BFL layout (`double_blocks.*`, `single_blocks.*`), as the FLUX.1
+    transformer-only files ship (no `model.diffusion_model.` prefix)."""
+    sd = transformer.state_dict()
+    o = {
+        "txt_in.weight": sd["context_embedder.weight"],
+        "txt_in.bias": sd["context_embedder.bias"],
+        "img_in.weight": sd["x_embedder.weight"],
+        "img_in.bias": sd["x_embedder.bias"],
+        "final_layer.linear.weight": sd["proj_out.weight"],
+        "final_layer.linear.bias": sd["proj_out.bias"],
+        "final_layer.adaLN_modulation.1.weight": _shift_scale(sd["norm_out.linear.weight"]),
+        "final_layer.adaLN_modulation.1.bias": _shift_scale(sd["norm_out.linear.bias"]),
+    }
+    embedders = [("timestep_embedder", "time_in"), ("text_embedder", "vector_in")]
+    if "time_text_embed.guidance_embedder.linear_1.weight" in sd:
+        embedders.append(("guidance_embedder", "guidance_in"))
+    for ours, theirs in embedders:
+        for lin, layer in (("linear_1", "in_layer"), ("linear_2", "out_layer")):
+            for kind in ("weight", "bias"):
+                o[f"{theirs}.{layer}.{kind}"] = sd[f"time_text_embed.{ours}.{lin}.{kind}"]
+    for i in range(transformer.config.num_layers):
+        b, j = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for kind, t in _qkv(sd, b + "attn.").items():
+            o[f"{j}img_attn.qkv.{kind}"] = t
+        add = ("add_q_proj", "add_k_proj", "add_v_proj")
+        for kind, t in _qkv(sd, b + "attn.", add).items():
+            o[f"{j}txt_attn.qkv.{kind}"] = t
+        for ours, theirs in (
+            ("norm1.linear.", "img_mod.lin."), ("norm1_context.linear.", "txt_mod.lin."),
+            ("ff.net.0.proj.", "img_mlp.0."), ("ff.net.2.", "img_mlp.2."),
+            ("ff_context.net.0.proj.", "txt_mlp.0."), ("ff_context.net.2.", "txt_mlp.2."),
+            ("attn.to_out.0.", "img_attn.proj."), ("attn.to_add_out.", "txt_attn.proj."),
+        ):  # fmt: skip
+            for kind in ("weight", "bias"):
+                o[j + theirs + kind] = sd[b + ours + kind]
+        for ours, theirs in (
+            ("attn.norm_q.", "img_attn.norm.query_norm."),
+            ("attn.norm_k.", "img_attn.norm.key_norm."),
+            ("attn.norm_added_q.", "txt_attn.norm.query_norm."),
+            ("attn.norm_added_k.", "txt_attn.norm.key_norm."),
+        ):  # fmt: skip
+            o[j + theirs + "scale"] = sd[b + ours + "weight"]
+    for i in range(transformer.config.num_single_layers):
+        b, j = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for kind in ("weight", "bias"):
+            o[f"{j}linear1.{kind}"] = torch.cat(
+                [sd[f"{b}{n}.{kind}"] for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+            )
+            o[f"{j}modulation.lin.{kind}"] = sd[f"{b}norm.linear.{kind}"]
+            o[f"{j}linear2.{kind}"] = sd[f"{b}proj_out.{kind}"]
+        o[f"{j}norm.query_norm.scale"] = sd[f"{b}attn.norm_q.weight"]
+        o[f"{j}norm.key_norm.scale"] = sd[f"{b}attn.norm_k.weight"]
+    return {prefix + k: v.detach().clone().contiguous() for k, v in o.items()}

@@ -27,8 +27,9 @@ _TOP = {
 }
 
 
-def sgm_name(path: str) -> str:
-    """diffusers UNet module path → SGM path (SDXL base layout)."""
+def sgm_name(path: str, up_has_attention: tuple[bool, ...] = UP_HAS_ATTENTION) -> str:
+    """diffusers UNet module path → SGM path (SDXL base layout). The LDM layout of SD1.5 is
+    the same numbering with `up_has_attention=(False, True, True, True)`."""
     n = LAYERS_PER_BLOCK
     if path in _TOP:
         return _TOP[path]
@@ -46,7 +47,7 @@ def sgm_name(path: str) -> str:
     m = re.fullmatch(r"up_blocks\.(\d)\.upsamplers\.0\.conv", path)
     if m:
         b = int(m[1])
-        return f"output_blocks.{(n + 1) * b + n}.{2 if UP_HAS_ATTENTION[b] else 1}.conv"
+        return f"output_blocks.{(n + 1) * b + n}.{2 if up_has_attention[b] else 1}.conv"
     m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", path)
     if m:
         k = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[(m[1], m[2])]

@@ -116,7 +116,7 @@ def load_model(cfg: ModelConfig) -> tuple[Family, Any]:
 
     check_quantize(cfg.quantize, family.name)  # before any weights are read
     configured = getattr(family, "load_configured", None)
-    if configured is not None and kind in ("tiny", "local", "hub"):
+    if configured is not None:
         return family, configured(cfg, kind)  # families with model.* options (SD3, FLUX)
     if kind == "tiny":
         return family, family.build_tiny(seed=0)

@@ -171,6 +171,107 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> FluxComponents:
     return FluxComponents(transformer, vae, te, tok, te_2, tok_2, sched)
 
 
+def flux_bfl_to_diffusers(
+    checkpoint: dict[str, torch.Tensor], num_layers: int, num_single_layers: int, inner_dim: int
+) -> dict[str, torch.Tensor]:
+    """BFL-layout FLUX.1 transformer weights → FluxTransformer2DModel names.
+
+    The same mapping as diffusers' `convert_flux_transformer_checkpoint_to_diffusers`, which
+    cannot be used as is: diffusers 0.42 hard-codes `inner_dim = 3072` when splitting the single
+    blocks' fused `linear1` ([q; k; v; mlp], rows inner, inner, inner, 4·inner), so it only reads
+    full-size FLUX.1. Here `inner_dim` comes from the config. adaLN of the final layer is stored
+    (shift, scale) in BFL files, (scale, shift) in diffusers. Raises KeyError on a missing weight.
+    """
+    ck = {k.removeprefix("model.diffusion_model."): v for k, v in checkpoint.items()}
+    out: dict[str, torch.Tensor] = {}
+
+    def put(ours: str, theirs: str, kinds=("weight", "bias")) -> None:
+        for kind in kinds:
+            out[ours + kind] = ck[theirs + kind]
+
+    def swap(t: torch.Tensor) -> torch.Tensor:
+        shift, scale = t.chunk(2, dim=0)
+        return torch.cat([scale, shift], dim=0)
+
+    embedders = [("timestep_embedder", "time_in"), ("text_embedder", "vector_in")]
+    if "guidance_in.in_layer.weight" in ck:  # dev has a guidance embedding, schnell none
+        embedders.append(("guidance_embedder", "guidance_in"))
+    for ours, theirs in embedders:
+        put(f"time_text_embed.{ours}.linear_1.", f"{theirs}.in_layer.")
+        put(f"time_text_embed.{ours}.linear_2.", f"{theirs}.out_layer.")
+    put("context_embedder.", "txt_in.")
+    put("x_embedder.", "img_in.")
+    for i in range(num_layers):
+        b, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for stream, names in (("img", ("to_q", "to_k", "to_v")),
+                              ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):  # fmt: skip
+            for kind in ("weight", "bias"):
+                for name, t in zip(names, ck[f"{d}{stream}_attn.qkv.{kind}"].chunk(3), strict=True):
+                    out[f"{b}attn.{name}.{kind}"] = t
+        for ours, theirs in (
+            ("norm1.linear.", "img_mod.lin."), ("norm1_context.linear.", "txt_mod.lin."),
+            ("ff.net.0.proj.", "img_mlp.0."), ("ff.net.2.", "img_mlp.2."),
+            ("ff_context.net.0.proj.", "txt_mlp.0."), ("ff_context.net.2.", "txt_mlp.2."),
+            ("attn.to_out.0.", "img_attn.proj."), ("attn.to_add_out.", "txt_attn.proj."),
+        ):  # fmt: skip
+            put(b + ours, d + theirs)
+        for ours, theirs in (
+            ("attn.norm_q.", "img_attn.norm.query_norm."),
+            ("attn.norm_k.", "img_attn.norm.key_norm."),
+            ("attn.norm_added_q.", "txt_attn.norm.query_norm."),
+            ("attn.norm_added_k.", "txt_attn.norm.key_norm."),
+        ):  # fmt: skip
+            out[b + ours + "weight"] = ck[d + theirs + "scale"]
+    sizes = (inner_dim, inner_dim, inner_dim, 4 * inner_dim)
+    for i in range(num_single_layers):
+        b, d = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for kind in ("weight", "bias"):
+            fused = ck[f"{d}linear1.{kind}"]
+            if fused.shape[0] != sum(sizes):
+                raise KeyError(f"{d}linear1.{kind} has {fused.shape[0]} rows, not {sum(sizes)}")
+            names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+            for name, t in zip(names, fused.split(sizes), strict=True):
+                out[f"{b}{name}.{kind}"] = t
+        put(b + "norm.linear.", d + "modulation.lin.")
+        put(b + "proj_out.", d + "linear2.")
+        out[b + "attn.norm_q.weight"] = ck[d + "norm.query_norm.scale"]
+        out[b + "attn.norm_k.weight"] = ck[d + "norm.key_norm.scale"]
+    put("proj_out.", "final_layer.linear.")
+    for kind in ("weight", "bias"):
+        out[f"norm_out.linear.{kind}"] = swap(ck[f"final_layer.adaLN_modulation.1.{kind}"])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def load_bfl_transformer(checkpoint: dict[str, torch.Tensor], folder: str, source: str):
+    """FluxTransformer2DModel with the config of `folder/transformer` and the file's weights
+    (fp32, frozen, eval). Clear errors when the file and the config disagree."""
+    from diffusers import FluxTransformer2DModel
+
+    from lorakit.errors import LorakitError
+    from lorakit.models.single_file import _first_line
+
+    try:
+        config = FluxTransformer2DModel.load_config(
+            folder, subfolder="transformer", local_files_only=True
+        )
+        model = FluxTransformer2DModel.from_config(config)
+        inner = model.config.num_attention_heads * model.config.attention_head_dim
+        state = flux_bfl_to_diffusers(
+            checkpoint, model.config.num_layers, model.config.num_single_layers, inner
+        )
+        state = {k: v.to(torch.float32) for k, v in state.items()}
+        model.load_state_dict(state, strict=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise LorakitError(
+            f"Could not read the FLUX transformer from the checkpoint '{source}': "
+            f"{_first_line(e)}. The file and {folder}/transformer must describe the same "
+            "architecture (FLUX.1 dev or schnell); set model.single_file_config to a local "
+            "diffusers folder of the model the file was made from."
+        ) from None
+    freeze(model)
+    return model
+
+
 def _config(module: torch.nn.Module):
     # accelerate may wrap the denoiser (DDP); the diffusers config lives on the inner module.
     return getattr(getattr(module, "module", module), "config", None)
@@ -257,6 +358,12 @@ class Flux:
             comps = self.build_tiny(seed=0)
             if cfg.quantize != "none":
                 comps.transformer = quantize_loaded(comps.transformer, cfg.quantize)
+        elif kind == "single_file":
+            from lorakit.models.single_file import load_single_file
+
+            comps = load_single_file(self, cfg.name, cfg.single_file_config)
+            if cfg.quantize != "none":
+                comps.transformer = quantize_loaded(comps.transformer, cfg.quantize)
         else:
             comps = self.load(
                 cfg.name,
@@ -267,6 +374,40 @@ class Flux:
             )
         comps.t5_max_length = cfg.t5_max_length or 512
         return comps
+
+    def single_file_configs(self) -> dict[str, dict[str, Any]]:
+        """None built in: FLUX files hold the transformer only (see `from_single_file`)."""
+        return {}
+
+    def from_single_file(
+        self, checkpoint: dict[str, torch.Tensor], folder: str, source: str
+    ) -> FluxComponents:
+        """Transformer from the BFL layout (`double_blocks.*`, `single_blocks.*`, optionally
+        under `model.diffusion_model.`; `flux_bfl_to_diffusers`), VAE from `first_stage_model.*`
+        or `vae.*` when present, else from `folder`; CLIP-L, T5, tokenizers and scheduler from
+        `folder` (model.single_file_config)."""
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        from lorakit.models import single_file as sf
+
+        def folder_part(cls, sub, **kw):
+            return sf.load_from_folder(cls, folder, sub, source, **kw)
+
+        te = folder_part(CLIPTextModel, "text_encoder")
+        te_2 = folder_part(T5EncoderModel, "text_encoder_2")
+        tok = folder_part(CLIPTokenizer, "tokenizer", tokenizer=True)
+        tok_2 = folder_part(T5TokenizerFast, "tokenizer_2", tokenizer=True)
+        transformer = load_bfl_transformer(checkpoint, folder, source)
+        if sf.has_prefix(checkpoint, "first_stage_model."):
+            vae = sf.load_component(AutoencoderKL, dict(checkpoint), folder, "vae", source)
+        else:
+            vae = folder_part(AutoencoderKL, "vae")
+        sched = sf.load_scheduler(
+            folder, dict(FLUX_SCHEDULER, _class_name="FlowMatchEulerDiscreteScheduler"), {}
+        )
+        freeze(transformer, vae, te, te_2)
+        return FluxComponents(transformer, vae, te, tok, te_2, tok_2, sched)
 
     def save(self, components: FluxComponents, folder: str) -> None:
         self.pipeline(components).save_pretrained(folder, safe_serialization=True)

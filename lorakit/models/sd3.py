@@ -26,6 +26,7 @@ import math
 import tempfile
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -329,6 +330,14 @@ class SD3:
                 comps.text_encoder_3 = comps.tokenizer_3 = None
             if cfg.quantize != "none":
                 comps.transformer = quantize_loaded(comps.transformer, cfg.quantize)
+        elif kind == "single_file":
+            from lorakit.models.single_file import load_single_file
+
+            comps = load_single_file(self, cfg.name, cfg.single_file_config)
+            if cfg.drop_t5:
+                comps.text_encoder_3 = comps.tokenizer_3 = None
+            if cfg.quantize != "none":
+                comps.transformer = quantize_loaded(comps.transformer, cfg.quantize)
         else:
             comps = self.load(
                 cfg.name,
@@ -339,6 +348,55 @@ class SD3:
                 quantize=cfg.quantize,
             )
         comps.t5_max_length = cfg.t5_max_length or 256
+        return comps
+
+    def single_file_configs(self) -> dict[str, dict[str, Any]]:
+        """None built in: an SD3 file lacks usable text encoders (see `from_single_file`)."""
+        return {}
+
+    def from_single_file(
+        self, checkpoint: dict[str, torch.Tensor], folder: str, source: str
+    ) -> SD3Components:
+        """MMDiT from `joint_blocks.*` (diffusers' converter: fused q/k/v split, adaLN
+        (shift, scale) → (scale, shift)), VAE from `first_stage_model.*` when present; CLIP-L,
+        CLIP-G, T5 (if `folder` has text_encoder_3/), tokenizers and scheduler from `folder`.
+        The text encoders embedded in some SD3 files (`text_encoders.*`) are not read: diffusers
+        replaces CLIP-L's projection by an identity when converting them."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import (
+            CLIPTextModelWithProjection,
+            CLIPTokenizer,
+            T5EncoderModel,
+            T5TokenizerFast,
+        )
+
+        from lorakit.models import single_file as sf
+
+        def folder_part(cls, sub, **kw):
+            return sf.load_from_folder(cls, folder, sub, source, **kw)
+
+        te = folder_part(CLIPTextModelWithProjection, "text_encoder")
+        te_2 = folder_part(CLIPTextModelWithProjection, "text_encoder_2")
+        tok = folder_part(CLIPTokenizer, "tokenizer", tokenizer=True)
+        tok_2 = folder_part(CLIPTokenizer, "tokenizer_2", tokenizer=True)
+        te_3 = tok_3 = None
+        if (Path(folder) / "text_encoder_3").is_dir():
+            te_3 = folder_part(T5EncoderModel, "text_encoder_3")
+            tok_3 = folder_part(T5TokenizerFast, "tokenizer_3", tokenizer=True)
+        # diffusers' converter pops keys: give it its own dict (same tensors).
+        transformer = sf.load_component(
+            SD3Transformer2DModel, dict(checkpoint), folder, "transformer", source
+        )
+        if sf.has_prefix(checkpoint, "first_stage_model."):
+            vae = sf.load_component(AutoencoderKL, dict(checkpoint), folder, "vae", source)
+        else:
+            vae = folder_part(AutoencoderKL, "vae")
+        sched = sf.load_scheduler(
+            folder, dict(SD3_SCHEDULER, _class_name="FlowMatchEulerDiscreteScheduler"), {}
+        )
+        assert isinstance(sched, FlowMatchEulerDiscreteScheduler), type(sched)
+        comps = SD3Components(transformer, vae, te, tok, te_2, tok_2, te_3, tok_3, sched)
+        freeze(transformer, vae, te, te_2, te_3)
         return comps
 
     def save(self, components: SD3Components, folder: str) -> None:

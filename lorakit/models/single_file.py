@@ -15,7 +15,11 @@ API (what `models/__init__.py` and the family modules call):
 
 Checkpoints keep the original key layout: `model.diffusion_model.` (UNet), `first_stage_model.`
 (VAE), `cond_stage_model.transformer.` (SD1.5 CLIP-L), `conditioner.embedders.0.transformer.` /
-`conditioner.embedders.1.model.` (SDXL CLIP-L / OpenCLIP bigG).
+`conditioner.embedders.1.model.` (SDXL CLIP-L / OpenCLIP bigG). SD3/3.5: `joint_blocks.*` (MMDiT,
+optionally under `model.diffusion_model.`) plus an optional `first_stage_model.` VAE; FLUX.1:
+`double_blocks.*` / `single_blocks.*` (BFL layout, usually the transformer alone). For SD3/FLUX
+only the transformer (and the VAE when present) is read from the file; text encoders, tokenizers
+and scheduler come from `model.single_file_config` (`load_from_folder`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from lorakit.models.base import Family
 MARKERS: dict[str, tuple[str, ...]] = {
     "sdxl": ("conditioner.embedders.1.model.",),
     "sd15": ("cond_stage_model.transformer.text_model.",),
+    # SD3/3.5 and FLUX.1 files ship with or without the `model.diffusion_model.` prefix.
+    "sd3": ("joint_blocks.", "model.diffusion_model.joint_blocks."),
+    "flux": ("double_blocks.", "model.diffusion_model.double_blocks."),
 }
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -213,6 +220,40 @@ def load_scheduler(folder: str, fallback: dict[str, Any], checkpoint: dict[str, 
         config["prediction_type"] = "v_prediction"
     cls = getattr(diffusers, str(config.get("_class_name", "")), None) or diffusers.DDPMScheduler
     return cls.from_config(config)
+
+
+def load_from_folder(cls: type, folder: str, sub: str, src: str, **kwargs):
+    """A component that single files of this family do not carry (or that lorakit does not read
+    from them: text encoders of SD3/FLUX), from `folder/sub` of model.single_file_config, local
+    files only, fp32, frozen."""
+    if not (Path(folder) / sub).is_dir():
+        raise LorakitError(
+            f"The single-file checkpoint '{src}' needs the {sub} from a diffusers folder of the "
+            f"same model, and '{folder}' has no {sub}/. lorakit reads only the transformer (and "
+            "the VAE, if the file has one) from SD3/FLUX single files: set "
+            "model.single_file_config to a local diffusers folder of this model (with "
+            f"{sub}/), e.g. a downloaded copy of its hub repo."
+        )
+    try:
+        if kwargs.pop("tokenizer", False):
+            module = cls.from_pretrained(folder, subfolder=sub, local_files_only=True)
+            return module
+        module = cls.from_pretrained(
+            folder, subfolder=sub, local_files_only=True, torch_dtype=torch.float32, **kwargs
+        )
+    except (OSError, ValueError) as e:
+        raise LorakitError(
+            f"Could not load the {sub} from model.single_file_config '{folder}' (for the "
+            f"checkpoint '{src}'): {_first_line(e)}. Point it at a complete local diffusers "
+            "folder of this model."
+        ) from None
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+def has_prefix(checkpoint: dict[str, torch.Tensor], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in checkpoint)
 
 
 def _first_line(e: BaseException) -> str:
