@@ -526,7 +526,7 @@ def merge(
         "merged"
     ),
     single_file: Annotated[
-        bool, typer.Option(help="Also write an original-layout single-file checkpoint.")
+        bool, typer.Option(help="Also write OUT.safetensors: original-layout single file.")
     ] = False,
 ) -> None:
     """Fuse adapters into the base weights and save a diffusers folder.
@@ -540,11 +540,6 @@ def merge(
     from lorakit.merge import merge_into
     from lorakit.models import load_model
 
-    if single_file:
-        raise LorakitError(
-            "--single-file is not available yet; merge writes a diffusers folder (load it with "
-            "from_pretrained, or convert it with diffusers' convert scripts)."
-        )
     loaded = []
     for spec in adapters:
         path, weight = spec, 1.0
@@ -562,6 +557,12 @@ def merge(
         raise LorakitError(f"--out '{out_path}' exists and is not empty; choose a new folder.")
     family.save(comps, str(out_path))
     out.print(f"merged {len(loaded)} adapter(s) into {n} modules → {out_path}", highlight=False)
+    if single_file:
+        from lorakit.export.single_file import write_single_file
+
+        target = out_path.with_name(out_path.name + ".safetensors")
+        write_single_file(family.name, comps, target)
+        out.print(f"single-file checkpoint (original key names) → {target}", highlight=False)
 
 
 def _adapter_file(src: Path) -> Path:

@@ -45,7 +45,8 @@ def _preserved_rng():
 
 def _weights_of(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     for name, p in module.named_parameters():
-        if "lora_" not in name:
+        # skip LoRA and quantized (uint8) weights: their dtype is not the compute dtype
+        if "lora_" not in name and p.dtype.is_floating_point:
             return p.device, p.dtype
     return torch.device("cpu"), torch.float32
 

@@ -602,7 +602,10 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     )
     train_phase = sum(rows.values())
 
-    weights_all = rows["denoiser weights"] + sum(frozen_bytes.values())
+    # The loop moves the denoiser to the device after caching; a quantized one is loaded there.
+    weights_all = sum(frozen_bytes.values()) + (
+        rows["denoiser weights"] if getattr(c.model, "quantize", "none") != "none" else 0
+    )
     chunk = min(images, VAE_ENCODE_CHUNK)
     cache_phase = weights_all + inference_peak(family, "vae_encode", c.data.resolution, chunk, prec)
     phases = {"cache": cache_phase, "train": train_phase}

@@ -15,6 +15,7 @@ Everything random (LoRA init, data order, noise, timesteps) comes from generator
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -48,7 +49,7 @@ from lorakit.lora import (
     inject_text_encoder_lora,
     text_encoder_targets,
 )
-from lorakit.models import Family, load_model
+from lorakit.models import Family, load_model, resolve_family
 from lorakit.palette import extract_palette, palette_distance
 from lorakit.progress import Reporter
 from lorakit.report import History, write_report
@@ -101,8 +102,9 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         _claim_output(out, c.train.overwrite)
     accelerator.wait_for_everyone()
     cache_dir = Path(c.data.cache_dir) if c.data.cache_dir else out / "cache"
+    data_cfg = _bucket_granularity(c, resolve_family(c.model)[0])
     with accelerator.main_process_first():  # rank 0 prepares and caches, the others then read
-        data = load_training_set(data_dir, c.data, c.train.batch_size, c.train.seed)
+        data = load_training_set(data_dir, data_cfg, c.train.batch_size, c.train.seed)
     records = data.records
     family, comps = load_model(c.model)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
@@ -110,10 +112,6 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     ]
     device = accelerator.device
     denoiser = getattr(comps, family.denoiser_name)
-    if getattr(denoiser, "is_quantized", False):
-        denoiser.to(device)  # bitsandbytes weights are placed and typed at load time
-    else:
-        denoiser.to(device, weight_dtype)
     for name, module in family.frozen_modules(comps).items():
         module.to(device, _frozen_dtype(name, module, weight_dtype))
     if accelerator.is_main_process:
@@ -136,6 +134,11 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     if device.type != "cpu" and not encode_each_step:
         for module in family.frozen_modules(comps).values():
             module.to("cpu")  # only the denoiser is needed from here on
+    # The denoiser comes to the device only now: during caching the encoders have it to themselves.
+    if getattr(denoiser, "is_quantized", False):
+        denoiser.to(device)  # bitsandbytes weights are placed and typed at load time
+    else:
+        denoiser.to(device, weight_dtype)
 
     # -- adapter, optimizer, schedule -------------------------------------------------------
     targets = c.lora.target_modules or list(family.default_targets)
@@ -655,6 +658,17 @@ def _claim_output(out: Path, overwrite: bool) -> None:
             f"train.out '{out}' is a non-empty folder that is not a lorakit run. Choose an empty "
             "or new folder (lorakit does not write among other files unless you pass --overwrite)."
         )
+
+
+def _bucket_granularity(c: Config, family: Family):
+    """Bucket sides must map to whole latent patches: VAE factor 8, times 2 for transformers
+    that pack 2×2 latent patches (SD3, FLUX). The automatic step (64 px, or 8 px below 256 px)
+    is rounded up to the family's multiple."""
+    multiple = getattr(family, "pixel_multiple", 8)
+    step = c.data.bucket_step or (64 if c.data.resolution >= 256 else 8)
+    if step % multiple == 0:
+        return c.data
+    return replace(c.data, bucket_step=math.lcm(step, multiple))
 
 
 def _frozen_dtype(name: str, module, weight_dtype: torch.dtype) -> torch.dtype:

@@ -247,3 +247,19 @@ def test_preset_loads_and_its_cpu_settings_train_tiny_flux(tmp_path, preset):
     result = train(c, SAMPLES)
     assert set(result.adapters) == {"kohya", "diffusers"}
     assert all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
+
+
+def test_non_square_buckets_pack_into_whole_latent_patches(tmp_path):
+    """Found on the GPU: at 64 px the automatic 8-px bucket step gave a 56×72 bucket whose 7×9
+    latents cannot be packed 2×2. FLUX buckets are multiples of 16 px."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, size in enumerate([(56, 72), (56, 72), (72, 56), (72, 56)]):
+        Image.new("RGB", size, (40 * i, 90, 200)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("tdwl, a flat shape")
+    out = tmp_path / "run"
+    cli("train", data, *FAST, "--model", "tiny:flux", "--out", out, "--steps", 2,
+        "--set", "train.batch_size=2", "--set", "model.t5_max_length=16")  # fmt: skip
+    assert (out / "lorakit.safetensors").is_file()

@@ -26,8 +26,11 @@ def training_metadata(
     started_at: float,
     step: int,
     dataset_name: str = "data",
+    components=None,
 ) -> dict[str, str]:
-    """What a run knows about itself; stored in every adapter it writes."""
+    """What a run knows about itself; stored in every adapter it writes. With the loaded
+    `components`, the base model version and modelspec architecture name the exact variant
+    (`variant_metadata`: SD3 medium / SD3.5 medium / SD3.5 large, FLUX.1 dev / schnell)."""
     c = config
     tags: Counter[str] = Counter()
     for caption in captions:
@@ -65,7 +68,39 @@ def training_metadata(
         "lorakit.base_model": c.model.name,
         "lorakit.family": family.name,
     }
+    if components is not None:
+        meta |= variant_metadata(family, components)
     return meta
+
+
+SD3_VARIANTS = {
+    "sd3-medium": ("medium", "stable-diffusion-3-medium/lora"),
+    "sd35-medium": ("5-medium", "stable-diffusion-3-5-medium/lora"),
+    "sd35-large": ("5-large", "stable-diffusion-3-5-large/lora"),
+}
+"""SD3 variant → (`ss_base_model_version`, `modelspec.architecture`), kohya's values."""
+
+
+def sd3_variant(config) -> str:
+    """SD3 variant from an `SD3Transformer2DModel` config: SD3.5 medium is the 24-block MMDiT-X
+    (blocks with `attn2`), SD3 medium the plain 24-block MMDiT, anything deeper SD3.5 large."""
+    dual = tuple(getattr(config, "dual_attention_layers", None) or ())
+    if int(getattr(config, "num_layers", 38)) <= 24:
+        return "sd35-medium" if dual else "sd3-medium"
+    return "sd35-large"
+
+
+def variant_metadata(family: Family, components) -> dict[str, str]:
+    """`ss_base_model_version` / `modelspec.architecture` of the loaded variant; uses the
+    family's `modelspec_for(components)` where it has one (FLUX: dev vs schnell)."""
+    out: dict[str, str] = {}
+    if family.name == "sd3" and getattr(components, "transformer", None) is not None:
+        version, arch = SD3_VARIANTS[sd3_variant(components.transformer.config)]
+        out = {"ss_base_model_version": version, "modelspec.architecture": arch}
+    spec = getattr(family, "modelspec_for", None)
+    if spec is not None:
+        out["modelspec.architecture"] = spec(components)
+    return out
 
 
 def finalize(

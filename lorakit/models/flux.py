@@ -298,6 +298,8 @@ class Flux:
     """Attention projections of the double blocks and q/k/v of the single blocks; add
     `proj_mlp` and `proj_out` to lora.target_modules for the single blocks' MLP/output too."""
     tiny_resolution = 64
+    pixel_multiple = 16
+    """Bucket sides are multiples of this: VAE factor 8 × 2×2 latent patches."""
 
     @staticmethod
     def modelspec_for(components: FluxComponents) -> str:

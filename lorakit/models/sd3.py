@@ -246,6 +246,8 @@ class SD3:
     )  # fmt: skip
     """Attention projections of both streams (and SD3.5 medium's `attn2`), as diffusers' script."""
     tiny_resolution = 64
+    pixel_multiple = 16
+    """Bucket sides are multiples of this: VAE factor 8 × 2×2 latent patches."""
 
     # -- building and loading ------------------------------------------------------------------
 
