@@ -177,7 +177,9 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     if c.eval.palette_colors and accelerator.is_main_process and history.brand_palette is None:
         history.brand_palette = _brand_palette(data, c.eval.palette_colors, c.train.seed)
     started = time.time()
-    meta = training_metadata(c, family, captions, len(records), started, 0, Path(data_dir).name)
+    meta = training_metadata(
+        c, family, captions, len(records), started, 0, Path(data_dir).name, components=comps
+    )
     sampling_on = bool(c.sample.every or c.sample.every_minutes or c.sample.every_epochs)
     sample_spec = grid_spec(c.sample, c.data.trigger, c.data.resolution) if sampling_on else None
     last_sample = time.monotonic()

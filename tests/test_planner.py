@@ -175,3 +175,14 @@ def test_plan_cli_unknown_family_is_one_paragraph():
 def test_no_check_on_cpu_training():
     c = cfg.resolve(preset="flux-16gb")
     assert planner.check_before_training(c, torch.device("cpu"), strict=True) is None
+
+
+@pytest.mark.slow
+def test_compile_trains_two_steps(tmp_path):
+    """torch.compile (inductor) of the tiny UNet takes minutes on 2 CPU cores: marked slow.
+    Seen here: the run completed 2 steps and wrote both adapter files."""
+    from tests.conftest import FAST, SAMPLES
+
+    out = tmp_path / "r"
+    cli("train", SAMPLES, *FAST, "--out", out, "--steps", 2, "--set", "train.compile=true")
+    assert (out / "lorakit.safetensors").is_file()
