@@ -199,6 +199,8 @@ def train(
             highlight=False,
         )
     out.print(f"  config: {result.out_dir / 'config.toml'}", highlight=False)
+    if result.report is not None:
+        out.print(f"  report: {result.report}", highlight=False)
 
 
 # -- prepare --------------------------------------------------------------------------------------
