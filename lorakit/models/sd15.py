@@ -386,9 +386,7 @@ class SD15:
     def pipeline(self, components: SD15Components, scheduler: str = "default") -> Any:
         import diffusers
 
-        sched = components.scheduler
-        if scheduler != "default":
-            sched = getattr(diffusers, _SAMPLERS[scheduler]).from_config(sched.config)
+        sched = preview_scheduler(components.scheduler, scheduler)
         pipe = diffusers.StableDiffusionPipeline(
             vae=components.vae,
             text_encoder=components.text_encoder,
@@ -452,6 +450,15 @@ def ddpm_loss(
         dim=tuple(range(1, pred.dim()))
     )
     return (per_sample * min_snr_weights(sched, timesteps, train.min_snr_gamma, kind)).mean()
+
+
+def preview_scheduler(scheduler, name: str):
+    """The model's own scheduler (`default`) or a sampler built from its config."""
+    if name == "default":
+        return scheduler
+    import diffusers
+
+    return getattr(diffusers, _SAMPLERS[name]).from_config(scheduler.config)
 
 
 def _freeze(c: SD15Components) -> None:

@@ -31,7 +31,6 @@ from lorakit.config import TrainConfig
 from lorakit.errors import LorakitError
 from lorakit.models.base import AdapterTarget
 from lorakit.models.sd15 import (
-    _SAMPLERS,
     CLIP_L_TEXT,
     SD15_SCHEDULER,
     SD15_VAE,
@@ -43,6 +42,7 @@ from lorakit.models.sd15 import (
     clip_l_modules,
     ddpm_loss,
     ddpm_noise_and_timesteps,
+    preview_scheduler,
 )
 
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -427,9 +427,7 @@ class SDXL:
     def pipeline(self, components: SDXLComponents, scheduler: str = "default") -> Any:
         import diffusers
 
-        sched = components.scheduler
-        if scheduler != "default":
-            sched = getattr(diffusers, _SAMPLERS[scheduler]).from_config(sched.config)
+        sched = preview_scheduler(components.scheduler, scheduler)
         pipe = diffusers.StableDiffusionXLPipeline(
             vae=components.vae,
             text_encoder=components.text_encoder,
