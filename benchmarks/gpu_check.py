@@ -13,6 +13,8 @@
    `lorakit.planner`'s prediction side by side. NF4: the random transformer is saved to /tmp and
    re-loaded through `lorakit.models.quantize.quantize_loaded` (diffusers' BitsAndBytesConfig,
    the product's own path; ~24 GB of disk, ~1-2 min).
+   FLUX runs twice: plain checkpointing, then `train.offload_activations` (row `flux+offload`:
+   the checkpointed blocks' inputs in pinned CPU memory, `lorakit/offload.py`).
 
 Writes a JSON report to $OUT/gpu_check.json (or ./gpu_check.json) after every part, so partial
 results survive a timeout, and prints progress. `--tiny` (alias `--cpu-dry-run`) runs everything
@@ -147,10 +149,11 @@ def sd15_step(checkpointing: bool, dry: bool, steps: int = 12) -> dict:
     }
 
 
-FAMILY_RUNS = {  # family: (preset, resolution, quantize)
-    "sd15": ("sd15-8gb", 512, "none"),
-    "sdxl": ("sdxl-12gb", 1024, "none"),
-    "flux": ("flux-16gb", 1024, "nf4"),
+FAMILY_RUNS = {  # row: (preset, resolution, quantize, train.offload_activations)
+    "sd15": ("sd15-8gb", 512, "none", False),
+    "sdxl": ("sdxl-12gb", 1024, "none", False),
+    "flux": ("flux-16gb", 1024, "nf4", False),
+    "flux+offload": ("flux-16gb", 1024, "nf4", True),  # checkpoint inputs in pinned CPU memory
 }
 TARGET_GIB = {"sd15": 4.0, "sdxl": 8.0, "flux": 10.0}
 
@@ -178,7 +181,7 @@ def _real_denoiser(family: str, dry: bool, quantize: str, device, dtype):
     return model
 
 
-def family_step(family: str, dry: bool, steps: int = 5) -> dict:
+def family_step(row: str, dry: bool, steps: int = 5) -> dict:
     """5 LoRA r16 steps of the real architecture with lorakit's loss and optimizer."""
     from lorakit import config as cfg
     from lorakit import planner
@@ -186,13 +189,15 @@ def family_step(family: str, dry: bool, steps: int = 5) -> dict:
     from lorakit.models import get_family
     from lorakit.train import build_optimizer
 
-    preset, res, quantize = FAMILY_RUNS[family]
+    preset, res, quantize, offload = FAMILY_RUNS[row]
+    family = row.split("+")[0]
     device = torch.device("cpu" if dry else "cuda")
     dtype = torch.float32 if dry else torch.bfloat16
     sets = ["sample.every=0", "lora.rank=16", "lora.alpha=16.0", "train.batch_size=1",
             "train.gradient_checkpointing=true", f"data.resolution={res}",
             "train.mixed_precision='bf16'", f"model.quantize='{quantize}'",
-            "train.optimizer='adamw8bit'", "lora.target_modules=[]"]  # fmt: skip
+            "train.optimizer='adamw8bit'", "lora.target_modules=[]",
+            f"train.offload_activations={str(offload).lower()}"]  # fmt: skip
     c = cfg.resolve(preset=preset, sets=sets)
     t0 = time.perf_counter()
     p = planner.plan(c)
@@ -206,7 +211,12 @@ def family_step(family: str, dry: bool, steps: int = 5) -> dict:
         rank=16, alpha=16.0, target_modules=list(fam.default_targets)), seed=0)  # fmt: skip
     for q in params:
         q.data = q.data.float()
-    den.enable_gradient_checkpointing()
+    if offload:  # as lorakit.train does on CUDA (on the CPU dry run: copies CPU → CPU)
+        from lorakit.offload import OffloadedCheckpoint
+
+        den.enable_gradient_checkpointing(gradient_checkpointing_func=OffloadedCheckpoint())
+    else:
+        den.enable_gradient_checkpointing()
     den.train()
     opt = build_optimizer(params, c.train if not dry else
                           cfg.resolve(sets=["train.optimizer='adamw'"]).train, device)  # fmt: skip
@@ -249,6 +259,7 @@ def family_step(family: str, dry: bool, steps: int = 5) -> dict:
         torch.cuda.empty_cache()
     return {
         "family": family,
+        "offload_activations": offload,
         "resolution": res,
         "quantize": quantize,
         "s_per_it": round(statistics.median(times[1:]), 3),

@@ -269,13 +269,17 @@ def _relaunch(c, data: Path, num_processes: int | None, accelerate_config: Path 
     import subprocess
     import tempfile
 
+    if accelerate_config is not None:
+        if not accelerate_config.is_file():
+            raise LorakitError(f"--accelerate-config '{accelerate_config}' does not exist.")
+        from lorakit.train import check_accelerate_config
+
+        check_accelerate_config(c, accelerate_config)  # refuse before starting N processes
     fd, cfg_path = tempfile.mkstemp(prefix="lorakit-", suffix=".toml")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(c.to_toml())
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config is not None:
-        if not accelerate_config.is_file():
-            raise LorakitError(f"--accelerate-config '{accelerate_config}' does not exist.")
         cmd += ["--config_file", str(accelerate_config)]
     n = num_processes or 1
     if num_processes:

@@ -242,6 +242,10 @@ def lora_layers(module: torch.nn.Module):
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
+    if hasattr(t, "full_tensor"):
+        # FSDP2 shards every parameter as a DTensor: gather the whole tensor. A collective, so
+        # under FSDP every rank must extract (in the same module order), not only rank 0.
+        t = t.full_tensor()
     return t.detach().to("cpu", torch.float32).clone()
 
 

@@ -9,14 +9,21 @@ built on the meta device, so parameter counts are exact and nothing is allocated
   1 B + a fp32 scale per output row);
 - LoRA: `r × (in + out)` per matched Linear (Conv2d: `r × (in·k·k + out)`), fp32 weights + fp32
   gradients + the autocast bf16/fp16 copy + optimizer state (`OPTIMIZER_STATE`);
-- activations: the LoRA-injected denoiser runs ONE forward pass on the meta device at the config's
-  resolution/batch, and every tensor autograd saves is counted (`saved_tensors_hooks`; parameters
-  and duplicates excluded). With gradient checkpointing, diffusers' checkpoint function is replaced
-  by a counting one that models torch's non-reentrant checkpoint: a unit keeps only its inputs,
-  and the backward pass re-materialises one unit at a time (the largest is added). This is shape
-  arithmetic, not a fitted formula, so it holds at any resolution; the one fitted constant is
-  `BACKWARD_TRANSIENT` (gradient buffers of activations alive during backward, in units of the
-  largest saved tensor) and `SAVED_OVERHEAD`, fitted to H100 measurements (see below);
+- activations: ONE training step (forward + MSE loss + backward) of the LoRA-injected denoiser
+  is simulated on the meta device at the config's resolution/batch (`step_activations` →
+  `simulate_step`) under `StorageMeter`, which counts every tensor storage from its creation to
+  its release — saved tensors, transients, activation gradients, and torch's own non-reentrant
+  checkpoint recomputing one unit at a time in backward. The trace is made to run as CUDA runs
+  it: `CudaAutocast` applies CUDA autocast's cast policy (layer_norm / group_norm / softmax /
+  losses in fp32, linear / conv / matmul / SDPA in bf16/fp16, casts as autograd ops, so what
+  each op saves has its CUDA dtype); SDPA saves what the flash / memory-efficient kernels save
+  (`_FlashAttention`); bitsandbytes NF4/int8 layers are `QuantizedLinearSim` (input cast to
+  the compute dtype, a transient dequantized weight in forward and in backward, nothing saved;
+  peft's bitsandbytes LoRA wrapper behaviour). Shape arithmetic, no per-family formula: it holds
+  at any resolution. One fitted constant: `KERNEL_WORKSPACE` (cuBLAS/cuDNN workspaces), fitted
+  on SD1.5 only; SDXL and FLUX NF4 are independent checks (BENCHMARKS.md: all five recorded H100
+  rows within ±5%, `benchmarks/planner_gpu_rows.py`). With `train.offload_activations` the
+  units' inputs are held off the device as `lorakit.offload` holds them;
 - caching and sampling phases: inference passes (VAE encode of `VAE_ENCODE_CHUNK` images, the
   denoiser with CFG, VAE decode) are traced on meta with a dispatch mode that tracks live tensor
   bytes, giving their peak working set;
@@ -30,9 +37,11 @@ every step (text-encoder LoRA, tag shuffling).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
+import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -46,13 +55,13 @@ CUDA_CONTEXT = 0.55 * GIB
 """CUDA context + cuBLAS/cuDNN workspaces: resident, invisible to `max_memory_allocated`."""
 ALLOCATOR_SLACK = 0.08
 """Fraction of the allocated peak lost to the caching allocator's fragmentation."""
-SAVED_OVERHEAD = 1.38
-BACKWARD_TRANSIENT = 3.5
-"""Activation peak = SAVED_OVERHEAD × traced saved bytes + the largest checkpointed unit +
-BACKWARD_TRANSIENT × the largest saved tensor (activation gradients alive during backward).
-Both fitted to the two H100 SD1.5 measurements (benchmarks/gpu_check-h100-2026-11-26.json:
-512 px, fp16, r16, 1.958 GiB with checkpointing, 2.799 GiB without); SDXL/FLUX rows of
-`benchmarks/gpu_check.py` validate them (BENCHMARKS.md)."""
+KERNEL_WORKSPACE = 84 * 2**20
+"""Device memory of the step that the meta trace cannot see, added to the simulated activation
+peak: the cuBLAS/cuBLASLt workspace (32 MiB on Hopper, taken from torch's caching allocator, so
+`max_memory_allocated` counts it) plus cuDNN convolution workspaces and the 512-byte rounding
+of every allocation. The ONE fitted number of the step model: the mean gap of the three SD1.5
+H100 rows (benchmarks/gpu_check-h100-*.json: 88, 79 and 85 MiB); SDXL and FLUX rows are
+independent checks (`benchmarks/planner_gpu_rows.py`, BENCHMARKS.md)."""
 VAE_ENCODE_CHUNK = 1
 """Images per VAE encode call while caching, as in `train._encode_images`."""
 
@@ -267,6 +276,10 @@ class SavedCount:
     """Saved bytes of the largest checkpointed unit (re-materialised during backward)."""
     largest_tensor: int = 0
     units: int = 0
+    unit_inputs: int = 0
+    """Part of `retained`: the checkpointed units' inputs (what `train.offload_activations`
+    moves to host memory)."""
+    largest_unit_input: int = 0
 
 
 class _Counter:
@@ -301,7 +314,11 @@ class _Counter:
         if self.depth:  # nested unit: part of the outer unit's recompute
             return fn(*args)
         self.count.units += 1
-        self.count.retained += sum(self._bytes(a) for a in args if isinstance(a, torch.Tensor))
+        leaves = torch.utils._pytree.tree_leaves(args)
+        held = sum(self._bytes(a) for a in leaves if isinstance(a, torch.Tensor))
+        self.count.retained += held
+        self.count.unit_inputs += held
+        self.count.largest_unit_input = max(self.count.largest_unit_input, held)
         self.depth, self.unit_bytes = 1, 0
         seen_before = dict(self.seen)
         try:
@@ -362,6 +379,44 @@ def saved_activations(
                        checkpointing=checkpointing)  # fmt: skip
 
 
+@functools.lru_cache(maxsize=64)
+def step_activations(
+    family: str,
+    resolution: int,
+    batch: int,
+    checkpointing: bool,
+    precision: str,
+    targets: tuple[str, ...],
+    rank: int,
+    t5_len: int = 0,
+    quantize: str = "none",
+    offload: bool = False,
+) -> StepPeak:
+    """One training step of the real LoRA-injected denoiser simulated on meta as CUDA runs it
+    (`simulate_step` with `CudaAutocast` under mixed precision, frozen weights in the precision's
+    dtype, fp32 LoRA weights, `quantize` layers as `QuantizedLinearSim`); see the module doc."""
+    from lorakit.config import LoraConfigSection
+    from lorakit.lora import inject_lora
+
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    den = _cast(build_denoiser(family), dtype)
+    if quantize != "none":
+        quantize_sim(den, quantize)
+    den.requires_grad_(False)
+    params = inject_lora(
+        den, LoraConfigSection(rank=rank, alpha=rank, target_modules=list(targets)), 0
+    )
+    for p in params:  # lorakit trains fp32 LoRA weights under autocast
+        p.data = p.data.float()
+    _peft_bnb_behaviour(den)
+    side = resolution // 8
+    lat, t, cond = _inputs(family, batch, side, side, dtype, t5_len)
+    amp = None if precision == "no" else dtype
+    with warnings.catch_warnings():  # rms_norm of fp32 input + bf16 weight, as on CUDA: noise
+        warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+        return simulate_step(den, family, lat, t, cond, checkpointing, offload, autocast=amp)
+
+
 def count_saved(den, family: str, lat, t, cond, checkpointing: bool) -> SavedCount:
     """Bytes autograd saves in one training forward of `den` (LoRA already injected) through
     `family.predict`; works on meta and on real tensors alike (SDPA counted as CUDA runs it)."""
@@ -379,13 +434,152 @@ def count_saved(den, family: str, lat, t, cond, checkpointing: bool) -> SavedCou
     return counter.count
 
 
-def activation_bytes(count: SavedCount) -> int:
-    """Peak activation memory during forward+backward from a traced `SavedCount`."""
-    return int(
-        SAVED_OVERHEAD * count.retained
-        + count.largest_unit
-        + BACKWARD_TRANSIENT * count.largest_tensor
-    )
+@dataclass
+class StepPeak:
+    """Bytes above the step's static tensors (weights, buffers, inputs) in one training step."""
+
+    forward: int
+    """Peak while running the forward pass + loss."""
+    backward: int
+    """Peak over forward + backward (includes the LoRA gradients created in backward)."""
+    grads: int
+    """Bytes of the trainable parameters' `.grad` after backward."""
+
+    @property
+    def activations(self) -> int:
+        """The backward peak less the parameter gradients (a row of their own in a plan)."""
+        return max(self.backward - self.grads, 0)
+
+
+def simulate_step(
+    den: torch.nn.Module,
+    family: str,
+    lat: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    checkpointing: bool,
+    offload: bool = False,
+    autocast: torch.dtype | None = None,
+) -> StepPeak:
+    """Run one forward + MSE loss + backward of `den` (LoRA injected, frozen base) under a
+    `StorageMeter` and return the peaks above the static tensors.
+
+    On the meta device this is the planner's activation model and pure shape arithmetic: every
+    tensor the real step creates is created with its real shape and freed when the real step
+    frees it (saved for backward, released by backward, recomputed unit by unit by torch's own
+    non-reentrant checkpoint). SDPA is counted as the flash kernels run it (CUDA flash /
+    memory-efficient and CPU's flash kernel alike: q, k, v, output and log-sum-exp are saved,
+    never the `L × L` weights). With `autocast` (a dtype) the forward and the loss run under
+    CUDA autocast's policy (`CudaAutocast`; on meta folded into the SDPA mode), backward outside
+    it, as `lorakit train` runs them; checkpoint recomputes re-enter it. Not modelled:
+    kernel-internal workspaces (`KERNEL_WORKSPACE`). With `offload` the units' inputs are held as
+    `train.offload_activations` holds them (`lorakit.offload`), off the device.
+    On real CPU tensors the same call is a measurement (`benchmarks/planner_cpu.py`).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from lorakit.models import FAMILIES
+    from lorakit.offload import OffloadedCheckpoint
+
+    meter = StorageMeter()
+    if lat.is_meta:  # SDPA as CUDA's kernels save it (+ CUDA autocast's casts), one mode
+        context = lambda: _CudaLikeAttention(autocast)  # noqa: E731
+    elif autocast is not None:
+        context = lambda: CudaAutocast(autocast)  # noqa: E731
+    else:
+        context = contextlib.nullcontext
+    if checkpointing:
+        # torch's checkpoint re-enters the forward's autocast state for the recompute in
+        # backward; the emulated autocast is re-entered the same way
+        both = lambda: (context(), context())  # noqa: E731
+        if offload:
+            func = OffloadedCheckpoint(lat.device, False, meter.untrack, both)
+        else:
+            func = functools.partial(checkpoint, use_reentrant=False, context_fn=both)
+        den.enable_gradient_checkpointing(gradient_checkpointing_func=func)
+    den.train()
+    trainable = [p for p in den.parameters() if p.requires_grad]
+    target = torch.empty_like(lat) if lat.is_meta else torch.randn_like(lat)
+    meter.track(*den.parameters(), *den.buffers(), lat, t, target, *cond.values())
+    static = meter.live
+    with meter:
+        with context():  # as `lorakit train`: forward + loss under autocast, backward outside
+            pred = FAMILIES[family].predict(den, lat, t, cond)
+            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+            del pred
+        forward = meter.peak
+        loss.backward()
+        del loss
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
+    for p in trainable:
+        p.grad = None
+    return StepPeak(forward - static, meter.peak - static, grads)
+
+
+def step_rows(
+    den: torch.nn.Module,
+    family: str,
+    lat: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    checkpointing: bool,
+    optimizer: str = "adamw",
+    offload: bool = False,
+) -> dict[str, int]:
+    """The planner's training-step components for ANY LoRA-injected denoiser (usually on meta),
+    in the dtypes its tensors have (no autocast): frozen weights + buffers, LoRA weights, their
+    gradients, optimizer state (`optimizer_bytes`), activations (`simulate_step`) and the batch
+    (latents, timesteps, conditioning, target). Their sum is the predicted peak of one step
+    (forward + backward + optimizer step); `tests/test_planner_calibration.py` and
+    `benchmarks/planner_cpu.py` compare it with a `StorageMeter` measurement on CPU."""
+    trainable = [p for p in den.parameters() if p.requires_grad]
+    ids = {id(p) for p in trainable}
+    frozen = sum(p.numel() * p.element_size() for p in den.parameters() if id(p) not in ids)
+    frozen += sum(b.numel() * b.element_size() for b in den.buffers())
+    lora = sum(p.numel() * p.element_size() for p in trainable)
+    batch = sum(x.numel() * x.element_size() for x in (lat, t, *cond.values()))
+    batch += lat.numel() * lat.element_size()  # the loss target
+    peak = simulate_step(den, family, lat, t, cond, checkpointing, offload)
+    return {
+        "weights": frozen,
+        "LoRA weights": lora,
+        "LoRA gradients": peak.grads,
+        "optimizer state": optimizer_bytes([p.numel() for p in trainable], optimizer),
+        "activations": peak.activations,
+        "batch tensors": batch,
+    }
+
+
+def measure_step(
+    den: torch.nn.Module,
+    family: str,
+    lat: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    checkpointing: bool,
+    optimizer: str = "adamw",
+    offload: bool = False,
+) -> tuple[int, StepPeak]:
+    """MEASURED peak live bytes of one real CPU training step of `den` (LoRA injected): forward +
+    loss + backward (`simulate_step` on real tensors) and then lorakit's optimizer step (its
+    state is created here, as in a run's first step). Returns (peak over the whole step, weights
+    and batch included; the forward/backward `StepPeak`)."""
+    from lorakit.config import TrainConfig
+    from lorakit.train import build_optimizer
+
+    trainable = [p for p in den.parameters() if p.requires_grad]
+    opt = build_optimizer(trainable, TrainConfig(optimizer=optimizer), lat.device)
+    before = StorageMeter().track(*den.parameters(), *den.buffers(), lat, t, *cond.values())
+    static = before.live + lat.numel() * lat.element_size()  # + the target simulate_step makes
+    step = simulate_step(den, family, lat, t, cond, checkpointing, offload)
+    for p in trainable:  # the gradients simulate_step measured and released, back for the step
+        p.grad = torch.ones_like(p)
+    meter = StorageMeter().track(*den.parameters(), *den.buffers(), lat, t, *cond.values())
+    meter.track(*(p.grad for p in trainable))
+    with meter:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return max(static + step.backward, meter.peak), step
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -407,7 +601,16 @@ class _FlashAttention(torch.autograd.Function):
 
 
 class _CudaLikeAttention(torch.overrides.TorchFunctionMode):
+    """SDPA as `_FlashAttention`; with `autocast` also CUDA autocast's casts (`CudaAutocast`),
+    in ONE mode: torch's checkpoint enters it again for each unit's recompute in backward."""
+
+    def __init__(self, autocast: torch.dtype | None = None):
+        super().__init__()
+        self.autocast = autocast
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.autocast is not None:
+            args, kwargs = autocast_args(func, args, kwargs, self.autocast)
         if func is torch.nn.functional.scaled_dot_product_attention:
             kw = dict(kwargs or {})
             q, k, v = [*args, *(kw.get(n) for n in ("query", "key", "value")[len(args) :])][:3]
@@ -416,6 +619,212 @@ class _CudaLikeAttention(torch.overrides.TorchFunctionMode):
                 k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
             return _FlashAttention.apply(q, k, v)
         return func(*args, **(kwargs or {}))
+
+
+# --- CUDA emulation on the meta device ---------------------------------------------------------
+#
+# Meta tensors have no autocast dispatch key and bitsandbytes has no meta kernels, so a plain meta
+# trace runs every op in the weights' dtype through plain `nn.Linear`s. On CUDA the same step
+# runs under `torch.autocast("cuda")` (norms/softmax/losses in fp32, matmuls/convs in bf16/fp16)
+# through bitsandbytes layers. The two helpers below make the meta trace do what CUDA does, with
+# every cast a real autograd op so its saved tensors are counted as CUDA keeps them.
+
+
+def _fns(owner: Any, *names: str) -> set:
+    return {getattr(owner, n) for n in names if hasattr(owner, n)}
+
+
+_F, _T = torch.nn.functional, torch.Tensor
+_AC_LOWER = (
+    _fns(_F, "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+         "conv_transpose3d", "prelu", "scaled_dot_product_attention")
+    | _fns(torch, "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+           "conv_transpose3d", "prelu", "addmm", "addmv", "addr", "matmul", "einsum", "mm", "mv",
+           "addbmm", "baddbmm", "bmm", "chain_matmul")
+    | _fns(torch.linalg, "vecdot", "multi_dot")
+    | _fns(_T, "addmm", "addmv", "addr", "matmul", "__matmul__", "__rmatmul__", "mm", "mv",
+           "addbmm", "baddbmm", "bmm", "prelu")
+)  # fmt: skip
+"""CUDA autocast's `lower_precision_fp` ops (aten/src/ATen/autocast_mode.h,
+`AT_FORALL_LOWER_PRECISION_FP`): floating inputs are cast to the autocast dtype."""
+_AC_FP32 = (
+    _fns(torch, "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p",
+         "reciprocal", "rsqrt", "sinh", "tan", "pow", "layer_norm", "group_norm",
+         "native_layer_norm", "frobenius_norm", "nuclear_norm", "cosine_similarity",
+         "poisson_nll_loss", "cosine_embedding_loss", "hinge_embedding_loss", "kl_div",
+         "margin_ranking_loss", "triplet_margin_loss", "binary_cross_entropy_with_logits",
+         "dist", "pdist", "cdist", "renorm", "logsumexp")
+    | _fns(_T, "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p",
+           "reciprocal", "rsqrt", "sinh", "tan", "pow", "__pow__", "__rpow__", "dist", "renorm",
+           "logsumexp")
+    | _fns(_F, "softplus", "layer_norm", "group_norm", "cosine_similarity", "poisson_nll_loss",
+           "cosine_embedding_loss", "nll_loss", "hinge_embedding_loss", "kl_div", "l1_loss",
+           "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss",
+           "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss",
+           "multi_margin_loss", "binary_cross_entropy_with_logits", "pdist")
+)  # fmt: skip
+"""CUDA autocast's `fp32` ops (`AT_FORALL_FP32`): floating inputs are cast to float32."""
+_AC_FP32_OPT = (
+    _fns(torch, "prod", "softmax", "log_softmax", "cumprod", "cumsum", "sum")
+    | _fns(_T, "prod", "softmax", "log_softmax", "cumprod", "cumsum", "sum")
+    | _fns(_F, "softmax", "log_softmax")
+    | _fns(torch.linalg, "vector_norm", "matrix_norm")
+)  # fmt: skip
+"""`fp32_set_opt_dtype` ops (`AT_FORALL_FP32_SET_OPT_DTYPE`): run with `dtype=float32` unless
+the caller passed a dtype (the input is converted inside the kernel)."""
+_AC_PROMOTE = _fns(torch, "addcdiv", "addcmul", "atan2", "cross", "dot", "tensordot",
+                   "scatter_add", "index_put") | _fns(
+    _T, "addcdiv", "addcmul", "atan2", "cross", "dot", "scatter_add", "index_put"
+) | _fns(_F, "bilinear", "grid_sample")  # fmt: skip
+"""`promote` ops (`AT_FORALL_PROMOTE`): floating inputs are cast to the widest among them."""
+
+
+def _eligible(x: Any) -> bool:  # autocast's `is_eligible`: floating, not float64
+    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+
+
+class CudaAutocast(torch.overrides.TorchFunctionMode):
+    """`torch.autocast("cuda", dtype)` for tensors of ANY device (meta included): the CUDA cast
+    policy applied above autograd, as the `AutocastCUDA` dispatch key does, so the casts are
+    autograd ops and what each op saves for backward has the dtype it has on CUDA (layer_norm /
+    group_norm / softmax / losses fp32, linear / conv / matmul / SDPA in `dtype`, fp32 LoRA
+    weights cast to `dtype` per call). Ops outside the policy lists run in their inputs' dtype.
+    Not emulated: autocast's weight-cast cache (the LoRA copies are counted per call instead).
+    (Tried first: `FakeTensorMode` with fake CUDA tensors under the real CUDA autocast. On a
+    CPU-only torch build the casts do apply, but indexing a fake CUDA tensor raises "PyTorch is
+    not linked with support for cuda devices", so the policy is replayed here instead.)"""
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        args, kwargs = autocast_args(func, args, kwargs, self.dtype)
+        return func(*args, **kwargs)
+
+
+def autocast_args(func, args: tuple, kwargs: dict | None, dtype: torch.dtype):
+    """`(args, kwargs)` of a call to `func` with CUDA autocast's cast policy for `dtype` applied
+    (`CudaAutocast`); unchanged for ops outside the policy lists."""
+    kwargs = dict(kwargs or {})
+    tree_map = torch.utils._pytree.tree_map
+    if func in _AC_LOWER:
+        target = dtype
+    elif func in _AC_FP32:
+        target = torch.float32
+    elif func in _AC_FP32_OPT:
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        first = next((x for x in leaves if isinstance(x, torch.Tensor)), None)
+        explicit = kwargs.get("dtype") is not None or any(
+            isinstance(x, torch.dtype) for x in leaves
+        )
+        if first is not None and _eligible(first) and first.dtype != torch.float32 and not explicit:
+            kwargs["dtype"] = torch.float32  # the kernel converts its input; no autograd cast
+        return args, kwargs
+    elif func in _AC_PROMOTE:
+        floats = [x.dtype for x in torch.utils._pytree.tree_leaves((args, kwargs)) if _eligible(x)]
+        if not floats:
+            return args, kwargs
+        target = functools.reduce(torch.promote_types, floats)
+    else:
+        return args, kwargs
+    cast = lambda x: x.to(target) if _eligible(x) and x.dtype != target else x  # noqa: E731
+    return tree_map(cast, args), tree_map(cast, kwargs)
+
+
+class _Dequant4bitMatmul(torch.autograd.Function):
+    """Shape-level `bitsandbytes.MatMul4Bit` as it runs at training sizes on CUDA (more than
+    `_gemm_4bit_custom_max_m` = 256 rows: the dequantize + `F.linear` fallback). Forward and
+    backward each materialise the dequantized `[out, in]` weight in the input's dtype (plus its
+    fp32 absmax per 64-block) for one matmul; nothing is saved for backward (the 4-bit weight is
+    a parameter)."""
+
+    @staticmethod
+    def forward(ctx, a, out_features: int, bias):
+        ctx.out_features, ctx.in_features = out_features, a.shape[-1]
+        k = a.shape[-1]
+        _absmax = a.new_empty(math.ceil(out_features * k / 64), dtype=torch.float32)
+        w = a.new_empty(out_features, k)
+        return _F.linear(a, w, bias)  # absmax and w are freed on return, as in bitsandbytes
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, k = ctx.out_features, ctx.in_features
+        _absmax = grad.new_empty(math.ceil(n * k / 64), dtype=torch.float32)
+        w = grad.new_empty(n, k)
+        return grad @ w, None, None
+
+
+class _Int8Matmul(torch.autograd.Function):
+    """Shape-level `bitsandbytes.MatMul8bitLt` (LLM.int8, frozen weight): the input is cast to
+    fp16 and saved, quantized to an int8 copy, the product comes out of an int32 accumulator;
+    backward dequantizes the weight to fp16 for one matmul."""
+
+    @staticmethod
+    def forward(ctx, a, out_features: int, bias):
+        a16 = a.to(torch.float16)
+        ctx.save_for_backward(a16)
+        ctx.out_features = out_features
+        q = a16.new_empty(a16.shape, dtype=torch.int8)
+        acc = a16.new_empty(*a16.shape[:-1], out_features, dtype=torch.int32)
+        del q
+        out = acc.to(torch.float16)
+        del acc
+        if bias is not None:
+            out = out + bias.to(torch.float16)
+        return out.to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a16,) = ctx.saved_tensors
+        w = grad.new_empty(ctx.out_features, a16.shape[-1], dtype=torch.float16)
+        return (grad.to(torch.float16) @ w).to(grad.dtype), None, None
+
+
+class QuantizedLinearSim(torch.nn.Linear):
+    """A frozen `bnb.nn.Linear4bit` (NF4, compute dtype bf16) or `Linear8bitLt` as lorakit
+    loads it (`models/quantize.py`), for the meta trace. 4-bit: the input is cast to the compute
+    dtype, `_Dequant4bitMatmul` runs, the output is cast back to the input's dtype. peft's
+    LoRA wrapper of a bitsandbytes layer clones that output (`result.clone()`) and, under
+    autocast, does not cast the input to the LoRA weights' dtype: `clone_output` and
+    `prepare_for_lora` reproduce that. Weight bytes are counted by `weight_bytes`, not here."""
+
+    def __init__(self, linear: torch.nn.Linear, mode: str):
+        super().__init__(linear.in_features, linear.out_features, linear.bias is not None,
+                         device="meta", dtype=linear.weight.dtype)  # fmt: skip
+        self.weight, self.bias = linear.weight, linear.bias
+        self.mode = mode
+        self.clone_output = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "nf4":
+            bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+            out = _Dequant4bitMatmul.apply(x.to(torch.bfloat16), self.out_features, bias)
+            out = out.to(x.dtype)
+        else:
+            out = _Int8Matmul.apply(x, self.out_features, self.bias)
+        return out.clone() if self.clone_output else out
+
+
+def quantize_sim(module: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """Swap every `nn.Linear` of `module` for a `QuantizedLinearSim` (as diffusers'
+    bitsandbytes quantizer swaps every Linear of a FLUX/SD3 transformer); in place."""
+    for name, child in list(module.named_children()):
+        if type(child) is torch.nn.Linear:
+            setattr(module, name, QuantizedLinearSim(child, mode))
+        else:
+            quantize_sim(child, mode)
+    return module
+
+
+def _peft_bnb_behaviour(module: torch.nn.Module) -> None:
+    """After LoRA injection: LoRA layers around a `QuantizedLinearSim` behave as peft's
+    bitsandbytes LoRA layers (clone the base output; no input cast under autocast)."""
+    for m in module.modules():
+        base = getattr(m, "base_layer", None)
+        if isinstance(base, QuantizedLinearSim):
+            base.clone_output = True
+            m.cast_input_dtype_enabled = False
 
 
 class _LivePeak(torch.utils._python_dispatch.TorchDispatchMode):
@@ -437,6 +846,73 @@ class _LivePeak(torch.utils._python_dispatch.TorchDispatchMode):
                 self.live += n
                 self.peak = max(self.peak, self.live)
                 weakref.finalize(t, self._free, n)
+        return out
+
+
+class StorageMeter(torch.utils._python_dispatch.TorchDispatchMode):
+    """MEASURED peak bytes of live tensor storages while the mode is active (real CPU tensors).
+
+    Every storage that an op's outputs live in is counted once (views, in-place results and
+    `detach()` share their base's storage and add nothing), and leaves the count when the storage
+    itself dies — a `weakref.finalize` on the `UntypedStorage`, whose Python object torch keeps
+    for as long as any tensor, view or autograd-saved reference holds it. Backward ops and the
+    optimizer step run on the calling thread on CPU, so they are seen too. Tensors that existed
+    before are added with `track` (weights, inputs): the peak then covers everything. Not seen:
+    scratch buffers an ATen kernel allocates and frees inside one op (e.g. oneDNN workspaces) —
+    CUDA's `max_memory_allocated` would count those.
+
+    `peak`, `live` are bytes; `events` counts storages created inside the mode.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.events = 0
+        self._sizes: dict[int, int] = {}
+        self._host: set[int] = set()
+
+    def _gone(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+        self._host.discard(key)
+
+    def _add(self, t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        storage = t.untyped_storage()
+        key, n = id(storage), storage.nbytes()
+        if key in self._host:
+            return
+        if key in self._sizes:
+            if self._sizes[key] != n:  # resized in place (`out=` ops)
+                self.live += n - self._sizes[key]
+                self._sizes[key] = n
+        else:
+            self._sizes[key] = n
+            self.live += n
+            self.events += 1
+            weakref.finalize(storage, self._gone, key)
+        self.peak = max(self.peak, self.live)
+
+    def untrack(self, t: torch.Tensor) -> None:
+        """Stop counting `t`'s storage (a copy held in host memory, not device memory)."""
+        storage = t.untyped_storage()
+        key = id(storage)
+        if key not in self._sizes:
+            weakref.finalize(storage, self._gone, key)
+        self.live -= self._sizes.pop(key, 0)
+        self._host.add(key)  # never counted again while it lives
+
+    def track(self, *tensors: torch.Tensor) -> StorageMeter:
+        """Count tensors that already exist (parameters, buffers, inputs) as live."""
+        for t in tensors:
+            self._add(t)
+        return self
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            self._add(t)
         return out
 
 
@@ -584,10 +1060,12 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     if resident:
         for name, b in frozen_bytes.items():
             rows[f"{name} (resident)"] = b
-    saved = saved_activations(family, c.data.resolution, t.batch_size, t.gradient_checkpointing,
-                              prec, targets, lo.rank, t5_len)  # fmt: skip
-    rows["activations" + (" (checkpointed)" if t.gradient_checkpointing else "")] = (
-        activation_bytes(saved)
+    offload = t.gradient_checkpointing and t.offload_activations
+    step = step_activations(family, c.data.resolution, t.batch_size, t.gradient_checkpointing,
+                            prec, targets, lo.rank, t5_len, quant, offload)  # fmt: skip
+    label = " (checkpointed, inputs offloaded)" if offload else " (checkpointed)"
+    rows["activations" + (label if t.gradient_checkpointing else "")] = (
+        step.activations + KERNEL_WORKSPACE
     )
     if lo.train_text_encoder:
         # CLIP activations at 77 tokens are small next to the denoiser's: 2 × saved estimate
@@ -657,6 +1135,10 @@ def _steps(c: Config, family: str):
         yield "gradient checkpointing", [("train", "gradient_checkpointing", True)]
     if c.train.optimizer == "adamw":
         yield "8-bit AdamW", [("train", "optimizer", "adamw8bit")]
+    if not c.train.offload_activations:
+        yield "checkpoint inputs offloaded to CPU", [
+            ("train", "gradient_checkpointing", True), ("train", "offload_activations", True)
+        ]  # fmt: skip
     te = [("lora", "train_text_encoder", False)] if c.lora.train_text_encoder else []
     te += [("data", "shuffle_tags", False)] if c.data.shuffle_tags else []
     te += [("sample", "every", 0)] if c.sample.every else []

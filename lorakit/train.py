@@ -53,7 +53,7 @@ from lorakit.models import Family, load_model, resolve_family
 from lorakit.palette import extract_palette, palette_distance
 from lorakit.progress import Reporter
 from lorakit.report import History, write_report
-from lorakit.sampling import grid_spec, render_grid_result, sample_due
+from lorakit.sampling import grid_spec, render_cells, render_grid_result, sample_due
 from lorakit.tracking import init_trackers, log_grid, log_scalars
 
 
@@ -87,6 +87,13 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         mixed_precision=c.train.mixed_precision,
         gradient_accumulation_steps=c.train.grad_accum,
     )
+    _cpu_fsdp(accelerator)
+    _check_distributed(accelerator, c)
+    if accelerator.state.deepspeed_plugin is not None:
+        # lorakit prepares no DataLoader, from which accelerate would take the micro-batch size.
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = c.train.batch_size
+    sharded = _sharded(accelerator)  # FSDP: extraction, checkpoints, samples are collectives
     _check_precision(c.train, accelerator.device)
     from lorakit.planner import check_before_training  # cheap; returns at once on CPU / tiny
 
@@ -148,7 +155,14 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     for p in params:
         p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
     if c.train.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
+        if c.train.offload_activations and device.type == "cuda":
+            from lorakit.offload import OffloadedCheckpoint
+
+            denoiser.enable_gradient_checkpointing(
+                gradient_checkpointing_func=OffloadedCheckpoint()
+            )
+        else:
+            denoiser.enable_gradient_checkpointing()
     denoiser.train()
     text_encoders = [getattr(comps, t.component) for t in text_encoder_targets(family, comps)]
     if train_te:
@@ -161,7 +175,12 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         denoiser = torch.compile(denoiser)
     optimizer = build_optimizer(params, c.train, device, lr=scaled_lr(c, accelerator.num_processes))
     lr_schedule = build_lr_schedule(optimizer, c.train, accelerator.num_processes)
+    names = {id(p): n for n, p in denoiser.named_parameters()}
+    lora_names = [names[id(p)] for p in params if id(p) in names]
     denoiser, optimizer, lr_schedule = accelerator.prepare(denoiser, optimizer, lr_schedule)
+    if sharded:  # FSDP2 replaced the denoiser's parameters by sharded DTensors
+        now = dict(accelerator.unwrap_model(denoiser).named_parameters())
+        params = [now[n] for n in lora_names]
 
     world, rank = accelerator.num_processes, accelerator.process_index
     order = BatchOrder(records, c.train.batch_size, c.train.seed, world, rank)
@@ -188,19 +207,37 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     )
     reporter.start_at(start_step)
     _banner(reporter, c, data, str(data_dir), accelerator.num_processes, order, resume_from)
+    if sharded:
+        reporter.message(
+            f"FSDP2: the denoiser's weights, gradients and optimizer state are sharded over "
+            f"{accelerator.num_processes} processes"
+        )
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and device.type == "cpu":
+        reporter.message(
+            "[yellow]warning:[/yellow] accelerate runs DeepSpeed only on GPUs; on this CPU the "
+            "DeepSpeed config runs as plain data parallel (DDP)."
+        )
     if memory_warning:
         reporter.message(f"[yellow]warning:[/yellow] {memory_warning}")
+
+    sampled: set[int] = set()  # steps sampled / scored in this session, the same on every rank
+    scored: set[int] = set()
 
     def sample(step: int) -> None:
         nonlocal last_sample
         last_sample = time.monotonic()
-        if sample_spec is None or not accelerator.is_main_process:
+        sampled.add(step)
+        if sample_spec is None or not (accelerator.is_main_process or sharded):
             return
         path = out / "samples" / f"step-{step:06d}.png"
+        if not accelerator.is_main_process:  # FSDP: every rank runs the sharded denoiser
+            path = None
         with torch.random.fork_rng(devices=_cuda_devices(device)):  # never perturb training RNG
             trainable = [accelerator.unwrap_model(denoiser), *(text_encoders if train_te else [])]
             grid = _render(family, comps, trainable, accelerator, sample_spec, c, step, path,
                            keep_on_device=encode_each_step)  # fmt: skip
+        if grid is None:
+            return
         brand = history.brand_palette
         pal = palette_distance(grid.images(), brand, seed=c.train.seed) if brand else None
         history.add_grid(step, path, palette=pal)
@@ -212,7 +249,8 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
 
     def score(step: int, path: Path | str = "") -> None:
         """Held-out loss of the current adapter on the fixed validation subset."""
-        if not eval_idx or not accelerator.is_main_process:
+        scored.add(step)
+        if not eval_idx or not (accelerator.is_main_process or sharded):
             return
         lat = torch.stack([latents[i] for i in eval_idx])
         caps = [captions[i] for i in eval_idx]
@@ -225,12 +263,19 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                 ev_cond[k] = torch.cat([v[i] for i in eval_idx])
         value = heldout_loss(family, comps, accelerator.unwrap_model(denoiser), lat, ev_cond,
                              c.train, c.eval.seed, timesteps=c.eval.timesteps)  # fmt: skip
+        if not accelerator.is_main_process:
+            return
         history.add_checkpoint(step, path, heldout=value)
         log_scalars(accelerator, step, heldout_loss=value)
 
-    def export_to(folder: Path, step: int) -> dict[str, Path]:
+    def extract(step: int):
+        """The adapter on rank 0 (None elsewhere); under FSDP every rank must call this."""
+        if not (accelerator.is_main_process or sharded):
+            return None
         meta.update(ss_steps=str(step))
-        adapter = extract_adapter(family, comps, meta)
+        return extract_adapter(family, comps, meta)
+
+    def export_to(folder: Path, step: int, adapter) -> dict[str, Path]:
         return {
             fmt: write_adapter(
                 adapter,
@@ -244,27 +289,31 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
 
     def save_checkpoint(step: int) -> None:
         accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            return
+        adapter = extract(step)
         saved = {
             "losses": result.losses,
             "samples": [str(p) for p in result.samples],
             "report": history.to_dict(),
         }
-        try:
-            tmp = ckpt.begin(out, step)
-            export_to(tmp, step)
-            atomic_write_text(tmp / "config.toml", c.to_toml())
-            _fault("save", step)
-            ckpt.save_state(tmp, _capture(step, order, params, optimizer, lr_schedule,
-                                          accelerator, saved))  # fmt: skip
-            final = ckpt.commit(out, step, tmp, {"step": step, "time": time.time()})
-        except OSError as e:
-            shutil.rmtree(ckpt.partial_dir(out, step), ignore_errors=True)
-            raise _save_failed(out, step, e) from None
-        ckpt.prune(out, c.train.keep_last)
+        if accelerator.is_main_process or sharded:
+            state = _capture(step, order, params, optimizer, lr_schedule, accelerator, saved)
+        final = ckpt.step_dir(out, step)
+        if accelerator.is_main_process:
+            try:
+                tmp = ckpt.begin(out, step)
+                export_to(tmp, step, adapter)
+                atomic_write_text(tmp / "config.toml", c.to_toml())
+                _fault("save", step)
+                ckpt.save_state(tmp, state)
+                final = ckpt.commit(out, step, tmp, {"step": step, "time": time.time()})
+            except OSError as e:
+                shutil.rmtree(ckpt.partial_dir(out, step), ignore_errors=True)
+                raise _save_failed(out, step, e) from None
+            ckpt.prune(out, c.train.keep_last)
         if not c.eval.every:
             score(step, EXPORTERS[c.export.formats[0]].default_path(final, c.export.name))
+        if not accelerator.is_main_process:
+            return
         result.checkpoints.append(final)
         reporter.last_checkpoint = str(final)
         reporter.message(f"saved step {step}: {final}")
@@ -357,11 +406,20 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         if (c.train.save_every or c.train.save_every_epochs) and step > start_step:
             save_checkpoint(c.train.steps)  # resumable: a finished run can be extended
         accelerator.wait_for_everyone()
+        adapter = extract(c.train.steps)
         if accelerator.is_main_process:
-            result.adapters = export_to(out, c.train.steps)
-            if not any(rec.step == c.train.steps for rec in history.checkpoints):
-                score(c.train.steps, result.adapters[c.export.formats[0]])
-        if sampling_on and not any(g.step == c.train.steps for g in history.grids):
+            result.adapters = export_to(out, c.train.steps, adapter)
+        # Rank-independent conditions: under FSDP every rank must take part or none.
+        if c.train.steps not in scored and not any(
+            rec.step == c.train.steps for rec in history.checkpoints
+        ):
+            final_path = EXPORTERS[c.export.formats[0]].default_path(out, c.export.name)
+            score(c.train.steps, result.adapters.get(c.export.formats[0], final_path))
+        if (
+            sampling_on
+            and c.train.steps not in sampled
+            and not any(g.step == c.train.steps for g in history.grids)
+        ):
             sample(c.train.steps)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -528,13 +586,153 @@ def _cuda_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
 
 
+def _sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _cpu_fsdp(accelerator) -> None:
+    """Run an FSDP accelerate config on the CPU too (gloo): accelerate 1.15 silently ignores FSDP
+    on a CPU (it runs plain data parallel), which would leave lorakit's sharded code paths untested
+    and print nothing. torch's FSDP2 (`fully_shard`) runs on CPU tensors; FSDP1 does not."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    wants = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wants or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
+    if plugin.fsdp_version != 2:
+        raise ConfigError(_FSDP1)
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
+_FSDP1 = (
+    "The accelerate config selects FSDP version 1, which flattens parameters into shards that "
+    "lorakit cannot read back as a LoRA (and which does not run on a CPU at all). Set "
+    "`fsdp_version: 2` under fsdp_config in the accelerate config file (see "
+    "presets/accelerate/fsdp.yaml), or use DDP (presets/accelerate/ddp.yaml)."
+)
+
+
+def _check_distributed(accelerator, c: Config) -> None:
+    """Refuse what lorakit does not support under FSDP / DeepSpeed (in the worker processes)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        problem = distributed_problem(c, "FSDP", accelerator.state.fsdp_plugin.fsdp_version)
+    elif kind == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        problem = distributed_problem(c, "DeepSpeed", 2, ds.get("gradient_accumulation_steps"))
+    else:
+        return
+    if problem:
+        raise ConfigError(problem)
+
+
+def check_accelerate_config(c: Config, path: Path) -> None:
+    """The same refusal before `lorakit train --accelerate-config` launches any process."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--accelerate-config '{path}' cannot be read as YAML ({e}).") from None
+    kind = str(doc.get("distributed_type", "")).upper()
+    fsdp = doc.get("fsdp_config") or {}
+    name = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}.get(kind)
+    ds = doc.get("deepspeed_config") or {}
+    problem = name and distributed_problem(
+        c, name, int(fsdp.get("fsdp_version", 1)), ds.get("gradient_accumulation_steps")
+    )
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
+
+
+def distributed_problem(
+    c: Config, name: str, fsdp_version: int = 2, grad_accum: int | str | None = None
+) -> str | None:
+    """One paragraph on what `c` asks that lorakit does not support under FSDP / DeepSpeed."""
+    if name == "FSDP" and fsdp_version != 2:
+        return _FSDP1
+    problems = []
+    if c.train.optimizer != "adamw":
+        problems.append(
+            f"train.optimizer = '{c.train.optimizer}' (under {name} only torch AdamW is "
+            "supported: sharded 8-bit/factored optimizer states cannot be checkpointed); set "
+            "--set train.optimizer='adamw'"
+        )
+    if c.lora.train_text_encoder:
+        problems.append(
+            "lora.train_text_encoder = true (the text encoders are not sharded or synchronised "
+            f"under {name}); set it to false"
+        )
+    if c.sample.every_minutes:
+        problems.append(
+            "sample.every_minutes (a clock-based schedule: ranks would disagree on when to render "
+            "and wait on each other forever); use sample.every (steps) instead"
+        )
+    if c.train.compile:
+        problems.append(f"train.compile = true (untested under {name}); set it to false")
+    if name == "DeepSpeed" and (c.train.save_every or c.train.save_every_epochs or c.train.resume):
+        problems.append(
+            "checkpoints (train.save_every / save_every_epochs / --resume: DeepSpeed's ZeRO "
+            "optimizer keeps its state partitioned in its own format, which lorakit's "
+            "checkpoints do not capture); set train.save_every = 0 and train.save_every_epochs "
+            "= 0 (the final adapter is still exported)"
+        )
+    if name == "DeepSpeed" and grad_accum not in (None, "auto", c.train.grad_accum):
+        problems.append(
+            f"gradient_accumulation_steps = {grad_accum} in the accelerate config differs from "
+            f"train.grad_accum = {c.train.grad_accum}; make them equal"
+        )
+    if not problems:
+        return None
+    return (
+        f"This run uses {name} through its accelerate config, which lorakit supports only for "
+        f"plain LoRA training: {'; '.join(problems)}. Or run with DDP "
+        "(presets/accelerate/ddp.yaml or --num-processes N), which supports everything."
+    )
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (a collective: all ranks, same order) or `t` itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`t` (a whole tensor of p's full shape) sharded the way parameter `p` is (FSDP2)."""
+    if not hasattr(p, "device_mesh"):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.to(p.device, p.dtype), p.device_mesh, p.placements)
+
+
+def _opt_params(optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
 def _capture(step, order, params, optimizer, lr_schedule, accelerator, history):
+    """Under FSDP a collective (every rank gathers the LoRA and its optimizer state)."""
+    opt = optimizer.state_dict()
+    opt = {
+        **opt,
+        "state": {
+            i: {k: _full(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+            for i, st in sorted(opt["state"].items())
+        },
+    }
     return ckpt.TrainState(
         step=step,
         epoch=order.epoch,
         position=order.position,
-        params=[p.detach() for p in params],
-        optimizer=optimizer.state_dict(),
+        params=[_full(p.detach()) for p in params],
+        optimizer=opt,
         scheduler=lr_schedule.state_dict(),
         scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
         rng=ckpt.rng_state(),
@@ -552,8 +750,21 @@ def _restore(state, params, optimizer, lr_schedule, accelerator, order) -> int:
         )
     with torch.no_grad():
         for p, saved in zip(params, state.params, strict=True):
-            p.copy_(saved.to(p.device, p.dtype))
-    optimizer.load_state_dict(state.optimizer)
+            p.copy_(_like(saved, p) if hasattr(p, "device_mesh") else saved.to(p.device, p.dtype))
+    opt_state = state.optimizer
+    if any(hasattr(p, "device_mesh") for p in params):  # FSDP2: re-shard the whole state
+        owners = _opt_params(optimizer)
+        opt_state = {
+            **opt_state,
+            "state": {
+                i: {
+                    k: _like(v, owners[i]) if k != "step" and isinstance(v, torch.Tensor) else v
+                    for k, v in st.items()
+                }
+                for i, st in sorted(opt_state["state"].items())
+            },
+        }
+    optimizer.load_state_dict(opt_state)
     lr_schedule.load_state_dict(state.scheduler)
     if state.scaler is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state.scaler)
@@ -792,7 +1003,7 @@ def _brand_palette(data, colors: int, seed: int):
 
 
 def _num(x) -> float | None:
-    return None if x is None else float(x)
+    return None if x is None else float(_full(x) if isinstance(x, torch.Tensor) else x)
 
 
 def _sample_rng(seed: int, uid: int) -> random.Random:
@@ -830,10 +1041,11 @@ def build_lr_schedule(optimizer, t: TrainConfig, num_processes: int = 1):
     )
 
 
-def _render(family, comps, trainable: list, accelerator, spec, c: Config, step: int, path: Path,
-            keep_on_device: bool):  # fmt: skip
+def _render(family, comps, trainable: list, accelerator, spec, c: Config, step: int,
+            path: Path | None, keep_on_device: bool):  # fmt: skip
     """Render a grid with the current adapter: trained modules in eval mode, no grad; frozen
-    encoders brought to the device for it and moved off again unless training needs them."""
+    encoders brought to the device for it and moved off again unless training needs them.
+    `path` None: only run the denoiser (an FSDP rank other than 0), write nothing, return None."""
     frozen = family.frozen_modules(comps)
     device = accelerator.device
     for module in frozen.values():
@@ -843,6 +1055,9 @@ def _render(family, comps, trainable: list, accelerator, spec, c: Config, step: 
     try:
         pipe = family.pipeline(comps, c.sample.scheduler)
         title = f"{c.export.name} - step {step} - {c.model.name}"
+        if path is None:
+            render_cells(pipe, spec)
+            return None
         individual = path.with_suffix("") if c.sample.save_individual else None
         return render_grid_result(pipe, spec, title, path, individual)
     finally:

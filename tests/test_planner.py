@@ -112,12 +112,12 @@ def test_meta_trace_matches_a_real_cpu_forward(which):
 
 
 def test_checkpointing_and_resolution_move_activations_the_right_way():
-    args = ("sd15", 1, "fp16", ("to_q", "to_k", "to_v", "to_out.0"), 16)
-    full = planner.saved_activations("sd15", 512, 1, False, *args[2:])
-    ckpt = planner.saved_activations("sd15", 512, 1, True, *args[2:])
-    small = planner.saved_activations("sd15", 256, 1, True, *args[2:])
-    assert planner.activation_bytes(ckpt) < 0.5 * planner.activation_bytes(full)
-    assert planner.activation_bytes(small) < 0.5 * planner.activation_bytes(ckpt)
+    args = ("fp16", ("to_q", "to_k", "to_v", "to_out.0"), 16)
+    full = planner.step_activations("sd15", 512, 1, False, *args).activations
+    ckpt = planner.step_activations("sd15", 512, 1, True, *args).activations
+    small = planner.step_activations("sd15", 256, 1, True, *args).activations
+    assert ckpt < 0.5 * full
+    assert small < 0.5 * ckpt
 
 
 def test_sd15_estimate_matches_the_h100_measurement():
@@ -186,3 +186,29 @@ def test_compile_trains_two_steps(tmp_path):
     out = tmp_path / "r"
     cli("train", SAMPLES, *FAST, "--out", out, "--steps", 2, "--set", "train.compile=true")
     assert (out / "lorakit.safetensors").is_file()
+
+
+def test_offloaded_checkpoint_inputs_leave_the_predicted_peak():
+    """`train.offload_activations`: the FLUX plan drops by what the simulated step no longer
+    holds on the device (the 57 blocks' inputs, less the one unit brought back per recompute)."""
+    sets = ["sample.every=0", "train.gradient_checkpointing=true"]
+    on = planner.plan(
+        cfg.resolve(preset="flux-16gb", sets=[*sets, "train.offload_activations=true"])
+    )
+    off = planner.plan(
+        cfg.resolve(preset="flux-16gb", sets=[*sets, "train.offload_activations=false"])
+    )
+    c = cfg.resolve(preset="flux-16gb")
+    args = ("flux", 1024, 1, True, "bf16", tuple(c.lora.target_modules), 16, 256, "nf4")
+    plain = planner.step_activations(*args, False)
+    held = planner.step_activations(*args, True)
+    drop = off.phases["train"] - on.phases["train"]
+    assert drop == plain.activations - held.activations
+    assert drop > 1.3 * planner.GIB  # 57 blocks × [1, 4352, 3072] at least bf16
+
+
+def test_offload_needs_checkpointing():
+    from lorakit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="offload_activations"):
+        cfg.resolve(sets=["train.offload_activations=true", "train.gradient_checkpointing=false"])

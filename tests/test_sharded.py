@@ -1,0 +1,174 @@
+"""FSDP2 (presets/accelerate/fsdp.yaml) and DeepSpeed through `lorakit train --accelerate-config`
+on the CPU with the gloo backend and 2 processes.
+
+accelerate ignores FSDP on a CPU; lorakit turns it on itself (train._cpu_fsdp) so the sharded
+code paths (gathered adapter export, gathered checkpoints, re-sharded resume, sampling on every
+rank) run here exactly as they would on GPUs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import FAST, ROOT, SAMPLES, cli
+from safetensors.torch import load_file
+
+from lorakit import checkpoint as ckpt
+
+ARGS = [*FAST, "--steps", 8, "--set", "train.save_every=4", "--set", "train.keep_last=0"]
+
+
+def _cpu_config(tmp: Path, name: str, **changes) -> Path:
+    """The shipped accelerate config, adapted to this CPU-only machine."""
+    doc = yaml.safe_load((ROOT / "presets" / "accelerate" / name).read_text())
+    doc.update(use_cpu=True, mixed_precision="no", **changes)
+    path = tmp / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _launch(out: Path, config: Path, extra_env: dict, *args) -> subprocess.Popen:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **extra_env)
+    env.pop("LORAKIT_LAUNCHED", None)
+    cmd = [sys.executable, "-m", "lorakit", "train", SAMPLES, *ARGS, "--out", out,
+           "--set", "train.batch_size=1", "--accelerate-config", config,
+           "--num-processes", "2", *args]  # fmt: skip
+    return subprocess.Popen(
+        [str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fsdp")
+    config = _cpu_config(base, "fsdp.yaml")
+    proc = _launch(base / "run", config, {"LORAKIT_TRACE_WRITES": str(base / "writes.txt")},
+                   "--set", "sample.every=6")  # fmt: skip
+    text, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, text
+    return base, config, " ".join(text.split())
+
+
+@pytest.mark.slow  # ~130 s for the three on 2 cores
+def test_fsdp_two_processes_match_one_process(fsdp_run, tmp_path):
+    base, _, text = fsdp_run
+    assert "FSDP2: the denoiser's weights" in text, "the run really was sharded"
+    assert "2 (1 per device × 2 processes × 1 accumulation)" in text
+    single = tmp_path / "single"
+    cli("train", SAMPLES, *ARGS, "--out", single, "--set", "train.batch_size=2")
+    a = load_file(base / "run" / "lorakit.safetensors")
+    b = load_file(single / "lorakit.safetensors")
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape for k in a), "whole tensors, not one rank's shard"
+    # Not bit-exact: FSDP reduce-scatters the two ranks' gradients (sum / 2) while one process
+    # averages inside one loss, so float rounding differs by a few ulps per step.
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, worst
+    moved = max(a[k].abs().max().item() for k in a if k.endswith("lora_up.weight"))
+    assert moved > 1e-3, "the adapter trained"
+    # the checkpoint holds the whole LoRA and whole optimizer state, not rank 0's shards
+    state = ckpt.load_state(ckpt.step_dir(base / "run", 4))
+    one = ckpt.load_state(ckpt.step_dir(single, 4))
+    assert [p.shape for p in state.params] == [p.shape for p in one.params]
+    for i, st in one.optimizer["state"].items():
+        assert state.optimizer["state"][i]["exp_avg"].shape == st["exp_avg"].shape
+
+
+@pytest.mark.slow  # ~130 s for the three on 2 cores
+def test_fsdp_only_rank_zero_writes(fsdp_run):
+    base, _, _ = fsdp_run
+    writes = [w for w in (base / "writes.txt").read_text().split("\n") if w]
+    assert writes and all(w.startswith("0 ") for w in writes), writes[:5]
+    paths = [w.split(" ", 1)[1] for w in writes]
+    assert len(paths) == len(set(paths)), "every file is written once"
+    run = base / "run"
+    assert [s for s, _ in ckpt.complete_checkpoints(run)] == [4, 8]
+    grids = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert grids == ["step-000000.png", "step-000006.png", "step-000008.png"]
+    assert not list(run.rglob("*.tmp"))
+
+
+@pytest.mark.slow  # ~130 s for the three on 2 cores
+def test_fsdp_kill_and_resume(fsdp_run, tmp_path):
+    base, config, _ = fsdp_run
+    out = tmp_path / "run"
+    proc = _launch(out, config, {}, "--set", "sample.every=6")
+    t0 = time.time()
+    while not (ckpt.step_dir(out, 4) / ckpt.MARKER).exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() - t0 < 300
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    proc.wait()
+    assert not (out / "lorakit.safetensors").exists()
+    resumed = _launch(out, config, {}, "--set", "sample.every=6", "--resume", "latest")
+    text, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, text
+    assert "resuming from" in text
+    a = load_file(base / "run" / "lorakit.safetensors")
+    b = load_file(out / "lorakit.safetensors")
+    # Resume re-shards the saved whole tensors; the optimizer state round-trips exactly.
+    assert all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
+
+
+def test_fsdp_refuses_unsupported_settings_before_launching(tmp_path):
+    config = _cpu_config(tmp_path, "fsdp.yaml")
+    r = cli("train", SAMPLES, *ARGS, "--out", tmp_path / "run", "--accelerate-config", config,
+            "--set", "train.optimizer='adamw8bit'", "--set", "lora.train_text_encoder=true",
+            "--num-processes", 2, expect=None)  # fmt: skip
+    text = " ".join(r.output.split())
+    assert r.exit_code != 0 and "launching" not in text
+    assert "train.optimizer = 'adamw8bit'" in text and "lora.train_text_encoder" in text
+    assert "Traceback" not in text and not (tmp_path / "run").exists()
+
+
+def test_fsdp_version_1_is_refused(tmp_path):
+    config = _cpu_config(tmp_path, "fsdp.yaml")
+    doc = yaml.safe_load(config.read_text())
+    doc["fsdp_config"]["fsdp_version"] = 1
+    config.write_text(yaml.safe_dump(doc))
+    r = cli("train", SAMPLES, *ARGS, "--out", tmp_path / "run", "--accelerate-config", config,
+            expect=None)  # fmt: skip
+    assert r.exit_code != 0 and "fsdp_version: 2" in " ".join(r.output.split()), r.output
+
+
+def test_fsdp_short_run_matches_one_process(tmp_path):
+    """Default-run smoke test of the sharded path: 2 steps, final export gathered from shards."""
+    config = _cpu_config(tmp_path, "fsdp.yaml")
+    args = ["--steps", 2, "--set", "train.save_every=0"]
+    proc = _launch(tmp_path / "run", config, {}, *args)
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text
+    assert "FSDP2: the denoiser's weights" in " ".join(text.split())
+    cli("train", SAMPLES, *ARGS, *args, "--out", tmp_path / "one", "--set", "train.batch_size=2")
+    a = load_file(tmp_path / "run" / "lorakit.safetensors")
+    b = load_file(tmp_path / "one" / "lorakit.safetensors")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_deepspeed_refuses_checkpoints_and_mismatched_accumulation(tmp_path):
+    config = _cpu_config(tmp_path, "deepspeed-zero2.yaml")
+    r = cli("train", SAMPLES, *ARGS, "--out", tmp_path / "run", "--accelerate-config", config,
+            "--set", "train.grad_accum=2", expect=None)  # fmt: skip
+    text = " ".join(r.output.split())
+    assert r.exit_code != 0 and "launching" not in text, text
+    assert "train.save_every = 0" in text and "gradient_accumulation_steps = 1" in text
+
+
+def test_deepspeed_config_on_cpu_runs_as_ddp_with_a_warning(tmp_path):
+    pytest.importorskip("deepspeed")
+    config = _cpu_config(tmp_path, "deepspeed-zero2.yaml")
+    proc = _launch(tmp_path / "run", config, {"DS_ACCELERATOR": "cpu"}, "--steps", 2,
+                   "--set", "train.save_every=0")  # fmt: skip
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text
+    assert "runs as plain data parallel" in " ".join(text.split())
+    assert (tmp_path / "run" / "lorakit.safetensors").is_file()
