@@ -153,7 +153,7 @@ def test_impossible_target_is_a_clear_error():
     from lorakit.errors import LorakitError
 
     with pytest.raises(LorakitError, match="No lorakit setting"):
-        planner.propose(cfg.resolve(preset="flux-16gb"), 2.0)
+        planner.propose(cfg.resolve(preset="sd15"), 0.5)
 
 
 def test_plan_cli_json_and_table():
