@@ -24,6 +24,7 @@ import ctypes
 import hashlib
 import itertools
 import json
+import mmap
 import multiprocessing as mp
 import os
 import shutil
@@ -203,11 +204,18 @@ def _spooled(job: tuple, spool: str) -> dict:
 
 
 def _unspool(res: dict) -> dict:
+    """The worker's encoded image, memory-mapped (read-only) instead of read: no copy into this
+    process; the dataset write hands the mapped pages straight to the kernel. The file is
+    unlinked at once — the mapping keeps its pages until the image's last reference goes."""
     if "png_file" in res:
         path = res.pop("png_file")
-        with open(path, "rb") as f:
-            res["png"] = f.read()
-        os.unlink(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            res["png"] = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ)) if size else b""
+        finally:
+            os.close(fd)
+            os.unlink(path)
     return res
 
 
