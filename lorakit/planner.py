@@ -30,7 +30,8 @@ built on the meta device, so parameter counts are exact and nothing is allocated
 - `max_memory_allocated` is what the phases predict; the verdict adds the CUDA context and the
   caching allocator's slack (`CUDA_CONTEXT`, `ALLOCATOR_SLACK`), which that counter does not see.
 
-Phases follow `lorakit/train.py`: everything is on the device while caching; afterwards the VAE
+Phases follow `lorakit/train.py`: the VAE and text encoders, not the denoiser, are on the device
+while caching; afterwards the VAE
 and text encoders leave it unless previews are on (`sample.every > 0`) or captions are encoded
 every step (text-encoder LoRA, tag shuffling).
 """
@@ -1080,10 +1081,9 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     )
     train_phase = sum(rows.values())
 
-    # The loop moves the denoiser to the device after caching; a quantized one is loaded there.
-    weights_all = sum(frozen_bytes.values()) + (
-        rows["denoiser weights"] if getattr(c.model, "quantize", "none") != "none" else 0
-    )
+    # The loop brings the denoiser to the device only after caching (a quantized one, which
+    # bitsandbytes loads onto the GPU, is parked in host memory meanwhile).
+    weights_all = sum(frozen_bytes.values())
     chunk = min(images, VAE_ENCODE_CHUNK)
     cache_phase = weights_all + inference_peak(family, "vae_encode", c.data.resolution, chunk, prec)
     phases = {"cache": cache_phase, "train": train_phase}
@@ -1106,9 +1106,9 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
         phases["sample"] = sample_phase
     if not resident:
         notes.append("VAE and text encoders leave the device after caching (previews off).")
-    if phases["cache"] > phases["train"]:
+    if phases["cache"] >= max(phases.values()):
         notes.append(
-            "The caching phase (all weights on the device + VAE encoding of "
+            "The caching phase (VAE and text encoders on the device + VAE encoding of "
             f"{chunk} image(s) at once) is the peak."
         )
     return Plan(family, rows, phases, notes)

@@ -14,6 +14,7 @@ Everything random (LoRA init, data order, noise, timesteps) comes from generator
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -53,7 +54,13 @@ from lorakit.models import Family, load_model, resolve_family
 from lorakit.palette import extract_palette, palette_distance
 from lorakit.progress import Reporter
 from lorakit.report import History, write_report
-from lorakit.sampling import grid_spec, render_cells, render_grid_result, sample_due
+from lorakit.sampling import (
+    encode_prompt_rows,
+    grid_spec,
+    render_cells,
+    render_grid_result,
+    sample_due,
+)
 from lorakit.tracking import init_trackers, log_grid, log_scalars
 
 
@@ -119,6 +126,14 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     ]
     device = accelerator.device
     denoiser = getattr(comps, family.denoiser_name)
+    quantized = getattr(denoiser, "is_quantized", False)
+    if quantized and device.type == "cuda":
+        # bitsandbytes put the quantized weights on the GPU while loading; parked in host memory
+        # while the encoders cache, so they do not share it (FLUX: T5-XXL 9 GiB + NF4 5.7 GiB).
+        # A bitsandbytes that cannot move quantized weights leaves them (and the `to(device)`
+        # after caching brings back any that did move).
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            denoiser.to("cpu")
     for name, module in family.frozen_modules(comps).items():
         module.to(device, _frozen_dtype(name, module, weight_dtype))
     if accelerator.is_main_process:
@@ -137,13 +152,23 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                 family, comps, captions, c.data.caption_dropout > 0, cache_dir, accelerator
             )
         )
+    sampling_on = bool(c.sample.every or c.sample.every_minutes or c.sample.every_epochs)
+    sample_spec = grid_spec(c.sample, c.data.trigger, c.data.resolution) if sampling_on else None
+    # The preview prompts are fixed: encoded once while the encoders are on the device, grids then
+    # need only the denoiser and the VAE there (FLUX/SD3: not T5-XXL's 9 GiB). Text-encoder LoRA
+    # changes the embeddings every step: those grids encode the strings each time.
+    preview_embeds = (
+        encode_prompt_rows(family.pipeline(comps, c.sample.scheduler), sample_spec)
+        if sample_spec is not None and not train_te
+        else None
+    )
     image_cond = _image_conditioning(family, comps, records)
     if device.type != "cpu" and not encode_each_step:
         for module in family.frozen_modules(comps).values():
             module.to("cpu")  # only the denoiser is needed from here on
     # The denoiser comes to the device only now: during caching the encoders have it to themselves.
-    if getattr(denoiser, "is_quantized", False):
-        denoiser.to(device)  # bitsandbytes weights are placed and typed at load time
+    if quantized:
+        denoiser.to(device)  # bitsandbytes weights keep the dtypes they were quantized to
     else:
         denoiser.to(device, weight_dtype)
 
@@ -199,8 +224,6 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     meta = training_metadata(
         c, family, captions, len(records), started, 0, Path(data_dir).name, components=comps
     )
-    sampling_on = bool(c.sample.every or c.sample.every_minutes or c.sample.every_epochs)
-    sample_spec = grid_spec(c.sample, c.data.trigger, c.data.resolution) if sampling_on else None
     last_sample = time.monotonic()
     reporter = reporter or Reporter(
         c.train.steps, device=device, enabled=accelerator.is_main_process
@@ -235,7 +258,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         with torch.random.fork_rng(devices=_cuda_devices(device)):  # never perturb training RNG
             trainable = [accelerator.unwrap_model(denoiser), *(text_encoders if train_te else [])]
             grid = _render(family, comps, trainable, accelerator, sample_spec, c, step, path,
-                           keep_on_device=encode_each_step)  # fmt: skip
+                           keep_on_device=encode_each_step, embeds=preview_embeds)  # fmt: skip
         if grid is None:
             return
         brand = history.brand_palette
@@ -1042,11 +1065,15 @@ def build_lr_schedule(optimizer, t: TrainConfig, num_processes: int = 1):
 
 
 def _render(family, comps, trainable: list, accelerator, spec, c: Config, step: int,
-            path: Path | None, keep_on_device: bool):  # fmt: skip
+            path: Path | None, keep_on_device: bool, embeds: list | None = None):  # fmt: skip
     """Render a grid with the current adapter: trained modules in eval mode, no grad; frozen
-    encoders brought to the device for it and moved off again unless training needs them.
-    `path` None: only run the denoiser (an FSDP rank other than 0), write nothing, return None."""
+    modules brought to the device for it and moved off again unless training needs them: only
+    the VAE when `embeds` (the prompt rows pre-encoded by `encode_prompt_rows`) are given, else
+    the text encoders too. `path` None: only run the denoiser (an FSDP rank other than 0), write
+    nothing, return None."""
     frozen = family.frozen_modules(comps)
+    if embeds is not None:
+        frozen = {"vae": frozen["vae"]}  # the text encoders stay where they are (off the device)
     device = accelerator.device
     for module in frozen.values():
         module.to(device)
@@ -1056,10 +1083,10 @@ def _render(family, comps, trainable: list, accelerator, spec, c: Config, step: 
         pipe = family.pipeline(comps, c.sample.scheduler)
         title = f"{c.export.name} - step {step} - {c.model.name}"
         if path is None:
-            render_cells(pipe, spec)
+            render_cells(pipe, spec, embeds)
             return None
         individual = path.with_suffix("") if c.sample.save_individual else None
-        return render_grid_result(pipe, spec, title, path, individual)
+        return render_grid_result(pipe, spec, title, path, individual, embeds)
     finally:
         for module in trainable:
             module.train()
