@@ -412,9 +412,21 @@ def test_incremental_reruns_decode_nothing_and_only_the_changed_image(tmp_path, 
     keys3 = {r["source"]: r["key"] for r in third.rows}
     assert {k for k in keys1 if keys1[k] != keys3[k]} == {changed}
 
-    # parallel workers give exactly the same records as one process
+    # parallel workers give exactly the same records and bytes as one process, with the spooled
+    # images memory-mapped or (out of mappings) read
     par = prep.build(src, data_cfg(workers=2))
     assert sorted(r["key"] for r in par.rows) == sorted(keys3.values())
+    serial = {r["key"]: bytes(r["png"]) for r in prep.build(src, data_cfg(workers=1)).rows}
+    assert {r["key"]: bytes(r["png"]) for r in par.rows} == serial
+    assert all(isinstance(r["png"], memoryview) for r in par.rows)  # the pool path ran
+
+    def no_maps(*a, **k):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(prep.mmap, "mmap", no_maps)
+    read = prep.build(src, data_cfg(workers=2))
+    assert {r["key"]: r["png"] for r in read.rows} == serial
+    assert all(isinstance(r["png"], bytes) for r in read.rows)
 
 
 def test_interrupted_write_leaves_old_out_and_recovers(tmp_path, monkeypatch):

@@ -212,7 +212,10 @@ def _unspool(res: dict) -> dict:
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            res["png"] = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ)) if size else b""
+            try:
+                res["png"] = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_READ))
+            except (OSError, ValueError):  # empty, or out of mappings (vm.max_map_count)
+                res["png"] = os.read(fd, size) if size else b""
         finally:
             os.close(fd)
             os.unlink(path)
