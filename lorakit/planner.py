@@ -31,9 +31,12 @@ built on the meta device, so parameter counts are exact and nothing is allocated
   caching allocator's slack (`CUDA_CONTEXT`, `ALLOCATOR_SLACK`), which that counter does not see.
 
 Phases follow `lorakit/train.py`: the VAE and text encoders, not the denoiser, are on the device
-while caching; afterwards the VAE
-and text encoders leave it unless previews are on (`sample.every > 0`) or captions are encoded
-every step (text-encoder LoRA, tag shuffling).
+while caching (the preview prompts are encoded then too); afterwards the VAE and text encoders
+leave it unless captions are encoded every step (text-encoder LoRA, tag shuffling), when they stay
+resident. Preview grids (`sample.every` / `every_minutes` / `every_epochs`) are rendered from
+those pre-encoded prompt embeddings, so the sample phase adds only the VAE to what training keeps
+(all frozen modules when they are resident anyway), plus the larger of one denoiser call with CFG
+at the pipeline's own T5 length and one VAE decode.
 """
 
 from __future__ import annotations
@@ -1088,24 +1091,32 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     cache_phase = weights_all + inference_peak(family, "vae_encode", c.data.resolution, chunk, prec)
     phases = {"cache": cache_phase, "train": train_phase}
     notes = []
-    if c.sample.every > 0 or c.sample.every_minutes > 0:
+    if c.sample.every > 0 or c.sample.every_minutes > 0 or c.sample.every_epochs > 0:
         sw = c.sample.width or c.data.resolution
         sh = c.sample.height or c.data.resolution
         sres = max(sw, sh)
         keep = rows["denoiser weights"] + 4 * n_lora + rows[f"optimizer state ({t.optimizer})"]
         if eb == 2:
             keep += 2 * n_lora
+        # Previews are rendered from prompt embeddings encoded once while caching: only the VAE
+        # joins the denoiser, unless everything frozen stays resident anyway (encode_each_step).
+        with_previews = sum(frozen_bytes.values()) if resident else frozen_bytes["vae"]
+        # The pipeline's own T5 length (its `__call__` default), not the training captions'.
+        sample_t5 = {"sd3": 256, "flux": 512}.get(family, 0)
         sample_phase = (
             keep
-            + sum(frozen_bytes.values())
+            + with_previews
             + max(
-                inference_peak(family, "denoise", sres, ARCHS[family].cfg_batch, prec, t5_len),
+                inference_peak(family, "denoise", sres, ARCHS[family].cfg_batch, prec, sample_t5),
                 inference_peak(family, "vae_decode", sres, 1, prec),
             )
         )
         phases["sample"] = sample_phase
     if not resident:
-        notes.append("VAE and text encoders leave the device after caching (previews off).")
+        notes.append(
+            "VAE and text encoders leave the device after caching; preview grids bring back "
+            "only the VAE (their prompts are encoded once while caching)."
+        )
     if phases["cache"] >= max(phases.values()):
         notes.append(
             "The caching phase (VAE and text encoders on the device + VAE encoding of "
@@ -1141,9 +1152,13 @@ def _steps(c: Config, family: str):
         ]  # fmt: skip
     te = [("lora", "train_text_encoder", False)] if c.lora.train_text_encoder else []
     te += [("data", "shuffle_tags", False)] if c.data.shuffle_tags else []
-    te += [("sample", "every", 0)] if c.sample.every else []
     if te:
         yield "cached text-encoder outputs (encoders off the device)", te
+    # Previews need only the VAE beside the denoiser (prompts pre-encoded); off, no sample phase.
+    keys = ("every", "every_minutes", "every_epochs")
+    previews = [("sample", k, type(getattr(c.sample, k))(0)) for k in keys if getattr(c.sample, k)]
+    if previews:
+        yield "no preview grids during training", previews
     if family in ("sd3", "flux") and c.model.quantize != "nf4":
         yield "NF4 base", [("model", "quantize", "nf4")]
     batch, accum = c.train.batch_size, c.train.grad_accum

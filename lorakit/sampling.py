@@ -385,21 +385,108 @@ def pipeline_kwargs(pipe, spec: GridSpec, row: PromptRow) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
+# pipeline class → what its `encode_prompt` returns, named as its `__call__` arguments (None:
+# not passed; FLUX's text ids are rebuilt by every call). Looked up along the class's MRO.
+EMBED_OUTPUTS: dict[str, tuple[str | None, ...]] = {
+    "StableDiffusionPipeline": ("prompt_embeds", "negative_prompt_embeds"),
+    "StableDiffusionXLPipeline": (
+        "prompt_embeds", "negative_prompt_embeds",
+        "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+    ),
+    "StableDiffusion3Pipeline": (
+        "prompt_embeds", "negative_prompt_embeds",
+        "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+    ),
+    "FluxPipeline": ("prompt_embeds", "pooled_prompt_embeds", None),
+}  # fmt: skip
+
+RowEmbeds = dict[str, torch.Tensor]
+"""`__call__` keyword → tensor (batch 1) for one prompt row: `prompt_embeds` [1, L, D], its
+`negative_prompt_embeds` when the row's call would use a negative, and the pooled [1, P] ones for
+SDXL / SD3 / FLUX."""
+
+
+def _embed_outputs(pipe) -> tuple[str | None, ...] | None:
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in EMBED_OUTPUTS:
+            return EMBED_OUTPUTS[cls.__name__]
+    return None
+
+
 @torch.no_grad()
-def render_cells(pipe, spec: GridSpec) -> list[Cell]:
+def encode_prompt_rows(pipe, spec: GridSpec) -> list[RowEmbeds] | None:
+    """Embeddings of every prompt row of `spec` (prompt + negative), computed once by the
+    pipeline's own `encode_prompt` with the arguments its `__call__` would pass for that row
+    (`pipeline_kwargs`: batch 1, no clip skip, no LoRA scale, the call's default
+    `max_sequence_length`), so `render_cells(pipe, spec, embeds)` gives the images the prompt
+    strings give, without running — or holding on the device — any text encoder. CFG pipelines
+    (SD1.5 / SDXL / SD3) get the negative's embeddings when `guidance_scale` > 1 (the pipeline's
+    own empty-prompt / zero rule when there is no negative); FLUX only when true CFG is on
+    (`--l` > 1 and a negative). Tensors are kept on the CPU, in the text encoders' output dtype.
+    The text encoders must be able to run here, and must not change afterwards (text-encoder
+    LoRA training: render from strings instead). None for a pipeline not in `EMBED_OUTPUTS`."""
+    names = _embed_outputs(pipe)
+    if names is None:
+        return None
+    enc = inspect.signature(pipe.encode_prompt).parameters
+    call = inspect.signature(pipe.__call__).parameters
+    device = pipe._execution_device
+
+    def encode(prompt: str, negative: str | None, cfg: bool, prefix: str = "") -> RowEmbeds:
+        kw: dict = {"prompt": prompt, "device": device, "num_images_per_prompt": 1}
+        kw.update({k: None for k in ("prompt_2", "prompt_3") if k in enc})
+        if "do_classifier_free_guidance" in enc:
+            kw.update(do_classifier_free_guidance=cfg, negative_prompt=negative)
+        if "max_sequence_length" in enc and "max_sequence_length" in call:
+            kw["max_sequence_length"] = call["max_sequence_length"].default
+        outputs = pipe.encode_prompt(**kw)
+        return {
+            prefix + name: value.detach().to("cpu")
+            for name, value in zip(names, outputs, strict=True)
+            if name is not None and value is not None
+        }
+
+    rows = []
+    for row in spec.prompt_rows():
+        kwargs = pipeline_kwargs(pipe, spec, row)
+        negative = kwargs.get("negative_prompt")
+        if "do_classifier_free_guidance" in enc:
+            rows.append(encode(row.text, negative, kwargs.get("guidance_scale", 1.0) > 1))
+            continue
+        embeds = encode(row.text, None, False)
+        if negative is not None and kwargs.get("true_cfg_scale", 1.0) > 1:
+            embeds.update(encode(negative, None, False, prefix="negative_"))
+        rows.append(embeds)
+    return rows
+
+
+@torch.no_grad()
+def render_cells(pipe, spec: GridSpec, embeds: list[RowEmbeds] | None = None) -> list[Cell]:
     """Render every cell in eval mode without grad; returns the cells with their images.
-    Training mode flags and LoRA scales are restored afterwards and memory released."""
+    Training mode flags and LoRA scales are restored afterwards and memory released.
+    `embeds` (from `encode_prompt_rows`, one per prompt row): the pipeline gets these instead of
+    the prompt strings and never calls its text encoders, which may then stay off the device."""
     modules = _pipe_modules(pipe)
     if spec.scales and not any(True for _ in _lora_layers(modules)):
         raise LorakitError(
             "sample.scales asks for a LoRA-scale sweep but the model carries no adapter."
         )
     rows = spec.prompt_rows()
+    if embeds is not None:
+        if len(embeds) != len(rows):
+            raise ValueError(f"{len(embeds)} prompt embeddings for {len(rows)} prompt rows")
+        # FLUX / SD3 use given embeddings where they are: bring them to the denoiser's device.
+        device = pipe._execution_device
+        embeds = [{k: v.to(device) for k, v in e.items()} for e in embeds]
     out: list[Cell] = []
     try:
         with _eval_mode(modules):
             for cell in spec.cells():
                 kwargs = pipeline_kwargs(pipe, spec, rows[cell.row])
+                if embeds is not None:
+                    kwargs.pop("prompt")
+                    kwargs.pop("negative_prompt", None)
+                    kwargs.update(embeds[cell.row])
                 gen = torch.Generator("cpu").manual_seed(cell.seed)
                 scaled = (
                     lora_scale(modules, cell.scale)
@@ -523,10 +610,16 @@ class GridResult:
 
 
 def render_grid_result(
-    pipe, spec: GridSpec, title: str, path: Path, individual_dir: Path | None = None
+    pipe,
+    spec: GridSpec,
+    title: str,
+    path: Path,
+    individual_dir: Path | None = None,
+    embeds: list[RowEmbeds] | None = None,
 ) -> GridResult:
-    """Render, write the grid PNG (and each cell under `individual_dir` if given)."""
-    cells = render_cells(pipe, spec)
+    """Render, write the grid PNG (and each cell under `individual_dir` if given); `embeds` as
+    in `render_cells`."""
+    cells = render_cells(pipe, spec, embeds)
     save_png(compose_cells(cells, spec, title), path)
     written = []
     if individual_dir is not None:

@@ -158,7 +158,7 @@ def test_impossible_target_is_a_clear_error():
 
 def test_plan_cli_json_and_table():
     res = cli(
-        "plan", "--preset", "sd15", "--set", "train.optimizer='adamw'", "--vram", "3.5", "--json"
+        "plan", "--preset", "sd15", "--set", "train.optimizer='adamw'", "--vram", "3.0", "--json"
     )
     rep = json.loads(res.output)
     assert rep["family"] == "sd15" and rep["fits"] is False

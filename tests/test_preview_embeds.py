@@ -1,0 +1,131 @@
+"""Preview grids from prompt embeddings encoded once (`encode_prompt_rows`): the same pixels as
+the prompt strings give, no text encoder called while rendering, used by `lorakit train` when
+the text encoders are frozen, and planned without the text encoders in the sample phase."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import FAST, SAMPLES, cli
+
+from lorakit import config as cfg
+from lorakit import planner, sampling
+from lorakit.config import SampleConfig
+from lorakit.models import FAMILIES
+from lorakit.sampling import encode_prompt_rows, grid_spec, render_cells
+
+# Row 0: no negative (CFG pipelines encode "" or SDXL's zeros); row 1: a negative; row 2: SD
+# families: CFG off (`--l 1`, no negative used); FLUX: true CFG with its negative (`--l 2`).
+PROMPTS = {
+    "sd": ["a cup", "a bag --n blurry, dark --d 5", "a box --n noise --l 1"],
+    "flux": ["a cup", "a bag --n blurry, dark --d 5", "a box --n noise --l 2"],
+}
+NEG = {"negative_prompt_embeds", "negative_pooled_prompt_embeds"}
+
+
+class TextEncoderCalled(AssertionError):
+    pass
+
+
+def _refuse(module, args):
+    raise TextEncoderCalled(type(module).__name__)
+
+
+def _arrays(cells) -> list[np.ndarray]:
+    return [np.asarray(c.image.convert("RGB"), dtype=np.int16) for c in cells]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
+def test_grid_from_embeddings_matches_grid_from_strings(family):
+    fam = FAMILIES[family]
+    comps = fam.build_tiny(seed=0)
+    pipe = fam.pipeline(comps)
+    prompts = PROMPTS["flux" if family == "flux" else "sd"]
+    spec = grid_spec(SampleConfig(prompts=prompts, seeds=[0, 3], steps=2), "", 64)
+
+    from_strings = render_cells(pipe, spec)
+    embeds = encode_prompt_rows(pipe, spec)
+    assert embeds is not None and len(embeds) == 3
+    # The negative is encoded exactly when the row's call uses it.
+    if family == "flux":
+        assert [NEG & set(e) for e in embeds] == [set(), set(), NEG]
+    else:
+        has_neg = [bool(NEG & set(e)) for e in embeds]
+        assert has_neg == [True, True, False]
+    encoders = [m for n, m in fam.frozen_modules(comps).items() if n != "vae"]
+    hooks = [m.register_forward_pre_hook(_refuse) for m in encoders]
+    try:
+        from_embeds = render_cells(pipe, spec, embeds)
+        with pytest.raises(TextEncoderCalled):  # the hooks do catch a string render
+            render_cells(pipe, spec)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    a, b = _arrays(from_strings), _arrays(from_embeds)
+    assert [c.seed for c in from_strings] == [c.seed for c in from_embeds]
+    assert max(int(np.abs(x - y).max()) for x, y in zip(a, b, strict=True)) <= 1
+    # the rows' embeddings are what decides the images: row 0's embeddings in row 1's place
+    # give another picture
+    swapped = render_cells(pipe, spec, [embeds[0], embeds[0], embeds[2]])
+    assert np.abs(_arrays(swapped)[2] - a[2]).max() > 8
+
+
+@pytest.mark.parametrize("train_te", [False, True])
+def test_training_grids_use_embeddings_only_with_frozen_text_encoders(
+    tmp_path, monkeypatch, train_te
+):
+    """`lorakit train` with sample.every: grids are written; rendered from embeddings encoded
+    once when the text encoders are frozen, from the strings when they are trained."""
+    calls: list[bool] = []
+    render = sampling.render_cells
+
+    def spy(pipe, spec, embeds=None):
+        calls.append(embeds is not None)
+        return render(pipe, spec, embeds)
+
+    monkeypatch.setattr(sampling, "render_cells", spy)
+    out = tmp_path / "run"
+    cli("train", SAMPLES, *FAST, "--out", out, "--steps", 1, "--set", "sample.every=1",
+        "--set", f"lora.train_text_encoder={str(train_te).lower()}")  # fmt: skip
+    grids = sorted(p.name for p in (out / "samples").glob("*.png"))
+    assert grids == ["step-000000.png", "step-000001.png"]
+    assert calls == [not train_te] * 2
+
+
+def test_sample_phase_holds_the_text_encoders_only_when_resident():
+    """Frozen text encoders (captions cached) are not brought back for previews; with tag
+    shuffling they stay resident and the sample phase carries them."""
+    frozen = planner.plan(cfg.resolve(preset="sd15-8gb", sets=["sample.every=100"]))
+    resident = planner.plan(
+        cfg.resolve(preset="sd15-8gb", sets=["sample.every=100", "data.shuffle_tags=true"])
+    )
+    _, modules = planner._counts("sd15", False)
+    te_bytes = planner.weight_bytes(modules["text_encoder"], 2)  # fp16 preset
+    vae_bytes = planner.weight_bytes(modules["vae"], 4)
+    assert resident.phases["sample"] - frozen.phases["sample"] == te_bytes
+    assert resident.phases["train"] - frozen.phases["train"] == te_bytes + vae_bytes
+
+
+def test_flux_16gb_previews_fit_16gb():
+    """The FLUX preset's previews no longer bring T5-XXL (8.9 GiB in bf16) back: the sample
+    phase is below the caching phase and the preset fits 16 GiB with previews on."""
+    c = cfg.resolve(preset="flux-16gb")
+    assert c.sample.every > 0
+    p = planner.plan(c)
+    assert p.phases["sample"] < p.phases["cache"]
+    assert p.phases["sample"] < 10 * planner.GIB
+    assert p.fits(16)
+    assert planner.propose(c, 16)[0] == []
+
+
+def test_embeddings_for_an_unknown_pipeline_are_none():
+    class Pipe:
+        def encode_prompt(self, prompt):
+            raise AssertionError("not called")
+
+        def __call__(self, prompt=None):
+            pass
+
+    spec = grid_spec(SampleConfig(prompts=["a"], seeds=[0], steps=1), "", 64)
+    assert encode_prompt_rows(Pipe(), spec) is None
