@@ -90,9 +90,9 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         AcceleratorState._reset_state()
     out = Path(c.train.out)
     accelerator = Accelerator(
-        cpu=_use_cpu(c.train),
         mixed_precision=c.train.mixed_precision,
         gradient_accumulation_steps=c.train.grad_accum,
+        **_device_kwargs(c.train),
     )
     _cpu_fsdp(accelerator)
     _check_distributed(accelerator, c)
@@ -235,10 +235,15 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             f"FSDP2: the denoiser's weights, gradients and optimizer state are sharded over "
             f"{accelerator.num_processes} processes"
         )
+    elif _deepspeed(accelerator) and device.type == "cpu":
+        reporter.message(
+            f"DeepSpeed ZeRO-2 on the CPU (gloo): optimizer state and gradients are partitioned "
+            f"over {accelerator.num_processes} processes"
+        )
     elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and device.type == "cpu":
         reporter.message(
-            "[yellow]warning:[/yellow] accelerate runs DeepSpeed only on GPUs; on this CPU the "
-            "DeepSpeed config runs as plain data parallel (DDP)."
+            "[yellow]warning:[/yellow] train.device = 'cpu' on a machine with a GPU: accelerate "
+            "runs the DeepSpeed config as plain data parallel (DDP) on the CPU."
         )
     if memory_warning:
         reporter.message(f"[yellow]warning:[/yellow] {memory_warning}")
@@ -318,7 +323,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             "samples": [str(p) for p in result.samples],
             "report": history.to_dict(),
         }
-        if accelerator.is_main_process or sharded:
+        if accelerator.is_main_process or sharded or _deepspeed(accelerator):
             state = _capture(step, order, params, optimizer, lr_schedule, accelerator, saved)
         final = ckpt.step_dir(out, step)
         if accelerator.is_main_process:
@@ -615,6 +620,12 @@ def _sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def _deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 def _cpu_fsdp(accelerator) -> None:
     """Run an FSDP accelerate config on the CPU too (gloo): accelerate 1.15 silently ignores FSDP
     on a CPU (it runs plain data parallel), which would leave lorakit's sharded code paths untested
@@ -650,7 +661,10 @@ def _check_distributed(accelerator, c: Config) -> None:
         problem = distributed_problem(c, "FSDP", accelerator.state.fsdp_plugin.fsdp_version)
     elif kind == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        problem = distributed_problem(c, "DeepSpeed", 2, ds.get("gradient_accumulation_steps"))
+        stage = (ds.get("zero_optimization") or {}).get("stage")
+        problem = distributed_problem(
+            c, "DeepSpeed", 2, ds.get("gradient_accumulation_steps"), zero_stage=stage
+        )
     else:
         return
     if problem:
@@ -670,14 +684,22 @@ def check_accelerate_config(c: Config, path: Path) -> None:
     name = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}.get(kind)
     ds = doc.get("deepspeed_config") or {}
     problem = name and distributed_problem(
-        c, name, int(fsdp.get("fsdp_version", 1)), ds.get("gradient_accumulation_steps")
+        c,
+        name,
+        int(fsdp.get("fsdp_version", 1)),
+        ds.get("gradient_accumulation_steps"),
+        zero_stage=ds.get("zero_stage"),
     )
     if problem:
         raise ConfigError(f"{path}: {problem}")
 
 
 def distributed_problem(
-    c: Config, name: str, fsdp_version: int = 2, grad_accum: int | str | None = None
+    c: Config,
+    name: str,
+    fsdp_version: int = 2,
+    grad_accum: int | str | None = None,
+    zero_stage: int | None = None,
 ) -> str | None:
     """One paragraph on what `c` asks that lorakit does not support under FSDP / DeepSpeed."""
     if name == "FSDP" and fsdp_version != 2:
@@ -701,12 +723,11 @@ def distributed_problem(
         )
     if c.train.compile:
         problems.append(f"train.compile = true (untested under {name}); set it to false")
-    if name == "DeepSpeed" and (c.train.save_every or c.train.save_every_epochs or c.train.resume):
+    if name == "DeepSpeed" and zero_stage not in (None, 0, 1, 2):
         problems.append(
-            "checkpoints (train.save_every / save_every_epochs / --resume: DeepSpeed's ZeRO "
-            "optimizer keeps its state partitioned in its own format, which lorakit's "
-            "checkpoints do not capture); set train.save_every = 0 and train.save_every_epochs "
-            "= 0 (the final adapter is still exported)"
+            f"zero_stage = {zero_stage} in the accelerate config (ZeRO-3 partitions the weights, "
+            "which lorakit's adapter export and checkpoints cannot read back); set zero_stage: 2 "
+            "(presets/accelerate/deepspeed-zero2.yaml) or use FSDP (presets/accelerate/fsdp.yaml)"
         )
     if name == "DeepSpeed" and grad_accum not in (None, "auto", c.train.grad_accum):
         problems.append(
@@ -741,8 +762,11 @@ def _opt_params(optimizer) -> list[torch.Tensor]:
 
 
 def _capture(step, order, params, optimizer, lr_schedule, accelerator, history):
-    """Under FSDP a collective (every rank gathers the LoRA and its optimizer state)."""
-    opt = optimizer.state_dict()
+    """Under FSDP and DeepSpeed ZeRO a collective (every rank gathers the LoRA and its optimizer
+    state); the optimizer state always has the layout of a plain torch `state_dict()`."""
+    from lorakit.zero import gather_state, zero_optimizer
+
+    opt = gather_state(optimizer) if zero_optimizer(optimizer) else optimizer.state_dict()
     opt = {
         **opt,
         "state": {
@@ -787,7 +811,12 @@ def _restore(state, params, optimizer, lr_schedule, accelerator, order) -> int:
                 for i, st in sorted(opt_state["state"].items())
             },
         }
-    optimizer.load_state_dict(opt_state)
+    from lorakit.zero import scatter_state, zero_optimizer
+
+    if zero_optimizer(optimizer):  # DeepSpeed ZeRO-1/2: this rank's slice, after the params
+        scatter_state(optimizer, opt_state)
+    else:
+        optimizer.load_state_dict(opt_state)
     lr_schedule.load_state_dict(state.scheduler)
     if state.scaler is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state.scaler)
@@ -916,6 +945,22 @@ def _frozen_dtype(name: str, module, weight_dtype: torch.dtype) -> torch.dtype:
         bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16_ok else torch.float32
     return weight_dtype
+
+
+def _device_kwargs(t: TrainConfig) -> dict[str, Any]:
+    """Accelerator arguments for the device. A DeepSpeed accelerate config on a machine without
+    CUDA runs DeepSpeed on the CPU: accelerate 1.15 ignores DeepSpeed when `cpu=True` (or the
+    config's `use_cpu: true`), and with `cpu=False` its `_prepare_backend` finds no device backend
+    (None), so PartialState counts 1 process although DeepSpeed's `init_distributed` (falling
+    back to gloo without oneCCL) joined 2 — DeepSpeed then rejects train_batch_size 1 != 1 × 1 × 2.
+    Naming gloo makes accelerate initialise DeepSpeed's process group with it and count both."""
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if not (deepspeed and "LOCAL_RANK" in os.environ and not torch.cuda.is_available()):
+        return {"cpu": _use_cpu(t)}
+    from accelerate.utils import InitProcessGroupKwargs
+
+    os.environ["ACCELERATE_USE_CPU"] = "false"  # AcceleratorState would force cpu=True (DDP)
+    return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
 
 
 def _use_cpu(t: TrainConfig) -> bool:
