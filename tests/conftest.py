@@ -8,6 +8,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import contextlib
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +59,46 @@ def trained_run(tmp_path_factory) -> Path:
         "--set", "train.save_every=3", "--set", "sample.every=3",
     )  # fmt: skip
     return out
+
+
+def launch_train(*args, env: dict | None = None) -> subprocess.Popen:
+    """`python -m lorakit train *args` as a subprocess in its own session (output captured as
+    text), for multi-process runs that a test waits for or kills."""
+    full_env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **(env or {}))
+    full_env.pop("LORAKIT_LAUNCHED", None)
+    cmd = [sys.executable, "-m", "lorakit", "train", *args]
+    return subprocess.Popen(
+        [str(c) for c in cmd], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, out: Path, step: int, limit_s: float = 300):
+    """Wait until checkpoint `step` of the run in `out` is complete, then SIGKILL the launcher
+    AND its workers: torch's elastic launcher starts each worker in a session of its own, so
+    killing the launcher's process group alone would leave them to finish the run."""
+    import psutil
+
+    from lorakit import checkpoint as ckpt
+
+    t0 = time.time()
+    while not (ckpt.step_dir(out, step) / ckpt.MARKER).exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() - t0 < limit_s
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    for w in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            w.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
+    psutil.wait_procs(workers, timeout=30)
+    proc.wait()
+
+
+def assert_resumed(text: str, out: Path, step: int, last: int) -> None:
+    """The resumed run's output says it resumed from checkpoint `step` and trained to `last`."""
+    from lorakit import checkpoint as ckpt
+
+    squeezed = "".join(text.split())  # the console wraps long paths anywhere
+    assert f"resumingfrom{ckpt.step_dir(out, step)}" in squeezed, text
+    assert f"step{step + 1}/{last}" in squeezed and f"step{last}/{last}" in squeezed, text

@@ -3,15 +3,11 @@ process at the same global batch, disjoint data shards, rank-0-only writes, kill
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, SAMPLES, cli
+from conftest import FAST, SAMPLES, assert_resumed, cli, kill_after_checkpoint, launch_train
 from safetensors.torch import load_file
 
 from lorakit import checkpoint as ckpt
@@ -20,14 +16,8 @@ ARGS = [*FAST, "--steps", 10, "--set", "train.save_every=4", "--set", "train.kee
 
 
 def _launch(out: Path, extra_env: dict, *args) -> subprocess.Popen:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **extra_env)
-    env.pop("LORAKIT_LAUNCHED", None)
-    cmd = [sys.executable, "-m", "lorakit", "train", SAMPLES, *ARGS, "--out", out,
-           "--set", "train.batch_size=1", "--num-processes", "2", *args]  # fmt: skip
-    return subprocess.Popen(
-        [str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+    return launch_train(SAMPLES, *ARGS, "--out", out, "--set", "train.batch_size=1",
+                        "--num-processes", "2", *args, env=extra_env)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -96,18 +86,12 @@ def test_kill_and_resume_two_processes(two_proc, tmp_path):
     base, _ = two_proc
     out = tmp_path / "run"
     proc = _launch(out, {})
-    t0 = time.time()
-    while not (ckpt.step_dir(out, 4) / ckpt.MARKER).exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() - t0 < 240
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-    proc.wait()
+    kill_after_checkpoint(proc, out, 4, limit_s=240)
     assert not (out / "lorakit.safetensors").exists()
     resumed = _launch(out, {}, "--resume", "latest")
     text, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, text
-    assert "resuming from" in text
+    assert_resumed(text, out, 4, 10)
     a = load_file(base / "run" / "lorakit.safetensors")
     b = load_file(out / "lorakit.safetensors")
     assert all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)

@@ -7,17 +7,12 @@ rank) run here exactly as they would on GPUs."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST, ROOT, SAMPLES, cli
+from conftest import FAST, ROOT, SAMPLES, assert_resumed, cli, kill_after_checkpoint, launch_train
 from safetensors.torch import load_file
 
 from lorakit import checkpoint as ckpt
@@ -35,15 +30,9 @@ def _cpu_config(tmp: Path, name: str, **changes) -> Path:
 
 
 def _launch(out: Path, config: Path, extra_env: dict, *args) -> subprocess.Popen:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **extra_env)
-    env.pop("LORAKIT_LAUNCHED", None)
-    cmd = [sys.executable, "-m", "lorakit", "train", SAMPLES, *ARGS, "--out", out,
-           "--set", "train.batch_size=1", "--accelerate-config", config,
-           "--num-processes", "2", *args]  # fmt: skip
-    return subprocess.Popen(
-        [str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+    return launch_train(SAMPLES, *ARGS, "--out", out, "--set", "train.batch_size=1",
+                        "--accelerate-config", config, "--num-processes", "2", *args,
+                        env=extra_env)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -101,18 +90,12 @@ def test_fsdp_kill_and_resume(fsdp_run, tmp_path):
     base, config, _ = fsdp_run
     out = tmp_path / "run"
     proc = _launch(out, config, {}, "--set", "sample.every=6")
-    t0 = time.time()
-    while not (ckpt.step_dir(out, 4) / ckpt.MARKER).exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() - t0 < 300
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-    proc.wait()
+    kill_after_checkpoint(proc, out, 4)
     assert not (out / "lorakit.safetensors").exists()
     resumed = _launch(out, config, {}, "--set", "sample.every=6", "--resume", "latest")
     text, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, text
-    assert "resuming from" in text
+    assert_resumed(text, out, 4, 8)
     a = load_file(base / "run" / "lorakit.safetensors")
     b = load_file(out / "lorakit.safetensors")
     # Resume re-shards the saved whole tensors; the optimizer state round-trips exactly.
@@ -221,39 +204,16 @@ def test_deepspeed_zero2_only_rank_zero_writes(zero2_run):
     assert [s for s, _ in ckpt.complete_checkpoints(base / "run")] == [4, 8]
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and its workers. torch's elastic launcher starts each worker in its
-    own session, so killing the launcher's process group alone leaves the workers running on
-    (they would finish the run, and the "resumed" run would find the last checkpoint)."""
-    import psutil
-
-    workers = psutil.Process(proc.pid).children(recursive=True)
-    for w in workers:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            w.kill()
-    os.killpg(proc.pid, signal.SIGKILL)
-    psutil.wait_procs(workers, timeout=30)
-
-
 def test_deepspeed_zero2_kill_and_resume(zero2_run, tmp_path):
     base, config, _ = zero2_run
     out = tmp_path / "run"
     proc = _launch(out, config, {})
-    t0 = time.time()
-    while not (ckpt.step_dir(out, 4) / ckpt.MARKER).exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() - t0 < 300
-        time.sleep(0.05)
-    _kill_tree(proc)
-    proc.wait()
+    kill_after_checkpoint(proc, out, 4)
     assert not (out / "lorakit.safetensors").exists()
     resumed = _launch(out, config, {}, "--resume", "latest")
     text, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, text
-    text = " ".join(text.split())
-    squeezed = "".join(text.split())  # the console wraps long paths anywhere
-    assert f"resumingfrom{ckpt.step_dir(out, 4)}" in squeezed, text
-    assert "step 5/8" in text and "step 8/8" in text, "the resumed run trained steps 5 to 8"
+    assert_resumed(text, out, 4, 8)
     a = load_file(base / "run" / "lorakit.safetensors")
     b = load_file(out / "lorakit.safetensors")
     # Each rank re-slices its ZeRO partition of the saved whole state and refreshes its fp32
