@@ -35,6 +35,33 @@ def _launch(out: Path, config: Path, extra_env: dict, *args) -> subprocess.Popen
                         env=extra_env)  # fmt: skip
 
 
+def _matches_one_process(run: Path, tmp_path: Path) -> Path:
+    """The 2-process adapter in `run` equals a 1-process run at the same global batch (whole
+    tensors, not one rank's shard); returns the 1-process run's folder."""
+    single = tmp_path / "single"
+    cli("train", SAMPLES, *ARGS, "--out", single, "--set", "train.batch_size=2")
+    a = load_file(run / "lorakit.safetensors")
+    b = load_file(single / "lorakit.safetensors")
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape for k in a), "whole tensors, not one rank's shard"
+    # Not bit-exact: FSDP and ZeRO-2 reduce-scatter the two ranks' gradients (sum, then / 2)
+    # while one process averages inside one loss, so float rounding differs by a few ulps per
+    # step (measured 1e-7 to 2e-7 after 8 steps).
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, worst
+    moved = max(a[k].abs().max().item() for k in a if k.endswith("lora_up.weight"))
+    assert moved > 1e-3, "the adapter trained"
+    return single
+
+
+def _rank_zero_wrote_each_file_once(base: Path) -> None:
+    writes = [w for w in (base / "writes.txt").read_text().split("\n") if w]
+    assert writes and all(w.startswith("0 ") for w in writes), writes[:5]
+    paths = [w.split(" ", 1)[1] for w in writes]
+    assert len(paths) == len(set(paths)), "every file is written once"
+    assert [s for s, _ in ckpt.complete_checkpoints(base / "run")] == [4, 8]
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("fsdp")
@@ -51,18 +78,7 @@ def test_fsdp_two_processes_match_one_process(fsdp_run, tmp_path):
     base, _, text = fsdp_run
     assert "FSDP2: the denoiser's weights" in text, "the run really was sharded"
     assert "2 (1 per device × 2 processes × 1 accumulation)" in text
-    single = tmp_path / "single"
-    cli("train", SAMPLES, *ARGS, "--out", single, "--set", "train.batch_size=2")
-    a = load_file(base / "run" / "lorakit.safetensors")
-    b = load_file(single / "lorakit.safetensors")
-    assert a.keys() == b.keys()
-    assert all(a[k].shape == b[k].shape for k in a), "whole tensors, not one rank's shard"
-    # Not bit-exact: FSDP reduce-scatters the two ranks' gradients (sum / 2) while one process
-    # averages inside one loss, so float rounding differs by a few ulps per step.
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 1e-5, worst
-    moved = max(a[k].abs().max().item() for k in a if k.endswith("lora_up.weight"))
-    assert moved > 1e-3, "the adapter trained"
+    single = _matches_one_process(base / "run", tmp_path)
     # the checkpoint holds the whole LoRA and whole optimizer state, not rank 0's shards
     state = ckpt.load_state(ckpt.step_dir(base / "run", 4))
     one = ckpt.load_state(ckpt.step_dir(single, 4))
@@ -74,12 +90,8 @@ def test_fsdp_two_processes_match_one_process(fsdp_run, tmp_path):
 @pytest.mark.slow  # ~130 s for the three on 2 cores
 def test_fsdp_only_rank_zero_writes(fsdp_run):
     base, _, _ = fsdp_run
-    writes = [w for w in (base / "writes.txt").read_text().split("\n") if w]
-    assert writes and all(w.startswith("0 ") for w in writes), writes[:5]
-    paths = [w.split(" ", 1)[1] for w in writes]
-    assert len(paths) == len(set(paths)), "every file is written once"
+    _rank_zero_wrote_each_file_once(base)
     run = base / "run"
-    assert [s for s, _ in ckpt.complete_checkpoints(run)] == [4, 8]
     grids = sorted(p.name for p in (run / "samples").glob("*.png"))
     assert grids == ["step-000000.png", "step-000006.png", "step-000008.png"]
     assert not list(run.rglob("*.tmp"))
@@ -171,18 +183,7 @@ def test_deepspeed_zero2_two_processes_match_one_process(zero2_run, tmp_path):
     assert "DeepSpeed ZeRO-2 on the CPU (gloo)" in text, "the run really was DeepSpeed"
     assert "partitioned over 2 processes" in text
     assert "2 (1 per device × 2 processes × 1 accumulation)" in text
-    single = tmp_path / "single"
-    cli("train", SAMPLES, *ARGS, "--out", single, "--set", "train.batch_size=2")
-    a = load_file(base / "run" / "lorakit.safetensors")
-    b = load_file(single / "lorakit.safetensors")
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
-    # Not bit-exact: ZeRO-2 reduce-scatters the two ranks' gradients (sum, then / 2) while one
-    # process averages inside one loss, so float rounding differs by a few ulps per step
-    # (measured 2e-7 after 8 steps).
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 1e-5, worst
-    moved = max(a[k].abs().max().item() for k in a if k.endswith("lora_up.weight"))
-    assert moved > 1e-3, "the adapter trained"
+    single = _matches_one_process(base / "run", tmp_path)
     # The checkpoint holds the whole optimizer state gathered from both ranks' ZeRO partitions,
     # in the layout of a plain torch AdamW state_dict: the same values as the 1-process run's.
     state = ckpt.load_state(ckpt.step_dir(base / "run", 4))
@@ -197,11 +198,7 @@ def test_deepspeed_zero2_two_processes_match_one_process(zero2_run, tmp_path):
 
 def test_deepspeed_zero2_only_rank_zero_writes(zero2_run):
     base, _, _ = zero2_run
-    writes = [w for w in (base / "writes.txt").read_text().split("\n") if w]
-    assert writes and all(w.startswith("0 ") for w in writes), writes[:5]
-    paths = [w.split(" ", 1)[1] for w in writes]
-    assert len(paths) == len(set(paths)), "every file is written once"
-    assert [s for s, _ in ckpt.complete_checkpoints(base / "run")] == [4, 8]
+    _rank_zero_wrote_each_file_once(base)
 
 
 def test_deepspeed_zero2_kill_and_resume(zero2_run, tmp_path):
