@@ -102,3 +102,16 @@ def assert_resumed(text: str, out: Path, step: int, last: int) -> None:
     squeezed = "".join(text.split())  # the console wraps long paths anywhere
     assert f"resumingfrom{ckpt.step_dir(out, step)}" in squeezed, text
     assert f"step{step + 1}/{last}" in squeezed and f"step{last}/{last}" in squeezed, text
+
+
+def kill_and_resume(launch, out: Path, step: int, last: int) -> str:
+    """Start a run with `launch(*extra_args)` (a Popen), kill it — launcher and workers — once
+    checkpoint `step` is complete, resume it with `--resume latest`, and check that the resumed
+    run started at `step` and trained to `last`. Returns the resumed run's output."""
+    kill_after_checkpoint(launch(), out, step)
+    assert not (out / "lorakit.safetensors").exists()
+    resumed = launch("--resume", "latest")
+    text, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, text
+    assert_resumed(text, out, step, last)
+    return text

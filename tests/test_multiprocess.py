@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FAST, SAMPLES, assert_resumed, cli, kill_after_checkpoint, launch_train
+from conftest import FAST, SAMPLES, cli, kill_and_resume, launch_train
 from safetensors.torch import load_file
 
 from lorakit import checkpoint as ckpt
@@ -85,13 +85,7 @@ def test_only_rank_zero_writes(two_proc):
 def test_kill_and_resume_two_processes(two_proc, tmp_path):
     base, _ = two_proc
     out = tmp_path / "run"
-    proc = _launch(out, {})
-    kill_after_checkpoint(proc, out, 4, limit_s=240)
-    assert not (out / "lorakit.safetensors").exists()
-    resumed = _launch(out, {}, "--resume", "latest")
-    text, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, text
-    assert_resumed(text, out, 4, 10)
+    kill_and_resume(lambda *extra: _launch(out, {}, *extra), out, 4, 10)
     a = load_file(base / "run" / "lorakit.safetensors")
     b = load_file(out / "lorakit.safetensors")
     assert all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)

@@ -74,12 +74,9 @@ def test_real_architectures_have_the_published_sizes():
     assert 4.7e9 < sum(p.numel() for p in t5.parameters()) < 4.8e9
 
 
-MID_UNET = dict(
-    sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=64,
-    block_out_channels=(64, 128), attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-)  # fmt: skip
+from test_planner_calibration import bench  # noqa: E402  (benchmarks/planner_cpu.py)
+
+MID_UNET = bench.MID_UNET
 
 
 @pytest.mark.parametrize("which", ["tiny", "mid"])

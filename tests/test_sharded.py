@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST, ROOT, SAMPLES, assert_resumed, cli, kill_after_checkpoint, launch_train
+from conftest import FAST, ROOT, SAMPLES, cli, kill_and_resume, launch_train
 from safetensors.torch import load_file
 
 from lorakit import checkpoint as ckpt
@@ -20,10 +20,13 @@ from lorakit import checkpoint as ckpt
 ARGS = [*FAST, "--steps", 8, "--set", "train.save_every=4", "--set", "train.keep_last=0"]
 
 
-def _cpu_config(tmp: Path, name: str, **changes) -> Path:
-    """The shipped accelerate config, adapted to this CPU-only machine."""
+def _cpu_config(tmp: Path, name: str, nested: dict | None = None) -> Path:
+    """The shipped accelerate config, adapted to this CPU-only machine; `nested` updates a
+    section, e.g. {"fsdp_config": {"fsdp_version": 1}}."""
     doc = yaml.safe_load((ROOT / "presets" / "accelerate" / name).read_text())
-    doc.update(use_cpu=True, mixed_precision="no", **changes)
+    doc.update(use_cpu=True, mixed_precision="no")
+    for section, values in (nested or {}).items():
+        doc[section].update(values)
     path = tmp / name
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -101,13 +104,8 @@ def test_fsdp_only_rank_zero_writes(fsdp_run):
 def test_fsdp_kill_and_resume(fsdp_run, tmp_path):
     base, config, _ = fsdp_run
     out = tmp_path / "run"
-    proc = _launch(out, config, {}, "--set", "sample.every=6")
-    kill_after_checkpoint(proc, out, 4)
-    assert not (out / "lorakit.safetensors").exists()
-    resumed = _launch(out, config, {}, "--set", "sample.every=6", "--resume", "latest")
-    text, _ = resumed.communicate(timeout=400)
-    assert resumed.returncode == 0, text
-    assert_resumed(text, out, 4, 8)
+    kill_and_resume(lambda *extra: _launch(out, config, {}, "--set", "sample.every=6", *extra),
+                    out, 4, 8)  # fmt: skip
     a = load_file(base / "run" / "lorakit.safetensors")
     b = load_file(out / "lorakit.safetensors")
     # Resume re-shards the saved whole tensors; the optimizer state round-trips exactly.
@@ -126,10 +124,7 @@ def test_fsdp_refuses_unsupported_settings_before_launching(tmp_path):
 
 
 def test_fsdp_version_1_is_refused(tmp_path):
-    config = _cpu_config(tmp_path, "fsdp.yaml")
-    doc = yaml.safe_load(config.read_text())
-    doc["fsdp_config"]["fsdp_version"] = 1
-    config.write_text(yaml.safe_dump(doc))
+    config = _cpu_config(tmp_path, "fsdp.yaml", {"fsdp_config": {"fsdp_version": 1}})
     r = cli("train", SAMPLES, *ARGS, "--out", tmp_path / "run", "--accelerate-config", config,
             expect=None)  # fmt: skip
     assert r.exit_code != 0 and "fsdp_version: 2" in " ".join(r.output.split()), r.output
@@ -151,10 +146,7 @@ def test_fsdp_short_run_matches_one_process(tmp_path):
 
 
 def test_deepspeed_refuses_zero3_and_mismatched_accumulation(tmp_path):
-    config = _cpu_config(tmp_path, "deepspeed-zero2.yaml")
-    doc = yaml.safe_load(config.read_text())
-    doc["deepspeed_config"]["zero_stage"] = 3
-    config.write_text(yaml.safe_dump(doc))
+    config = _cpu_config(tmp_path, "deepspeed-zero2.yaml", {"deepspeed_config": {"zero_stage": 3}})
     r = cli("train", SAMPLES, *ARGS, "--out", tmp_path / "run", "--accelerate-config", config,
             "--set", "train.grad_accum=2", expect=None)  # fmt: skip
     text = " ".join(r.output.split())
@@ -204,13 +196,7 @@ def test_deepspeed_zero2_only_rank_zero_writes(zero2_run):
 def test_deepspeed_zero2_kill_and_resume(zero2_run, tmp_path):
     base, config, _ = zero2_run
     out = tmp_path / "run"
-    proc = _launch(out, config, {})
-    kill_after_checkpoint(proc, out, 4)
-    assert not (out / "lorakit.safetensors").exists()
-    resumed = _launch(out, config, {}, "--resume", "latest")
-    text, _ = resumed.communicate(timeout=400)
-    assert resumed.returncode == 0, text
-    assert_resumed(text, out, 4, 8)
+    kill_and_resume(lambda *extra: _launch(out, config, {}, *extra), out, 4, 8)
     a = load_file(base / "run" / "lorakit.safetensors")
     b = load_file(out / "lorakit.safetensors")
     # Each rank re-slices its ZeRO partition of the saved whole state and refreshes its fp32
