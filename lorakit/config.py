@@ -229,6 +229,9 @@ class TrainConfig:
     (off: warn and start anyway)."""
     compile: bool = False
     """torch.compile the denoiser after LoRA injection (first steps slower while it compiles)."""
+    compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"
+    """torch.compile backend for `train.compile`: inductor (fastest steps, needs a C++ compiler
+    on CPU / Triton on GPU), aot_eager or eager (no code generation: graph capture only)."""
 
 
 @dataclass

@@ -197,7 +197,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             te.train()
     if c.train.compile:
         # After LoRA injection (parameters are shared with comps); the first steps compile.
-        denoiser = torch.compile(denoiser)
+        denoiser = torch.compile(denoiser, backend=c.train.compile_backend)
     optimizer = build_optimizer(params, c.train, device, lr=scaled_lr(c, accelerator.num_processes))
     lr_schedule = build_lr_schedule(optimizer, c.train, accelerator.num_processes)
     names = {id(p): n for n, p in denoiser.named_parameters()}
