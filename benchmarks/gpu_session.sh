@@ -4,7 +4,8 @@
 # does not lose the others). Prepare on the CPU machine first:
 #
 #   bash ../shared/device/fetch-wheels.sh tomli-w imagehash PyWavelets prodigyopt \
-#       einops hjson msgpack ninja py-cpuinfo            # + diffusers/bitsandbytes/datasets
+#       einops hjson msgpack ninja py-cpuinfo pydantic pydantic-core annotated-types \
+#       typing-inspection                               # + diffusers/bitsandbytes/datasets
 #   DS_BUILD_OPS=0 pip wheel -q --no-deps deepspeed -w .whl   # pure-Python DeepSpeed (~2 MB)
 #   bash benchmarks/gpu_session.sh --dry-run                  # CPU: checks the script itself
 #
