@@ -226,3 +226,13 @@ def test_offload_needs_checkpointing():
 
     with pytest.raises(ConfigError, match="offload_activations"):
         cfg.resolve(sets=["train.offload_activations=true", "train.gradient_checkpointing=false"])
+
+
+@pytest.mark.slow  # ~90 s: one plan per preset
+@pytest.mark.parametrize(
+    ("preset", "vram"),
+    [("sd15", 10), ("sd15-8gb", 8), ("sd15-lowvram", 6), ("sdxl-12gb", 12), ("sdxl-24gb", 24),
+     ("sd35-16gb", 16), ("flux-16gb", 16), ("flux-24gb", 24)],
+)  # fmt: skip
+def test_every_preset_fits_the_budget_its_name_promises(preset, vram):
+    assert planner.plan(cfg.resolve(preset=preset)).fits(vram)
