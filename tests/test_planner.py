@@ -135,7 +135,7 @@ def test_sd15_estimate_matches_the_h100_measurement():
     [
         ("sd15", ["train.gradient_checkpointing=false", "train.optimizer='adamw'"], 4.0),
         ("sd15", ["train.batch_size=4", "train.mixed_precision='no'"], 6.0),
-        ("flux-24gb", [], 20.0),
+        ("flux-24gb", [], 16.0),
     ],
 )
 def test_proposals_fit_the_planners_own_estimate(preset, sets, vram):
