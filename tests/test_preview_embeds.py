@@ -71,7 +71,8 @@ def test_grid_from_embeddings_matches_grid_from_strings(family):
     assert np.abs(_arrays(swapped)[2] - a[2]).max() > 8
 
 
-@pytest.mark.parametrize("train_te", [False, True])
+# The string path with text-encoder training is also what `lorakit sample` runs (tests there).
+@pytest.mark.parametrize("train_te", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_training_grids_use_embeddings_only_with_frozen_text_encoders(
     tmp_path, monkeypatch, train_te
 ):
