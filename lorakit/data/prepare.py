@@ -395,14 +395,7 @@ def build(
         for r in redo:
             target = plan[tuple(r["bucket"])]
             res = cache[ck(r["content_hash"], target)]
-            problems.append(
-                Problem(
-                    "bucket_merged",
-                    r["source"],
-                    f"bucket {r['bucket'][0]}×{r['bucket'][1]} could not fill a batch of "
-                    f"{batch_size}; moved to {target[0]}×{target[1]}",
-                )
-            )
+            problems.append(merged_problem(r, target, batch_size))
             r.update({k: res[k] for k in ("key", "bucket", "crop", "original_size", "png")})
             r["thumb"] = res.get("thumb")
         counts = samples_per_bucket([(tuple(r["bucket"]), r["repeats"]) for r in rows])
@@ -451,6 +444,16 @@ def build(
         fatal=fatal,
         seconds=time.perf_counter() - t0,
         timings={"list_hash": t_hash, "process": t_process},
+    )
+
+
+def merged_problem(row: dict, target: tuple[int, int], batch_size: int) -> Problem:
+    """The report line for a prepared row whose small bucket was merged into `target`."""
+    (w, h), (tw, th) = row["bucket"], target
+    return Problem(
+        "bucket_merged",
+        row["source"],
+        f"bucket {w}×{h} could not fill a batch of {batch_size}; moved to {tw}×{th}",
     )
 
 

@@ -25,7 +25,15 @@ import torch
 
 from lorakit.data.buckets import batch_fit_message, merge_plan, samples_per_bucket, underfull
 from lorakit.data.layouts import Problem
-from lorakit.data.prepare import MARKER, Prepared, build, load_prepared, prepare, summary_text
+from lorakit.data.prepare import (
+    MARKER,
+    Prepared,
+    build,
+    load_prepared,
+    merged_problem,
+    prepare,
+    summary_text,
+)
 from lorakit.errors import ConfigError, LorakitError
 
 
@@ -170,14 +178,7 @@ def _merge_prepared(rows: list[dict], counts, batch_size: int) -> tuple[list[dic
             out.append(r)
             continue
         moved = rebucket(r["png"], tuple(r["crop"]), target)
-        problems.append(
-            Problem(
-                "bucket_merged",
-                r["source"],
-                f"bucket {r['bucket'][0]}×{r['bucket'][1]} could not fill a batch of "
-                f"{batch_size}; moved to {target[0]}×{target[1]}",
-            )
-        )
+        problems.append(merged_problem(r, target, batch_size))
         out.append({**r, **moved})
     return out, problems
 
