@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check still pending for the memory (#7) and multi-GPU (#8) issues, in ONE device call
-# (~7 min on an H100; each step has its own time limit and its own log, so one failure or timeout
+# (~8–9 min on an H100; each step has its own time limit and its own log, so one failure or timeout
 # does not lose the others). Prepare on the CPU machine first:
 #
 #   bash ../shared/device/fetch-wheels.sh tomli-w imagehash PyWavelets prodigyopt \
@@ -9,7 +9,13 @@
 #   DS_BUILD_OPS=0 pip wheel -q --no-deps deepspeed -w .whl   # pure-Python DeepSpeed (~2 MB)
 #   bash benchmarks/gpu_session.sh --dry-run                  # CPU: checks the script itself
 #
-# then one device `run`: command "bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 560.
+# and, for the side-by-side against the diffusers reference script (step 3), put diffusers'
+# examples/text_to_image/train_text_to_image_lora.py at .ref/ (git-ignored; not in the wheel):
+#
+#   mkdir -p .ref && cp /path/to/diffusers/examples/text_to_image/train_text_to_image_lora.py .ref/
+#
+# then one device `run`: command "bash benchmarks/gpu_session.sh", carry [".whl", ".ref"],
+# timeout_s 590 (the #7 steps come first: a cut-off run loses only the FSDP/DeepSpeed checks).
 # Results under $OUT: summary.txt (one line per step: exit code, seconds), <step>.log,
 # gpu_check.json (peak memory / s/it / planner per architecture, FLUX with and without
 # train.offload_activations). Record them in BENCHMARKS.md with the device name.
@@ -51,7 +57,21 @@ else
 fi
 [ -f gpu_check.json ] && cp gpu_check.json "$OUT/" 2>/dev/null
 
-# 3. FSDP2 and DeepSpeed ZeRO-2 through the shipped accelerate configs, one process each, tiny
+# 3. lorakit vs the diffusers reference LoRA script, real SD1.5 architecture (random fp16
+#    weights), 512 px, fp16, same steps: s/it, whole command and max_memory_allocated each.
+if [ -f .ref/train_text_to_image_lora.py ]; then
+  REF=(python3 benchmarks/reference_script.py --reference .ref/train_text_to_image_lora.py
+    --rounds 1 --steps 20 --json "$OUT/reference.json")
+  if [ "$DRY" = 1 ]; then
+    step reference 300 "${REF[@]}" --steps 8
+  else
+    step reference 200 "${REF[@]}" --arch sd15 --device cuda --mixed-precision fp16 \
+      --resolution 512
+  fi
+else
+  echo "no .ref/train_text_to_image_lora.py: reference step skipped" | tee -a "$OUT/summary.txt"
+fi
+# 4. FSDP2 and DeepSpeed ZeRO-2 through the shipped accelerate configs, one process each, tiny
 #    model, 4 steps with a checkpoint at step 2 (DeepSpeed: no checkpoints, lorakit refuses them).
 TINY=(samples/brand --preset tiny-cpu --set "train.device='$DEVICE'"
   --set "train.optimizer='adamw'" --set "sample.every=0" --num-processes 1)

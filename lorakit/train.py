@@ -352,6 +352,8 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     window_n = 0
     grad_norm = None
     guard = FiniteGuard(device)
+    consensus = Consensus(accelerator.reduce, device)
+    stop_signal = 0  # the stop request acted on: this process's, or all ranks' agreed one
     with reporter, StopRequest() as stop:
         if start_step == 0:
             if sampling_on:
@@ -392,9 +394,10 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                 window += loss.detach()  # summed on device: no host sync per step
                 window_n += 1
                 if world > 1:  # ranks must agree on stopping, or one waits forever in all-reduce
-                    stop.requested, finite = _consensus(accelerator, stop.requested, loss)
-                    if not finite:
-                        raise _diverged(step, c.train, out)
+                    agreed, bad_step = consensus.check(stop.requested, loss, step)
+                    if bad_step:
+                        raise _diverged(bad_step, c.train, out)
+                    stop_signal = max(stop_signal, agreed)
                 elif guard.bad(loss, step):
                     raise _diverged(guard.bad_step, c.train, out)
             if step % c.train.log_every == 0 or step == c.train.steps:
@@ -408,6 +411,8 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                 window.zero_()
                 window_n = 0
             epoch_done = order.epoch > epoch_before
+            if world == 1:
+                stop_signal = stop.requested
             if step < c.train.steps and (
                 (c.train.save_every and step % c.train.save_every == 0)
                 or (
@@ -415,7 +420,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                     and epoch_done
                     and order.epoch % c.train.save_every_epochs == 0
                 )
-                or stop.requested
+                or stop_signal
             ):
                 save_checkpoint(step)
             epoch_sample = (
@@ -427,10 +432,14 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                 sample(step)
             if c.eval.every and step % c.eval.every == 0:
                 score(step)
-            if stop.requested and step < c.train.steps:
-                raise Interrupted(stop.requested, step, out)
-        if guard.bad(None, step):
-            raise _diverged(guard.bad_step, c.train, out)
+            if stop_signal and step < c.train.steps:
+                raise Interrupted(stop_signal, step, out)
+        if world > 1:
+            bad_step = consensus.flush()[1]
+        else:
+            bad_step = guard.bad_step if guard.bad(None, step) else 0
+        if bad_step:
+            raise _diverged(bad_step, c.train, out)
         if (c.train.save_every or c.train.save_every_epochs) and step > start_step:
             save_checkpoint(c.train.steps)  # resumable: a finished run can be extended
         accelerator.wait_for_everyone()
@@ -562,6 +571,50 @@ class FiniteGuard:
             event.record()
             self.pending = (flag, event, step)
         return found
+
+
+class Consensus:
+    """Several processes: every rank must act on the same stop request at the same step (or one
+    waits forever in the next all-reduce), and all stop when any rank's loss is non-finite.
+
+    Each micro-step all-reduces (stop signal, loss non-finite) with `reduce(t, "max")`. On CUDA
+    the result is copied to pinned memory without blocking and read one step later (as
+    `FiniteGuard` does), so the host never waits for the GPU inside the loop; every rank reads
+    the same reduced value at the same step, so they still agree. Elsewhere it is read at once.
+    """
+
+    def __init__(self, reduce, device: torch.device, lagged: bool | None = None):
+        self.reduce = reduce
+        self.lagged = device.type == "cuda" if lagged is None else lagged
+        self.pending: tuple[torch.Tensor, Any, int] | None = None
+
+    def check(self, signum: int, loss: torch.Tensor, step: int) -> tuple[int, int]:
+        """(stop signal all ranks agree on, step whose loss was non-finite on some rank, or 0),
+        as known by now: with the lag, the values of the previous call."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        flags = torch.stack([torch.tensor(float(signum), device=bad.device), bad])
+        flags = self.reduce(flags, "max")
+        if not self.lagged:
+            return int(flags[0].item()), step if flags[1].item() else 0
+        known = self.flush()
+        host = torch.empty(2, dtype=flags.dtype, pin_memory=flags.is_cuda)
+        host.copy_(flags, non_blocking=flags.is_cuda)
+        event = None
+        if flags.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (host, event, step)
+        return known
+
+    def flush(self) -> tuple[int, int]:
+        """The values still in flight (the last step's), waiting for them; (0, 0) if none."""
+        if self.pending is None:
+            return 0, 0
+        host, event, at = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        return int(host[0]), at if host[1] else 0
 
 
 class Interrupted(LorakitError):
@@ -1083,15 +1136,6 @@ def scaled_lr(c: Config, world: int) -> float:
     """train.lr under train.lr_scaling, with k = global batch = batch × grad_accum × processes."""
     k = c.train.batch_size * c.train.grad_accum * world
     return {"none": 1.0, "linear": float(k), "sqrt": k**0.5}[c.train.lr_scaling] * c.train.lr
-
-
-def _consensus(accelerator, signum: int, loss: torch.Tensor) -> tuple[int, bool]:
-    """All ranks: the largest stop request and whether every rank's loss is finite."""
-    flags = torch.stack(
-        [torch.tensor(float(signum), device=loss.device), (~torch.isfinite(loss.detach())).float()]
-    )
-    flags = accelerator.reduce(flags, "max")
-    return int(flags[0].item()), not bool(flags[1].item())
 
 
 from lorakit.optim import _BNB_PROBLEM, bnb_8bit_problem, build_optimizer  # noqa: E402, F401

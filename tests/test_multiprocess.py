@@ -3,7 +3,9 @@ process at the same global batch, disjoint data shards, rank-0-only writes, kill
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,53 @@ def test_kill_and_resume_two_processes(two_proc, tmp_path):
     a = load_file(base / "run" / "lorakit.safetensors")
     b = load_file(out / "lorakit.safetensors")
     assert all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
+
+
+def _traced_steps(trace: Path, rank: int) -> list[int]:
+    f = trace / f"rank{rank}.txt"
+    return [int(line.split()[0]) for line in f.read_text().splitlines()] if f.exists() else []
+
+
+def test_a_stop_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM reaches rank 1 only: the ranks all-reduce the request, so both checkpoint and stop
+    after the same step (a rank that stopped alone would leave the other in an all-reduce)."""
+    import psutil
+
+    out, trace = tmp_path / "run", tmp_path / "trace"
+    trace.mkdir()
+    proc = _launch(out, {"LORAKIT_TRACE_BATCHES": str(trace)}, "--steps", 2000,
+                   "--set", "train.save_every=0")  # fmt: skip
+    t0 = time.time()
+    while len(_traced_steps(trace, 1)) < 3:
+        assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    rank1 = [w for w in workers if w.environ().get("RANK") == "1" and "lorakit" in w.cmdline()]
+    assert len(rank1) == 1, [w.cmdline() for w in workers]
+    rank1[0].send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=300)
+    last = {rank: _traced_steps(trace, rank)[-1] for rank in (0, 1)}
+    assert last[0] == last[1] < 2000, (last, text)
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [last[0]], text
+    assert "--resume latest" in " ".join(text.split()), text
+    assert not (out / "lorakit.safetensors").exists()
+
+
+def test_consensus_on_cuda_reads_each_step_one_step_late():
+    """The CUDA path (no host wait in the loop) forced on the CPU: stop requests and non-finite
+    losses surface one micro-step late, the last one at `flush`; the eager path at once."""
+    import torch
+
+    from lorakit.train import Consensus
+
+    nan, ok = torch.tensor(float("nan")), torch.tensor(1.0)
+    late = Consensus(lambda t, op: t, torch.device("cpu"), lagged=True)
+    assert late.check(0, ok, 1) == (0, 0)
+    assert late.check(15, ok, 2) == (0, 0)
+    assert late.check(0, nan, 3) == (15, 0)  # step 2's stop request
+    assert late.check(0, ok, 4) == (0, 3)  # step 3's non-finite loss
+    assert late.check(0, torch.tensor(float("inf")), 5) == (0, 0)
+    assert late.flush() == (0, 5) and late.flush() == (0, 0)
+    eager = Consensus(lambda t, op: t, torch.device("cpu"))
+    assert not eager.lagged
+    assert eager.check(2, nan, 7) == (2, 7) and eager.check(0, ok, 8) == (0, 0)
