@@ -59,12 +59,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RANK = 4
 LR = 1e-4
 BATCH = 2
-MID_UNET = dict(
-    sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=32,
-    block_out_channels=(64, 128), attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-)  # fmt: skip
 
 
 # --- the shared inputs ---------------------------------------------------------------------------
@@ -86,8 +80,11 @@ def write_model(folder: Path, arch: str) -> None:
     family = FAMILIES["sd15"]
     comps = family.build_tiny(seed=0)
     torch.manual_seed(0)
-    if arch == "mid":
-        comps.unet = UNet2DConditionModel(**MID_UNET)
+    if arch == "mid":  # planner_cpu.py's mid UNet, attending to the tiny text encoder's width
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from planner_cpu import MID_UNET
+
+        comps.unet = UNet2DConditionModel(**dict(MID_UNET, cross_attention_dim=32))
     elif arch == "sd15":
         comps.unet = UNet2DConditionModel.from_config(family.single_file_configs()["unet"])
         comps.vae = AutoencoderKL.from_config(SD15_VAE)
