@@ -120,18 +120,20 @@ def _kmeans_once(
         d2 = np.minimum(d2, ((x - x[idx]) ** 2).sum(1))
     c = np.stack(centers)
     labels = np.zeros(len(x), dtype=np.int64)
+    x2 = (x * x).sum(1)[:, None]
     for it in range(iters):
-        dist = ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+        # |x - c|² = |x|² - 2 x·c + |c|²: one [N, k] product instead of an [N, k, 3] temporary
+        dist = x2 - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]
         new = dist.argmin(1)
         if it and np.array_equal(new, labels):
             break
         labels = new
-        for j in range(k):
-            members = x[labels == j]
-            if len(members):
-                c[j] = members.mean(0)
-            else:  # empty cluster: restart it at the worst-fitted point
-                c[j] = x[dist.min(1).argmax()]
+        counts = np.bincount(labels, minlength=k)
+        sums = np.stack([np.bincount(labels, weights=x[:, d], minlength=k) for d in range(3)], 1)
+        filled = counts > 0
+        c[filled] = sums[filled] / counts[filled, None]
+        if not filled.all():  # empty cluster: restart it at the worst-fitted point
+            c[~filled] = x[dist.min(1).argmax()]
     inertia = float(((x - c[labels]) ** 2).sum())
     return labels, inertia
 

@@ -497,8 +497,8 @@ def render_cells(pipe, spec: GridSpec, embeds: list[RowEmbeds] | None = None) ->
                     image = pipe(**kwargs, generator=gen).images[0]
                 out.append(replace(cell, image=image))
     finally:
-        gc.collect()
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # give the pipeline's transient blocks back to training
+            gc.collect()  # (~0.3 s in a large process: only where empty_cache needs it)
             torch.cuda.empty_cache()
     return out
 
