@@ -261,7 +261,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         if not accelerator.is_main_process:  # FSDP: every rank runs the sharded denoiser
             path = None
         with torch.random.fork_rng(devices=_cuda_devices(device)):  # never perturb training RNG
-            trainable = [accelerator.unwrap_model(denoiser), *(text_encoders if train_te else [])]
+            trainable = [_plain(accelerator, denoiser), *(text_encoders if train_te else [])]
             grid = _render(family, comps, trainable, accelerator, sample_spec, c, step, path,
                            keep_on_device=encode_each_step, embeds=preview_embeds)  # fmt: skip
         if grid is None:
@@ -289,7 +289,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                 ev_cond = {k: torch.stack([v[cap] for cap in caps]) for k, v in cond.items()}
             for k, v in image_cond.items():
                 ev_cond[k] = torch.cat([v[i] for i in eval_idx])
-        value = heldout_loss(family, comps, accelerator.unwrap_model(denoiser), lat, ev_cond,
+        value = heldout_loss(family, comps, _plain(accelerator, denoiser), lat, ev_cond,
                              c.train, c.eval.seed, timesteps=c.eval.timesteps)  # fmt: skip
         if not accelerator.is_main_process:
             return
@@ -1121,6 +1121,13 @@ def _brand_palette(data, colors: int, seed: int):
         for i in idx
     ]
     return extract_palette(images, colors, seed=seed) if images else None
+
+
+def _plain(accelerator, denoiser: torch.nn.Module) -> torch.nn.Module:
+    """The denoiser without its DDP and `torch.compile` wrappers (same parameters): held-out
+    scoring and previews run it in eval mode without grad, which the compiled training graph
+    does not cover; through the compiled module each would trigger a compile of its own."""
+    return accelerator.unwrap_model(denoiser, keep_torch_compile=False)
 
 
 def _num(x) -> float | None:

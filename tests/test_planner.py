@@ -177,13 +177,22 @@ def test_no_check_on_cpu_training():
 
 def test_compile_graph_capture_trains_two_steps(tmp_path):
     """`--set train.compile=true` through dynamo's graph capture of the real training step
-    (backend eager: no code generation, ~30 s here; aot_eager ~100 s, inductor minutes — the
-    slow test below); the adapter equals the uncompiled run's."""
+    (backend eager: no code generation, ~20 s here; aot_eager ~100 s, inductor minutes — the
+    slow test below); the adapter equals the uncompiled run's. One batch shape (no buckets):
+    exactly one compiled frame, so the held-out scoring at steps 0 and 2 (eval, no grad) ran
+    the plain module and did not compile a graph of its own."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     from tests.conftest import FAST, SAMPLES
 
-    args = [SAMPLES, *FAST, "--steps", 2, "--set", "train.gradient_checkpointing=false"]
+    args = [SAMPLES, *FAST, "--steps", 2, "--set", "train.gradient_checkpointing=false",
+            "--set", "data.bucketing=false"]  # fmt: skip
+    torch._dynamo.reset()
+    counters.clear()
     cli("train", *args, "--out", tmp_path / "c", "--set", "train.compile=true",
         "--set", "train.compile_backend='eager'")  # fmt: skip
+    assert dict(counters["frames"]) == {"total": 1, "ok": 1}, dict(counters["frames"])
     cli("train", *args, "--out", tmp_path / "e")
     a = load_file(tmp_path / "c" / "lorakit.safetensors")
     b = load_file(tmp_path / "e" / "lorakit.safetensors")
