@@ -361,6 +361,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             score(0)
         for step in range(start_step + 1, c.train.steps + 1):
             epoch_before = order.epoch
+            _fault(f"signal-rank{rank}", step)
             for micro in range(c.train.grad_accum):
                 idx = order.next()
                 _trace_batch(rank, step, idx)
@@ -658,9 +659,13 @@ class StopRequest:
 
 def _fault(point: str, step: int) -> None:
     """Fault injection for crash-safety tests: LORAKIT_FAULT=kill-during-save@N kills the process
-    in the middle of writing the checkpoint of step N."""
-    if os.environ.get("LORAKIT_FAULT") == f"kill-during-{point}@{step}":
+    in the middle of writing the checkpoint of step N; LORAKIT_FAULT=signal-rank1@N sends rank 1
+    a SIGTERM during step N (only that rank: the ranks must agree to stop)."""
+    fault = os.environ.get("LORAKIT_FAULT")
+    if fault == f"kill-during-{point}@{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == f"{point}@{step}" and point.startswith("signal-"):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _cuda_devices(device: torch.device) -> list[int]:

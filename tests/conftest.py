@@ -73,6 +73,22 @@ def launch_train(*args, env: dict | None = None) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """The output of a `launch_train` process once it exits; on timeout (a hung rank) the
+    launcher and its workers are killed before the test fails, so none outlive it."""
+    import psutil
+
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        for w in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                w.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+
+
 def kill_after_checkpoint(proc: subprocess.Popen, out: Path, step: int, limit_s: float = 300):
     """Wait until checkpoint `step` of the run in `out` is complete, then SIGKILL the launcher
     AND its workers: torch's elastic launcher starts each worker in a session of its own, so
