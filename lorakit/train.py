@@ -351,8 +351,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     window = torch.zeros((), device=device)
     window_n = 0
     grad_norm = None
-    guard = FiniteGuard(device)
-    consensus = Consensus(accelerator.reduce, device)
+    consensus = Consensus(accelerator.reduce if world > 1 else None, device)
     stop_signal = 0  # the stop request acted on: this process's, or all ranks' agreed one
     with reporter, StopRequest() as stop:
         if start_step == 0:
@@ -394,13 +393,10 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                     optimizer.zero_grad(set_to_none=True)
                 window += loss.detach()  # summed on device: no host sync per step
                 window_n += 1
-                if world > 1:  # ranks must agree on stopping, or one waits forever in all-reduce
-                    agreed, bad_step = consensus.check(stop.requested, loss, step)
-                    if bad_step:
-                        raise _diverged(bad_step, c.train, out)
-                    stop_signal = max(stop_signal, agreed)
-                elif guard.bad(loss, step):
-                    raise _diverged(guard.bad_step, c.train, out)
+                agreed, bad_step = consensus.check(stop.requested, loss, step)
+                if bad_step:
+                    raise _diverged(bad_step, c.train, out)
+                stop_signal = max(stop_signal, agreed)
             if step % c.train.log_every == 0 or step == c.train.steps:
                 mean = (accelerator.reduce(window, "mean") / window_n).item()
                 result.losses[step] = mean
@@ -412,7 +408,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                 window.zero_()
                 window_n = 0
             epoch_done = order.epoch > epoch_before
-            if world == 1:
+            if world == 1:  # nothing to agree on: act on a request at once, not a step late
                 stop_signal = stop.requested
             if step < c.train.steps and (
                 (c.train.save_every and step % c.train.save_every == 0)
@@ -435,10 +431,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                 score(step)
             if stop_signal and step < c.train.steps:
                 raise Interrupted(stop_signal, step, out)
-        if world > 1:
-            bad_step = consensus.flush()[1]
-        else:
-            bad_step = guard.bad_step if guard.bad(None, step) else 0
+        bad_step = consensus.flush()[1]
         if bad_step:
             raise _diverged(bad_step, c.train, out)
         if (c.train.save_every or c.train.save_every_epochs) and step > start_step:
@@ -543,45 +536,15 @@ def _noise(family: Family, comps, latents: torch.Tensor, c: Config, first_uid: i
     return torch.cat(noises), torch.cat(steps)
 
 
-class FiniteGuard:
-    """Detects a non-finite loss within one step without stalling the GPU: on CUDA the check of
-    step k reads a flag copied asynchronously and is done while step k+1 is already queued."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.pending: tuple[torch.Tensor, torch.cuda.Event, int] | None = None
-        self.bad_step = 0
-
-    def bad(self, loss: torch.Tensor | None, step: int) -> bool:
-        if not self.cuda:
-            if loss is not None and not bool(torch.isfinite(loss.detach())):
-                self.bad_step = step
-                return True
-            return False
-        found = False
-        if self.pending is not None:
-            flag, event, at = self.pending
-            event.synchronize()
-            if not bool(flag):
-                self.bad_step, found = at, True
-        self.pending = None
-        if loss is not None:
-            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-            flag.copy_(torch.isfinite(loss.detach()), non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self.pending = (flag, event, step)
-        return found
-
-
 class Consensus:
-    """Several processes: every rank must act on the same stop request at the same step (or one
-    waits forever in the next all-reduce), and all stop when any rank's loss is non-finite.
+    """The per-step flags (stop request, non-finite loss) without stalling the GPU. Under several
+    processes every rank must act on the same stop request at the same step (or one waits forever
+    in the next all-reduce), and all stop when any rank's loss is non-finite: `reduce(t, "max")`
+    all-reduces the flags each micro-step (`reduce` None: one process, nothing to agree on).
 
-    Each micro-step all-reduces (stop signal, loss non-finite) with `reduce(t, "max")`. On CUDA
-    the result is copied to pinned memory without blocking and read one step later (as
-    `FiniteGuard` does), so the host never waits for the GPU inside the loop; every rank reads
-    the same reduced value at the same step, so they still agree. Elsewhere it is read at once.
+    On CUDA the flags are copied to pinned memory without blocking and read one step later, so
+    the host never waits for the GPU inside the loop (every rank reads the same reduced value at
+    the same step, so they still agree). Elsewhere they are read at once.
     """
 
     def __init__(self, reduce, device: torch.device, lagged: bool | None = None):
@@ -593,8 +556,10 @@ class Consensus:
         """(stop signal all ranks agree on, step whose loss was non-finite on some rank, or 0),
         as known by now: with the lag, the values of the previous call."""
         bad = (~torch.isfinite(loss.detach())).float()
-        flags = torch.stack([torch.tensor(float(signum), device=bad.device), bad])
-        flags = self.reduce(flags, "max")
+        # new_full fills on the device: a torch.tensor(signum, device=...) copy would sync
+        flags = torch.stack([bad.new_full((), float(signum)), bad])
+        if self.reduce is not None:
+            flags = self.reduce(flags, "max")
         if not self.lagged:
             return int(flags[0].item()), step if flags[1].item() else 0
         known = self.flush()

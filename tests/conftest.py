@@ -76,25 +76,31 @@ def launch_train(*args, env: dict | None = None) -> subprocess.Popen:
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     """The output of a `launch_train` process once it exits; on timeout (a hung rank) the
     launcher and its workers are killed before the test fails, so none outlive it."""
-    import psutil
-
     try:
         return proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
-        for w in psutil.Process(proc.pid).children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                w.kill()
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        kill_all(proc)
         raise
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL a `launch_train` launcher AND its workers, and reap them: torch's elastic launcher
+    starts each worker in a session of its own, so killing the launcher's process group alone
+    would leave them running."""
+    import psutil
+
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    for w in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            w.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
+    psutil.wait_procs(workers, timeout=30)
+    proc.communicate()
 
 
 def kill_after_checkpoint(proc: subprocess.Popen, out: Path, step: int, limit_s: float = 300):
     """Wait until checkpoint `step` of the run in `out` is complete, then SIGKILL the launcher
-    AND its workers: torch's elastic launcher starts each worker in a session of its own, so
-    killing the launcher's process group alone would leave them to finish the run."""
-    import psutil
-
+    and its workers (`kill_all`)."""
     from lorakit import checkpoint as ckpt
 
     t0 = time.time()
@@ -102,13 +108,7 @@ def kill_after_checkpoint(proc: subprocess.Popen, out: Path, step: int, limit_s:
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() - t0 < limit_s
         time.sleep(0.05)
-    workers = psutil.Process(proc.pid).children(recursive=True)
-    for w in workers:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            w.kill()
-    os.killpg(proc.pid, signal.SIGKILL)
-    psutil.wait_procs(workers, timeout=30)
-    proc.wait()
+    kill_all(proc)
 
 
 def assert_resumed(text: str, out: Path, step: int, last: int) -> None:
