@@ -292,7 +292,9 @@ def main() -> None:
         report["sd15_unet_512px_batch1"] = [sd15_step(True, dry), sd15_step(False, dry)]
         save()
     report["families"] = []
-    for family in FAMILY_RUNS:
+    # --rows=a,b: only these rows (a session's device time does not fit them all at once)
+    rows = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--rows=")), [])
+    for family in rows or FAMILY_RUNS:
         print(f"== {family}", flush=True)
         t0 = time.time()
         try:

@@ -1,7 +1,25 @@
 #!/usr/bin/env bash
-# Every GPU check still pending for the memory (#7) and multi-GPU (#8) issues, in ONE device call
-# (~8–9 min on an H100; each step has its own time limit and its own log, so one failure or timeout
-# does not lose the others). Prepare on the CPU machine first:
+# The GPU checks still pending, in ONE device call. A session has ~15 device-minutes in all, starts
+# included, so one call of <= 600 s is what there is: the default list below is what is still
+# PENDING (what earlier sessions measured is in BENCHMARKS.md), in order of priority, with limits
+# measured on an H200 (2026-12-04: a lorakit CLI start takes ~25 s there, so nothing is given less
+# than 60 s). The whole default list needs more than one call: the first steps matter most, and a
+# run cut off at 600 s loses only the last. Each step has its own limit and log, so one failure or
+# timeout loses only itself.
+#
+#   bash benchmarks/gpu_session.sh [--dry-run] [STEP ...]     # default: every pending step
+#
+# Steps (H200 seconds measured or estimated):
+#   offload     FLUX.1-dev NF4 + train.offload_activations, 1024 px: peak vs the <= 10 GB target (~110)
+#   real_size   #17: real-width SD3.5 / SDXL / SD1.5 CLI runs, 8-bit AdamW, checkpoint, resume,
+#               export --format all, inspect (FLUX passed on 2026-12-04; ~100 each)
+#   reference   lorakit vs diffusers' train_text_to_image_lora.py, real SD1.5, 512 px, fp16 (~200)
+#   fsdp        FSDP2 train + resume through presets/accelerate/fsdp.yaml, tiny model (~60 each)
+#   deepspeed   DeepSpeed ZeRO-2 through presets/accelerate/deepspeed-zero2.yaml (~60)
+#   families    SD1.5 / SDXL / FLUX NF4 rows (done 2026-12-04: BENCHMARKS.md)
+#   pytest_gpu  `pytest -m gpu` (passed 2026-12-04)
+#
+# Prepare on the CPU machine first:
 #
 #   bash ../shared/device/fetch-wheels.sh tomli-w imagehash PyWavelets prodigyopt \
 #       einops hjson msgpack ninja py-cpuinfo pydantic pydantic-core annotated-types \
@@ -9,19 +27,19 @@
 #   DS_BUILD_OPS=0 pip wheel -q --no-deps deepspeed -w .whl   # pure-Python DeepSpeed (~2 MB)
 #   bash benchmarks/gpu_session.sh --dry-run                  # CPU: checks the script itself
 #
-# and, for the side-by-side against the diffusers reference script (step 3), put diffusers'
-# examples/text_to_image/train_text_to_image_lora.py at .ref/ (git-ignored; not in the wheel):
+# and, for `reference`, put diffusers' examples/text_to_image/train_text_to_image_lora.py at .ref/
+# (git-ignored; not in the wheel; `fetch` of github:huggingface/diffusers has it):
 #
 #   mkdir -p .ref && cp /path/to/diffusers/examples/text_to_image/train_text_to_image_lora.py .ref/
 #
 # then one device `run`: command "bash benchmarks/gpu_session.sh", carry [".whl", ".ref"],
-# timeout_s 590 (the #7 steps come first: a cut-off run loses only the FSDP/DeepSpeed checks).
-# Results under $OUT: summary.txt (one line per step: exit code, seconds), <step>.log,
-# gpu_check.json (peak memory / s/it / planner per architecture, FLUX with and without
-# train.offload_activations). Record them in BENCHMARKS.md with the device name.
+# timeout_s 600. Results under $OUT (the device returns at most 8 files): summary.txt (one line
+# per step: exit code, seconds), the JSON reports, and gpu-session.tgz with every log. Record
+# them in BENCHMARKS.md with the device name.
 set -u
 DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+[ "${1:-}" = "--dry-run" ] && DRY=1 && shift
+STEPS=${*:-offload real_size reference fsdp deepspeed}
 OUT=${OUT:-$PWD/gpu-session-out}
 mkdir -p "$OUT"
 : > "$OUT/summary.txt"
@@ -31,6 +49,7 @@ if [ -d .whl ] && [ "$DRY" = 0 ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 step() {  # step NAME LIMIT_S CMD... : run with a time limit, log, one summary line
   local name=$1 limit=$2 start rc
   shift 2
@@ -45,46 +64,57 @@ torch.cuda.get_device_name(0))" | tee -a "$OUT/summary.txt"
 
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu
-  step families 300 python3 benchmarks/gpu_check.py --tiny --only families
+  TINY_FLAG=(--tiny)
 else
   DEVICE=cuda
-  # 1. Real SD1.5 / SDXL / FLUX.1-dev NF4 (with and without offloaded checkpoint inputs):
-  #    peak allocated memory against the targets (<= 4 / 8 / 10 GB) and the planner.
-  step families 330 python3 benchmarks/gpu_check.py --only families
-  # 2. The gpu-marked tests: CLI on CUDA fp16/bf16 + 8-bit AdamW; NF4/int8 QLoRA through the
-  #    CLI (exercises the quantized denoiser parked in host memory while the encoders cache).
-  step pytest_gpu 150 python3 -m pytest -q -m gpu -p no:cacheprovider
+  TINY_FLAG=()
 fi
-[ -f gpu_check.json ] && cp gpu_check.json "$OUT/" 2>/dev/null
+# FLUX.1-dev NF4 (random weights, real architecture) with train.offload_activations: peak
+# allocated memory against the <= 10 GB target and the planner (gpu_check.json).
+want offload && step offload 150 python3 benchmarks/gpu_check.py "${TINY_FLAG[@]}" --only families \
+  --rows=flux+offload
+want families && step families 200 python3 benchmarks/gpu_check.py "${TINY_FLAG[@]}" --only families
+want real_size && step real_size 330 python3 benchmarks/real_size_cli.py "${TINY_FLAG[@]}" \
+  --families "$([ "$DRY" = 1 ] && echo sd15 || echo sd3,sdxl,sd15)" --deadline 220
+want pytest_gpu && [ "$DRY" = 0 ] && step pytest_gpu 90 python3 -m pytest -q -m gpu -p no:cacheprovider
 
-# 3. lorakit vs the diffusers reference LoRA script, real SD1.5 architecture (random fp16
-#    weights), 512 px, fp16, same steps: s/it, whole command and max_memory_allocated each.
-if [ -f .ref/train_text_to_image_lora.py ]; then
+# lorakit vs the diffusers reference LoRA script, real SD1.5 architecture (random fp16 weights),
+# 512 px, fp16, same steps: s/it, whole command and max_memory_allocated each.
+if want reference && [ -f .ref/train_text_to_image_lora.py ]; then
   REF=(python3 benchmarks/reference_script.py --reference .ref/train_text_to_image_lora.py
-    --rounds 1 --steps 20 --json "$OUT/reference.json")
+    --rounds 1 --json "$OUT/reference.json")
   if [ "$DRY" = 1 ]; then
     step reference 300 "${REF[@]}" --steps 8
   else
-    step reference 200 "${REF[@]}" --arch sd15 --device cuda --mixed-precision fp16 \
+    step reference 240 "${REF[@]}" --steps 12 --arch sd15 --device cuda --mixed-precision fp16 \
       --resolution 512
   fi
-else
+elif want reference; then
   echo "no .ref/train_text_to_image_lora.py: reference step skipped" | tee -a "$OUT/summary.txt"
 fi
-# 4. FSDP2 and DeepSpeed ZeRO-2 through the shipped accelerate configs, one process each, tiny
-#    model, 4 steps with a checkpoint at step 2 (DeepSpeed: no checkpoints, lorakit refuses them).
+# FSDP2 and DeepSpeed ZeRO-2 through the shipped accelerate configs, one process each, tiny
+# model, 4 steps with a checkpoint at step 2 (DeepSpeed: no checkpoints, lorakit refuses them).
 TINY=(samples/brand --preset tiny-cpu --set "train.device='$DEVICE'"
   --set "train.optimizer='adamw'" --set "sample.every=0" --num-processes 1)
-step fsdp 120 python3 -m lorakit train "${TINY[@]}" --out "$OUT/fsdp-run" --steps 4 \
-  --set train.save_every=2 --accelerate-config presets/accelerate/fsdp.yaml
-step fsdp_resume 120 python3 -m lorakit train "${TINY[@]}" --out "$OUT/fsdp-run" \
-  --set train.save_every=2 --steps 6 --resume latest \
-  --accelerate-config presets/accelerate/fsdp.yaml
-if python3 -c "import deepspeed" >/dev/null 2>&1; then
-  step deepspeed 150 python3 -m lorakit train "${TINY[@]}" --out "$OUT/deepspeed-run" --steps 4 \
+if want fsdp; then
+  step fsdp 90 python3 -m lorakit train "${TINY[@]}" --out "$OUT/fsdp-run" --steps 4 \
+    --set train.save_every=2 --accelerate-config presets/accelerate/fsdp.yaml
+  step fsdp_resume 90 python3 -m lorakit train "${TINY[@]}" --out "$OUT/fsdp-run" \
+    --set train.save_every=2 --steps 6 --resume latest \
+    --accelerate-config presets/accelerate/fsdp.yaml
+fi
+if want deepspeed && python3 -c "import deepspeed" >/dev/null 2>&1; then
+  step deepspeed 90 python3 -m lorakit train "${TINY[@]}" --out "$OUT/deepspeed-run" --steps 4 \
     --set train.save_every=0 --accelerate-config presets/accelerate/deepspeed-zero2.yaml
-else
+elif want deepspeed; then
   echo "deepspeed not importable: step skipped" | tee -a "$OUT/summary.txt"
 fi
+[ -f gpu_check.json ] && cp gpu_check.json "$OUT/" 2>/dev/null
 ls "$OUT"/fsdp-run "$OUT"/deepspeed-run 2>/dev/null | tee -a "$OUT/summary.txt"
-rm -rf "$OUT"/fsdp-run/cache "$OUT"/deepspeed-run/cache "$OUT"/*/checkpoints
+# The device returns at most 8 files: every log and run listing goes into one archive, beside
+# summary.txt and the JSON reports.
+rm -rf "$OUT"/*-run/cache "$OUT"/*-run/checkpoints
+tar czf /tmp/gpu-session.tgz -C "$OUT" . && rm -rf "${OUT:?}"/*-run \
+  && find "$OUT" -maxdepth 1 -type f ! -name '*.json' ! -name summary.txt -delete \
+  && mv /tmp/gpu-session.tgz "$OUT/"
+ls "$OUT"
