@@ -8,7 +8,8 @@ their real width and reduced depth) with random bf16 weights, and the tiny text 
 (the denoiser's conditioning widths follow them, so everything stays shape-consistent). Then,
 through the real CLI:
 
-1. `lorakit train … --steps 4 --set train.save_every=2` (adamw8bit, bf16, rank 16, 128 px: `samples/brand` is 192 px);
+1. `lorakit train … --steps 4 --set train.save_every=2` (adamw8bit, bf16, rank 16, 128 px:
+   `samples/brand` is 192 px);
 2. `lorakit train … --resume latest --steps 6` (reads the step-4 checkpoint back);
 3. `lorakit export RUN --format all` and `lorakit inspect` of every file written.
 
@@ -119,7 +120,8 @@ def one_family(family: str, tiny: bool, work: Path) -> dict:
         "--out", str(run), "--rank", "16",
         "--set", f"model.family='{family}'", "--set", f"train.device='{device}'",
         "--set", f"train.mixed_precision='{'no' if tiny else 'bf16'}'",
-        "--set", "train.optimizer='adamw8bit'", "--set", f"train.optimizer_fallback={str(tiny).lower()}",
+        "--set", "train.optimizer='adamw8bit'",
+        "--set", f"train.optimizer_fallback={str(tiny).lower()}",
         "--set", "train.save_every=2", "--set", "sample.every=0", "--set", "train.batch_size=1",
         "--set", f"data.resolution={64 if tiny else 128}",
     ]  # fmt: skip
