@@ -8,7 +8,11 @@ then a `COMPLETE` marker, then the folder is renamed into place — so `--resume
 pick a torn checkpoint: a folder without the marker, or still named `.partial`, is ignored.
 
 No pickle anywhere: optimizer and scheduler state dicts are split into tensors (safetensors) and
-JSON.
+JSON. A tensor that appears in several places of the state is stored once: bitsandbytes' 8-bit
+optimizers hand every parameter the same quantisation maps (`qmap1`, `qmap2`), and safetensors
+refuses to write two names for one memory. Every place then names the same key, so on load they
+are one tensor again, as they were in the optimizer. Different views of one memory (another
+offset, shape or dtype) are stored as copies of their own.
 """
 
 from __future__ import annotations
@@ -78,12 +82,56 @@ def resolve_resume(out: Path, resume: str) -> Path:
 # state (de)serialisation without pickle
 
 
-def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """Replace tensors in a nested structure by {"__tensor__": key}; collect them in `tensors`."""
+class _Tensors:
+    """The tensors of one `state.safetensors`, each memory stored once.
+
+    Keyed by the SOURCE tensor's memory (device, storage address), looked up before anything is
+    copied to the CPU: a CUDA tensor shared by 100 parameters is copied once, and on the CPU the
+    shared tensor itself is what safetensors would see twice."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple, dict[tuple, str]] = {}  # memory → {view: key}
+        self._alive: list[torch.Tensor] = []  # sources stay alive: no address is reused meanwhile
+
+    def add(self, key: str, t: torch.Tensor) -> str:
+        """Store `t` under `key`, or return the key under which the same tensor is stored."""
+        t = t.detach()
+        memory = _memory(t)
+        if memory is None:  # no storage of its own (empty, meta, a tensor subclass): a copy
+            self.by_key[key] = t.to("cpu").contiguous()
+            return key
+        view = (t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
+        views = self._views.setdefault(memory, {})
+        if view in views:
+            return views[view]
+        # The first view of a memory is stored as it is; any other view of it (a slice, another
+        # shape or dtype) as a contiguous copy of its own, so no two stored tensors overlap.
+        cpu = t.to("cpu")
+        if views and _memory(cpu) == memory:  # on the CPU `.to` copied nothing
+            cpu = cpu.clone(memory_format=torch.contiguous_format)
+        self.by_key[key] = cpu.contiguous()
+        views[view] = key
+        self._alive.append(t)
+        return key
+
+
+def _memory(t: torch.Tensor) -> tuple | None:
+    try:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    if ptr == 0 or storage.nbytes() == 0 or t.device.type == "meta":
+        return None
+    return (t.device.type, t.device.index, ptr)
+
+
+def _split(obj: Any, prefix: str, tensors: _Tensors) -> Any:
+    """Replace tensors in a nested structure by {"__tensor__": key}; collect them in `tensors`
+    (a tensor met again is named by the key it was first stored under)."""
     if isinstance(obj, torch.Tensor):
-        key = f"{prefix}"
-        tensors[key] = obj.detach().to("cpu").contiguous()
-        return {"__tensor__": key}
+        return {"__tensor__": tensors.add(prefix, obj)}
     if isinstance(obj, dict):
         pairs = [
             [_split(k, f"{prefix}.k{i}", tensors), _split(v, f"{prefix}.{i}", tensors)]
@@ -96,7 +144,7 @@ def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, np.ndarray):
         # stored as int64/float64 (safetensors has no uint32); the dtype is restored on load
         wide = obj.astype(np.float64 if obj.dtype.kind == "f" else np.int64)
-        tensors[prefix] = torch.from_numpy(wide)
+        tensors.by_key[prefix] = torch.from_numpy(wide)
         return {"__ndarray__": prefix, "dtype": str(obj.dtype)}
     if isinstance(obj, (np.integer, np.floating)):
         return obj.item()
@@ -157,7 +205,7 @@ class TrainState:
 
 
 def save_state(folder: Path, state: TrainState) -> None:
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = _Tensors()
     doc = {
         "step": state.step,
         "epoch": state.epoch,
@@ -169,7 +217,7 @@ def save_state(folder: Path, state: TrainState) -> None:
         "rng": _split(state.rng, "rng", tensors),
         "history": state.history,
     }
-    save_safetensors(folder / "state.safetensors", tensors)
+    save_safetensors(folder / "state.safetensors", tensors.by_key)
     atomic_write_text(folder / "state.json", json.dumps(doc))
 
 

@@ -222,6 +222,13 @@ def prepare(
     set_: SetOpt = None,
     trigger: Annotated[str | None, typer.Option(help="data.trigger: the trigger word.")] = None,
     resolution: Annotated[int | None, typer.Option(help="data.resolution.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="model.name: bucket for this model's family (default: buckets that suit "
+            "every family)."
+        ),
+    ] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="train.batch_size: checked against buckets.")
     ] = None,
@@ -248,6 +255,7 @@ def prepare(
         **{
             "data.trigger": trigger,
             "data.resolution": resolution,
+            "model.name": model,
             "train.batch_size": batch_size,
             "data.reg_folder": reg,
         },
@@ -256,11 +264,36 @@ def prepare(
     from lorakit.data.prepare import print_result
 
     result = run_prepare(
-        src, dest, c.data, batch_size=c.train.batch_size, strict=strict, console=err
+        src, dest, _prepare_data(c), batch_size=c.train.batch_size, strict=strict, console=err
     )
     print_result(result, dest, out)
     if result.fatal:
         raise LorakitError(result.fatal + " OUT was not changed.")
+
+
+def _prepare_data(c):
+    """`data` as `prepare` buckets it: for the family of the configured model (the same step
+    `train` uses), or, when no model is named or it cannot be told offline, with sides that suit
+    every registered family, so the set trains on any of them."""
+    import contextlib
+    import math
+    from dataclasses import replace
+
+    from lorakit.data.buckets import auto_step, family_step
+    from lorakit.errors import ConfigError
+    from lorakit.models import FAMILIES, get_family
+
+    multiples = [getattr(f, "pixel_multiple", 8) for f in FAMILIES.values()]
+    multiple = math.lcm(*multiples)
+    if c.model.name or c.model.family != "auto":
+        from lorakit.planner import family_of
+
+        with contextlib.suppress(ConfigError):  # a hub id it cannot place: suit every family
+            multiple = getattr(get_family(family_of(c)), "pixel_multiple", 8)
+    step = family_step(c.data.resolution, c.data.bucket_step, multiple)
+    if step == auto_step(c.data.resolution, c.data.bucket_step):
+        return c.data  # unchanged, so the prepare cache's parameter key stays the same
+    return replace(c.data, bucket_step=step)
 
 
 def _relaunch(c, data: Path, num_processes: int | None, accelerate_config: Path | None) -> int:
@@ -389,7 +422,8 @@ def export(
         typer.Option(
             "--format",
             "-f",
-            help="kohya, diffusers or all; default: the family's (kohya; SD3: diffusers).",
+            help="kohya, diffusers, lycoris or all (every format that can hold the adapter); "
+            "default: the family's (kohya; SD3: diffusers).",
         ),
     ] = None,
     out_path: Annotated[
@@ -398,7 +432,8 @@ def export(
     naming: Annotated[
         str,
         typer.Option(
-            help="kohya names: original (SDXL SGM, FLUX BFL fused, SD3 joint_blocks) or diffusers."
+            help="kohya names: original (SDXL SGM, FLUX BFL fused, SD3 joint_blocks) or diffusers "
+            "(one key per diffusers module; FLUX/SD3: lora_transformer_…)."
         ),
     ] = "original",
     dtype: Annotated[str, typer.Option(help="Stored weight dtype: fp32, fp16 or bf16.")] = "fp32",
@@ -406,7 +441,11 @@ def export(
         bool, typer.Option(help="Read a pickled .pt/.ckpt source (weights_only, no code).")
     ] = False,
 ) -> None:
-    """Write an adapter in another format (exact: same weights, same strength).
+    """Write an adapter in another format (exact: the same ΔW per module, at the same strength).
+
+    With a folder as --out each format gets its own file: OUT/<name>.safetensors (kohya),
+    OUT/<name>.lycoris.safetensors (LyCORIS), OUT/diffusers/pytorch_lora_weights.safetensors.
+    Every file is built before the first is written, so a refused format writes nothing.
 
     Example:
 
@@ -414,41 +453,69 @@ def export(
 
       lorakit export runs/demo/lorakit.safetensors --format all --out exported/
     """
-    from lorakit.export import EXPORTERS, read_adapter, write_adapter
+    from lorakit.export import (
+        EXPORTERS,
+        holds,
+        kinds,
+        loads_in,
+        prepare,
+        read_adapter,
+        write_prepared,
+    )
+    from lorakit.export.lycoris import DORA_NOTE, FILENAME_SUFFIX
     from lorakit.models import get_family
 
     source = _adapter_file(src)
     adapter, src_fmt = read_adapter(source, allow_pickle=allow_pickle)
     format_ = format_ or getattr(get_family(adapter.family), "default_export_format", "kohya")
-    formats = list(EXPORTERS) if format_ == "all" else [format_]
-    if any(f not in EXPORTERS for f in formats):
+    if format_ != "all" and format_ not in EXPORTERS:
         raise LorakitError(
             f"--format '{format_}' is unknown; choose {', '.join(EXPORTERS)} or all."
         )
+    formats = [f for f in EXPORTERS if holds(f, adapter)] if format_ == "all" else [format_]
     if adapter.metadata.get("lorakit.split_fused"):
         out.print(
             f"split {adapter.metadata['lorakit.split_fused']} fused modules (qkv/linear1) into "
             "their diffusers projections (exact ΔW)",
             highlight=False,
         )
-    name = adapter.metadata.get("ss_output_name") or source.stem
-    for fmt in formats:
-        if out_path.suffix == ".safetensors":
-            if len(formats) > 1:
-                raise LorakitError("--format all writes several files: give --out a folder.")
-            target = out_path
-        else:
-            target = EXPORTERS[fmt].default_path(out_path, name)
+    name = adapter.metadata.get("ss_output_name") or source.name.removesuffix(FILENAME_SUFFIX)
+    name = name.removesuffix(".safetensors")
+    if out_path.suffix == ".safetensors" and len(formats) > 1:
+        raise LorakitError(
+            "--format all writes one file per format: give --out a folder, not a .safetensors file."
+        )
+    targets = {
+        fmt: out_path if out_path.suffix == ".safetensors" else EXPORTERS[fmt].default_path(
+            out_path, name)
+        for fmt in formats
+    }  # fmt: skip
+    for target in targets.values():
         if target.resolve() == source.resolve():
             raise LorakitError(
                 f"Refusing to overwrite the source '{source}'; choose another --out."
             )
-        write_adapter(adapter, fmt, target, naming=naming, dtype=dtype)
+    # build every file first: a refused format (wrong kind, unnamed module) writes nothing
+    prepared = {f: prepare(adapter, f, naming=naming, dtype=dtype) for f in formats}
+    family = adapter.family
+    for fmt, target in targets.items():
+        write_prepared(prepared[fmt], target)
         out.print(
             f"{src_fmt} → {fmt}: {target} ({len(adapter.modules)} modules; loads in "
-            f"{EXPORTERS[fmt].loads_in})",
+            f"{loads_in(fmt, family, naming)})",
             highlight=False,
         )
+    skipped = [f for f in EXPORTERS if f not in formats]
+    if format_ == "all" and skipped:
+        label = {"dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
+        held = "/".join(sorted(label.get(k, k) for k in kinds(adapter)))
+        out.print(
+            f"not written: {', '.join(skipped)} (they hold plain LoRA only; this is a {held} "
+            "adapter)",
+            highlight=False,
+        )
+    if "dora" in kinds(adapter):
+        out.print(f"DoRA: {DORA_NOTE}", highlight=False)
 
 
 @app.command("inspect")
@@ -460,8 +527,10 @@ def inspect_cmd(
         bool, typer.Option(help="Read a pickled .pt/.ckpt file (weights_only, no code).")
     ] = False,
 ) -> None:
-    """Show a LoRA file's format, family, rank/alpha per module group, size, metadata, trigger
-    phrase, and whether every key maps to a module of the family (exit 1 if not).
+    """Show a LoRA file's format, family, adapter kind, components, rank/alpha per module group,
+    size, metadata, trigger phrase, and whether every key maps to a module of the family (exit 1
+    if not). A damaged file (missing or mismatched LoRA/DoRA/LoHa/LoKr tensors) exits 1 with the
+    message export gives.
 
     Example:
 
@@ -477,7 +546,8 @@ def inspect_cmd(
     else:
         out.print(escape(render(info)), highlight=False, soft_wrap=True)
     if not info["all_keys_mapped"]:
-        err.print(escape(check_line(info)), highlight=False, soft_wrap=True)
+        if as_json:  # the text report already ends with this line; JSON readers get it on stderr
+            err.print(escape(check_line(info)), highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -579,12 +649,11 @@ def _adapter_file(src: Path) -> Path:
         if not toml.is_file():
             raise LorakitError(f"'{src}' is a folder without config.toml, so not a lorakit run.")
         c = cfg.build(cfg.check_layer(cfg.read_toml(toml, "Run config"), str(toml)))
-        from lorakit.export import EXPORTERS
+        from lorakit.export import find_adapter
 
-        for fmt in c.export.formats:
-            path = EXPORTERS[fmt].default_path(src, c.export.name)
-            if path.is_file():
-                return path
+        path = find_adapter(src, c.export.name, list(c.export.formats))
+        if path is not None:
+            return path
         raise LorakitError(f"Run folder '{src}' has no finished adapter yet (training not done?).")
     return src
 

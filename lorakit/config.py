@@ -128,12 +128,16 @@ class LoraConfigSection:
     """Initialisation of lora_A (lora_B always starts at zero, so step 0 equals the base model)."""
     type: Literal["lora", "loha", "lokr"] = "lora"
     """Adapter kind (peft): `lora`, or LyCORIS `loha` (Hadamard) / `lokr` (Kronecker) — those
-    export only as export.formats = ["lycoris"] (kohya key layout, read by ComfyUI/A1111/Forge)."""
+    export only as export.formats = ["lycoris"] (`OUT/<name>.lycoris.safetensors`, kohya-style
+    keys, read by ComfyUI and A1111/Forge; not by diffusers)."""
     use_rslora: bool = False
     """rsLoRA: scale by alpha/√rank instead of alpha/rank (files store alpha' = alpha·√rank)."""
     use_dora: bool = False
     """DoRA (lora.type = "lora" only): a trained per-output magnitude; exports as "lycoris"
-    (`.dora_scale`)."""
+    (`.dora_scale`). ComfyUI and Forge normalise DoRA rows by ‖W‖ where training uses ‖W + ΔW‖,
+    so there it acts slightly differently than trained (lorakit/peft apply it exactly). Not
+    exportable on FLUX/SD3's `norm_out.linear` or SD3's last `norm1_context.linear` (those loaders
+    swap that update's halves but not its magnitude)."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module rank overrides: a table of module-name regex/suffix → rank (peft rank_pattern)."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -273,8 +277,9 @@ class ExportConfig:
     name: str = "lorakit"
     """File stem of the adapter: `OUT/<name>.safetensors`."""
     formats: list[str] = field(default_factory=lambda: ["kohya", "diffusers"])
-    """Formats to write: `kohya` (ComfyUI/A1111/Forge) and/or `diffusers`; `lycoris` instead of
-    `kohya` for LoHa/LoKr/DoRA (lora.type, lora.use_dora)."""
+    """Formats to write: `kohya` (`OUT/<name>.safetensors`: ComfyUI/A1111/Forge), `diffusers`
+    (`OUT/diffusers/pytorch_lora_weights.safetensors`) and/or `lycoris`
+    (`OUT/<name>.lycoris.safetensors`; the one format for LoHa/LoKr/DoRA)."""
     title: str = ""
     """`modelspec.title`; empty = export.name."""
     description: str = ""
@@ -689,11 +694,6 @@ def _validate_adapter_kind(c: Config) -> None:
                 raise ConfigError(
                     f"Config key '{key}' maps {pattern!r} to {value}; use a value > 0."
                 )
-    if {"kohya", "lycoris"} <= set(c.export.formats):
-        raise ConfigError(
-            "export.formats lists both 'kohya' and 'lycoris', which write the same file "
-            "(OUT/<name>.safetensors). Keep one: 'lycoris' for LoHa/LoKr/DoRA, 'kohya' otherwise."
-        )
     if lo.type != "lora" or lo.use_dora:
         kind = "DoRA" if lo.use_dora else lo.type
         plain = [f for f in c.export.formats if f in ("kohya", "diffusers")]

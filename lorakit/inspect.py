@@ -1,7 +1,14 @@
 """`lorakit inspect FILE`: what a LoRA file is and whether every key lands on a module.
 
-Works on files lorakit did not write: the format is detected from the keys (kohya, diffusers and
-the `export.importers` layouts), the family is the one whose fixed tables place the most keys.
+Works on files lorakit did not write: the format is detected from the keys (kohya, diffusers,
+LyCORIS and the `export.importers` layouts). The file goes through the same reading as `export`,
+`resize` and `merge` (`export.read_tensors`, `export.adapter_from`): a damaged file — a module
+without its up weight, ranks that disagree, a 1-D factor, an alpha that is not one number, for
+LoRA, DoRA, LoHa and LoKr alike — fails here with the very paragraph `export` prints. The family
+is the one whose fixed tables place the most modules (ties: the one the metadata names).
+
+What is shown comes from the file as stored (fused qkv modules keep their fused rank), per
+component; components lorakit reads but never trains (FLUX's T5) are marked as kept.
 """
 
 from __future__ import annotations
@@ -11,83 +18,85 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from lorakit.errors import LorakitError
 
-
-def _unmapped(fmt: str, keys: list[str], family) -> list[str]:
+def _components(family, modules, diffusers: bool) -> dict[str, object]:
+    """Module key → the family target it belongs to (absent: none). kohya keys are looked up
+    in the kohya tables (every naming: FLUX/SD3 split names use their own prefix), else by the
+    target's key prefix."""
+    targets = {t.component: t for t in family.targets}
+    if diffusers:
+        return {k: targets[c] for k in modules if (c := k.partition(".")[0]) in targets}
     from lorakit.export import kohya
 
-    if fmt == "kohya":
-        return kohya.unmapped_keys(keys, family)
-    comps = {t.component for t in family.targets}
-    bad = set()
-    for key in keys:
-        comp, _, rest = key.partition(".")
-        path = rest.rpartition(".lora_")[0]
-        if comp not in comps or path not in family.known_modules(comp):
-            bad.add(f"{comp}.{path}" if path else key)
-    return sorted(bad)
+    table = {}
+    for naming in kohya.NAMINGS:
+        table |= {k: e.component for k, e in kohya.key_table(family, naming).items()}
+    out = {}
+    for key in modules:
+        fits = [t for t in family.targets if key.startswith(t.kohya_prefix)]
+        target = targets.get(table.get(key)) or max(
+            fits, key=lambda t: len(t.kohya_prefix), default=None
+        )
+        if target is not None:
+            out[key] = target
+    return out
 
 
-def _group_name(module_key: str) -> str:
-    """`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q` → `lora_unet … attn1_to_q`:
-    the component prefix and the leaf after the last block index."""
-    head = module_key.split(".")[0] if "." in module_key and "lora_" not in module_key[:5] else ""
-    leaf = re.split(r"[._]\d+[._]", module_key)[-1]
-    prefix = head or module_key.split("_")[0] + "_" + module_key.split("_")[1]
-    return f"{prefix}: {leaf}"
+def _group_name(key: str, target, diffusers: bool) -> str:
+    """`transformer: attn.to_q`, `unet: attn1_to_k`: the component and the module's leaf after
+    its last block index."""
+    if diffusers:
+        head, _, rest = key.partition(".")
+    else:
+        prefix = re.match(r"lora_[a-z0-9]+_", key)
+        rest = key[prefix.end() :] if prefix else key
+        head = prefix.group(0).rstrip("_") if prefix else key
+    if target is not None:
+        head = target.component
+    sep = r"[.]" if diffusers else r"[._]"
+    leaf = re.split(rf"(?:^|{sep})\d+{sep}", rest)[-1]
+    return f"{head}: {leaf}"
 
 
 def inspect_file(path: str | Path, allow_pickle: bool = False) -> dict:
-    from lorakit.export import EXPORTERS, check_tensors, importers, read_safetensors
-    from lorakit.export.kohya import group
+    from lorakit.export import adapter_from, read_tensors, validate
     from lorakit.models import FAMILIES
 
     path = Path(path)
-    tensors, meta = read_safetensors(path, allow_pickle)
-    check_tensors(tensors, path)
-    tensors, meta, source = importers.normalize(tensors, {k: v for k, v in meta.items()})
-    keys = list(tensors)
-    fmt = next((f.name for f in EXPORTERS.values() if f.detect(keys)), None)
-    if fmt is None:
-        raise LorakitError(
-            f"'{path}' is not a LoRA file lorakit recognises: its keys "
-            f"({', '.join(keys[:3])} …) match none of the formats {', '.join(EXPORTERS)}."
-        )
-    scores = {n: _unmapped(fmt, keys, f) for n, f in FAMILIES.items()}
-    version = meta.get("ss_base_model_version", "")
-    family = min(
-        scores,
-        key=lambda n: (len(scores[n]), FAMILIES[n].base_model_version != version),
-    )
-    unmapped = scores[family]
-    # module groups: rank/alpha of each module, grouped by leaf
+    tensors, meta, source, fmt = read_tensors(path, allow_pickle)  # damaged → one paragraph
+    modules = validate.split_modules(tensors, fmt.name)
+    ranking = validate.rank_families(fmt.name, modules, meta)
+    family, unmapped = ranking[0]
+    if not unmapped:
+        # the reader `export` uses, so a file inspect passes is one export can convert
+        adapter_from(tensors, {k: v for k, v in meta.items() if k != "format"}, fmt, path)
+    hint = validate.family_hint(meta)
+    also = [n for n, left in ranking[1:] if not left] if not unmapped and hint != family else []
+    fam = FAMILIES[family]
+    diffusers = validate.layout(fmt.name) == "diffusers"
     packed = json.loads(meta.get("lora_adapter_metadata") or "{}")
     groups: dict[str, dict] = defaultdict(lambda: {"modules": 0, "ranks": set(), "alphas": set()})
-    if fmt == "kohya":
-        for base, parts in group(tensors).items():
-            down = parts.get(".lora_down.weight")
-            if down is None:
-                continue
-            alpha = parts.get(".alpha")
-            g = groups[_group_name(base)]
-            g["modules"] += 1
-            g["ranks"].add(int(down.shape[0]))
-            g["alphas"].add(float(alpha) if alpha is not None else float(down.shape[0]))
-    else:
-        for key, t in tensors.items():
-            if ".lora_A." not in key:
-                continue
-            module = key.rpartition(".lora_A.")[0]
-            comp = module.split(".")[0]
-            alpha = packed.get(f"{comp}.alpha_pattern", {}).get(module.partition(".")[2])
-            if alpha is None:
-                alpha = packed.get(f"{comp}.lora_alpha", int(t.shape[0]))
-            leaf = re.split(r"[.]\d+[.]", module)[-1]
-            g = groups[f"{comp}: {leaf}"]
-            g["modules"] += 1
-            g["ranks"].add(int(t.shape[0]))
-            g["alphas"].add(float(alpha))
+    components: dict[str, dict] = {}
+    kinds = set()
+    owners = _components(fam, modules, diffusers)
+    for key, m in modules.items():
+        target = owners.get(key)
+        alpha = m.alpha
+        if diffusers:  # no alpha tensors: the peft header (or alpha = rank)
+            comp, _, module_path = key.partition(".")
+            alpha = packed.get(f"{comp}.alpha_pattern", {}).get(module_path)
+            alpha = float(alpha if alpha is not None else packed.get(f"{comp}.lora_alpha", m.rank))
+        g = groups[_group_name(key, target, diffusers)]
+        g["modules"] += 1
+        g["ranks"].add(m.rank)
+        g["alphas"].add(alpha)
+        kinds.add(m.kind)
+        if target is not None and key not in unmapped:
+            c = components.setdefault(
+                target.component,
+                {"modules": 0, "label": target.label, "trained": target.trained},
+            )
+            c["modules"] += 1
     shown = {
         k: v if len(v) <= 300 else v[:300] + f"… ({len(v)} chars)"
         for k, v in sorted(meta.items())
@@ -95,17 +104,20 @@ def inspect_file(path: str | Path, allow_pickle: bool = False) -> dict:
     }
     return {
         "file": str(path),
-        "format": source or fmt,
+        "format": source or fmt.name,
         "family": family,
+        "family_also_fits": also,
+        "kind": "/".join(sorted(kinds)),
+        "components": components,
         "groups": {
             k: {
                 "modules": g["modules"],
-                "rank": sorted(g["ranks"]),
+                "rank": sorted(g["ranks"]),  # 0: a LoKr whose factors are both full
                 "alpha": sorted(g["alphas"]),
             }
             for k, g in sorted(groups.items())
         },
-        "modules": sum(g["modules"] for g in groups.values()),
+        "modules": len(modules),
         "parameters": int(sum(t.numel() for k, t in tensors.items() if not k.endswith(".alpha"))),
         "trigger_phrase": meta.get("modelspec.trigger_phrase", ""),
         "metadata": shown,
@@ -125,18 +137,38 @@ def check_line(info: dict) -> str:
     )
 
 
+def component_line(name: str, c: dict) -> str:
+    label = f"{c['label']} ({name})" if c["label"] else name
+    n = c["modules"]
+    line = f"  {label}: {n} module{'' if n == 1 else 's'}"
+    if not c["trained"]:
+        # lorakit has no trainer for it, but must not lose it: say what happens to it
+        line += (
+            f", kept; lorakit does not train {c['label'] or name} (applied when that encoder "
+            "is loaded, carried through export)"
+        )
+    return line
+
+
 def render(info: dict) -> str:
+    family = info["family"]
+    if info["family_also_fits"]:
+        family += f" (the keys fit {', '.join(info['family_also_fits'])} too; no metadata says)"
     lines = [
         f"file:        {info['file']}",
         f"format:      {info['format']}",
-        f"family:      {info['family']}",
+        f"family:      {family}",
+        f"kind:        {info['kind']}",
         f"modules:     {info['modules']}",
         f"parameters:  {info['parameters']:,}",
         f"trigger:     {info['trigger_phrase'] or '(none)'}",
-        "groups (modules, rank, alpha):",
     ]
+    if info["components"]:
+        lines.append("components:")
+        lines += [component_line(n, c) for n, c in sorted(info["components"].items())]
+    lines.append("groups (modules, rank, alpha):")
     for name, g in info["groups"].items():
-        r = "/".join(map(str, g["rank"]))
+        r = "/".join("full" if x == 0 else str(x) for x in g["rank"])
         a = "/".join(f"{x:g}" for x in g["alpha"])
         lines.append(f"  {name:<48} {g['modules']:>4}  r={r:<6} alpha={a}")
     if info["metadata"]:

@@ -14,9 +14,12 @@ from lorakit.lora import Adapter, LoraWeights, runtime_name
 
 def merge_into(family, components, adapters: list[tuple[Adapter, float]]) -> int:
     """Add every adapter's ΔW × weight into `components` in place; → number of modules changed."""
+    from lorakit.export.validate import check_adapter
+
     targets = {t.component: t for t in family.targets}
     changed = set()
     for adapter, weight in adapters:
+        check_adapter(adapter)  # the rules every reader applies, also for adapters built in code
         if adapter.family != family.name:
             raise LorakitError(
                 f"An adapter for {adapter.family} cannot be merged into a {family.name} model."

@@ -12,8 +12,10 @@
 
 Every optimizer's `state_dict()` holds only tensors, numbers, strings, tuples and dicts, which
 lorakit/checkpoint.py stores without pickle (bitsandbytes nests its quantisation state in a
-`__bnb_optimizer_quant_state__` dict; Prodigy keeps its running estimate `d` as floats in the
-param groups), so a resumed run continues bit-identically on CPU.
+`__bnb_optimizer_quant_state__` dict and hands every parameter of ≥ 4096 elements the same
+`qmap1`/`qmap2` tensors, stored once; Prodigy keeps its running estimate `d` as floats in the
+param groups), so a resumed run continues bit-identically on CPU. tests/test_real_size.py checks
+this at LoRA sizes past every threshold that changes the state's form.
 """
 
 from __future__ import annotations

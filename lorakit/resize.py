@@ -60,6 +60,9 @@ def resize_adapter(
         raise LorakitError(f"--rank must be ≥ 1 (got {rank}).")
     if energy is not None and not 0 < energy <= 1:
         raise LorakitError(f"--energy must be in (0, 1] (got {energy}).")
+    from lorakit.export.validate import check_adapter
+
+    check_adapter(adapter)  # the rules every reader applies, also for adapters built in code
     modules, per, num, den = {}, {}, 0.0, 0.0
     for key, w in adapter.modules.items():
         if not isinstance(w, LoraWeights) or getattr(w, "magnitude", None) is not None:

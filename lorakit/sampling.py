@@ -658,14 +658,10 @@ def side_by_side(panels: list[tuple[str, Image.Image]]) -> Image.Image:
 
 def run_adapters(run_dir: Path, name: str, formats: list[str]) -> list[tuple[str, Path]]:
     """(label, adapter file) for every complete checkpoint of a run, by step, then the final."""
-    from lorakit.export import EXPORTERS
+    from lorakit.export import find_adapter
 
     def first_file(folder: Path) -> Path | None:
-        for fmt in formats:
-            p = EXPORTERS[fmt].default_path(folder, name)
-            if p.is_file():
-                return p
-        return None
+        return find_adapter(folder, name, formats)
 
     found = []
     ckpts = run_dir / "checkpoints"

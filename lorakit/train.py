@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import shutil
@@ -31,6 +30,7 @@ import torch
 
 from lorakit import checkpoint as ckpt
 from lorakit.config import Config, TrainConfig
+from lorakit.data.buckets import auto_step, family_step
 from lorakit.data.cache import (
     LatentCache,
     TextEncoderCache,
@@ -116,9 +116,16 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         _claim_output(out, c.train.overwrite)
     accelerator.wait_for_everyone()
     cache_dir = Path(c.data.cache_dir) if c.data.cache_dir else out / "cache"
-    data_cfg = _bucket_granularity(c, resolve_family(c.model)[0])
+    run_family = resolve_family(c.model)[0]
+    data_cfg = _bucket_granularity(c, run_family)
     with accelerator.main_process_first():  # rank 0 prepares and caches, the others then read
-        data = load_training_set(data_dir, data_cfg, c.train.batch_size, c.train.seed)
+        data = load_training_set(
+            data_dir,
+            data_cfg,
+            c.train.batch_size,
+            c.train.seed,
+            pixel_multiple=getattr(run_family, "pixel_multiple", 8),
+        )
     records = data.records
     family, comps = load_model(c.model)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
@@ -315,9 +322,12 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             for fmt in c.export.formats
         }
 
-    def save_checkpoint(step: int) -> None:
+    def save_checkpoint(step: int, adapter: Any = ...) -> None:
+        """`adapter`: the one `extract(step)` gave, if the caller already extracted it (under FSDP
+        extraction is a collective: every rank extracts here or every rank already did)."""
         accelerator.wait_for_everyone()
-        adapter = extract(step)
+        if adapter is ...:
+            adapter = extract(step)
         saved = {
             "losses": result.losses,
             "samples": [str(p) for p in result.samples],
@@ -334,9 +344,9 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                 _fault("save", step)
                 ckpt.save_state(tmp, state)
                 final = ckpt.commit(out, step, tmp, {"step": step, "time": time.time()})
-            except OSError as e:
+            except Exception as e:  # anything: the torn folder goes, one paragraph says why
                 shutil.rmtree(ckpt.partial_dir(out, step), ignore_errors=True)
-                raise _save_failed(out, step, e) from None
+                raise _save_failed(out, step, e, result.adapters) from e
             ckpt.prune(out, c.train.keep_last)
         if not c.eval.every:
             score(step, EXPORTERS[c.export.formats[0]].default_path(final, c.export.name))
@@ -434,12 +444,15 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         bad_step = consensus.flush()[1]
         if bad_step:
             raise _diverged(bad_step, c.train, out)
-        if (c.train.save_every or c.train.save_every_epochs) and step > start_step:
-            save_checkpoint(c.train.steps)  # resumable: a finished run can be extended
+        # The adapter before the final checkpoint: a checkpoint that cannot be written must not
+        # cost the run its result.
         accelerator.wait_for_everyone()
         adapter = extract(c.train.steps)
         if accelerator.is_main_process:
             result.adapters = export_to(out, c.train.steps, adapter)
+        if (c.train.save_every or c.train.save_every_epochs) and step > start_step:
+            # resumable: a finished run can be extended
+            save_checkpoint(c.train.steps, adapter)
         # Rank-independent conditions: under FSDP every rank must take part or none.
         if c.train.steps not in scored and not any(
             rec.step == c.train.steps for rec in history.checkpoints
@@ -902,16 +915,33 @@ def _diverged(step: int, t: TrainConfig, out: Path) -> LorakitError:
     )
 
 
-def _save_failed(out: Path, step: int, e: OSError) -> LorakitError:
+def _save_failed(
+    out: Path, step: int, e: Exception, adapters: dict[str, Path] | None = None
+) -> LorakitError:
     found = [p for s, p in ckpt.complete_checkpoints(out) if s != step]
-    last = (
-        f"The previous checkpoint {found[-1]} is intact"
-        if found
-        else "No earlier checkpoint exists"
-    )
+    if adapters:  # the final step: the adapter files were written before the checkpoint
+        written = ", ".join(str(p) for p in adapters.values())
+        last = f"Training finished and the adapter is written ({written}); only this resumable "
+        last += (
+            f"checkpoint is missing (the last one is {found[-1]})."
+            if found
+            else "checkpoint is missing."
+        )
+    elif found:
+        last = f"The previous checkpoint {found[-1]} is intact; continue with --resume latest."
+    else:
+        last = "No earlier checkpoint exists; the run has to start again."
+    if isinstance(e, OSError):
+        why = f"{e.strerror or e}. Free disk space or fix the folder's permissions."
+    else:
+        cause = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else ""
+        why = (
+            f"{type(e).__name__}: {cause[:300]}. This is a lorakit bug or an unexpected library "
+            "version; please report it with this message."
+        )
     return LorakitError(
-        f"Could not write the checkpoint for step {step} under '{out}': {e.strerror or e}. Free "
-        f"disk space or fix the folder's permissions. {last}; continue with --resume latest."
+        f"Could not write the checkpoint for step {step} ({ckpt.step_dir(out, step)}): {why} "
+        f"Its unfinished folder was removed. {last}"
     )
 
 
@@ -952,11 +982,10 @@ def _bucket_granularity(c: Config, family: Family):
     """Bucket sides must map to whole latent patches: VAE factor 8, times 2 for transformers
     that pack 2×2 latent patches (SD3, FLUX). The automatic step (64 px, or 8 px below 256 px)
     is rounded up to the family's multiple."""
-    multiple = getattr(family, "pixel_multiple", 8)
-    step = c.data.bucket_step or (64 if c.data.resolution >= 256 else 8)
-    if step % multiple == 0:
+    step = family_step(c.data.resolution, c.data.bucket_step, getattr(family, "pixel_multiple", 8))
+    if step == auto_step(c.data.resolution, c.data.bucket_step):
         return c.data
-    return replace(c.data, bucket_step=math.lcm(step, multiple))
+    return replace(c.data, bucket_step=step)
 
 
 def _frozen_dtype(name: str, module, weight_dtype: torch.dtype) -> torch.dtype:

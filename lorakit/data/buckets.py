@@ -26,6 +26,15 @@ def auto_step(resolution: int, step: int = 0) -> int:
     return 64 if resolution >= 256 else 8
 
 
+def family_step(resolution: int, step: int, pixel_multiple: int) -> int:
+    """The bucket step a run uses: `data.bucket_step` (0 = `auto_step`) rounded up to a multiple
+    of the model's pixel multiple (8 = the VAE factor; 16 where a transformer packs 2×2 latent
+    patches), so every bucket side maps to whole latent patches. `train` and `prepare` both call
+    this, so a set prepared for a family is bucketed exactly as that family's run buckets it."""
+    s = auto_step(resolution, step)
+    return s if s % pixel_multiple == 0 else math.lcm(s, pixel_multiple)
+
+
 def make_buckets(resolution: int, step: int = 0, max_ratio: float = 2.0) -> list[tuple[int, int]]:
     """All bucket sizes for `resolution`, sorted by aspect ratio (width / height)."""
     step = auto_step(resolution, step)

@@ -23,7 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorakit.data.buckets import batch_fit_message, merge_plan, samples_per_bucket, underfull
+from lorakit.data.buckets import (
+    batch_fit_message,
+    family_step,
+    merge_plan,
+    samples_per_bucket,
+    underfull,
+)
 from lorakit.data.layouts import Problem
 from lorakit.data.prepare import (
     MARKER,
@@ -102,8 +108,62 @@ def _records(rows: list[dict]) -> list[Record]:
     ]
 
 
+def check_prepared(source: Path, rows: list[dict], data, pixel_multiple: int) -> None:
+    """A set written by `lorakit prepare` is used as it is, so it must have been prepared for
+    this run: the same `data.resolution` (and bucketing), and bucket sides the model can patch.
+    Otherwise stop with one paragraph naming both values, never train on something else
+    silently."""
+    import json
+
+    params: dict = {}
+    report = source / "report.json"
+    if report.is_file():
+        try:
+            params = json.loads(report.read_text(encoding="utf-8")).get("params", {})
+        except (OSError, ValueError):
+            params = {}
+    fixes = (
+        "Prepare it again with this run's settings (`lorakit prepare SRC NEW_FOLDER` with the "
+        "same --preset/--model/--set as this run), or train from the source folder directly "
+        "(train prepares it in memory)."
+    )
+    prepared_res = params.get("resolution")
+    if prepared_res is not None and prepared_res != data.resolution:
+        raise ConfigError(
+            f"The prepared set '{source}' was prepared at data.resolution={prepared_res}, but this "
+            f"run asks for data.resolution={data.resolution}; training on it would train at "
+            f"{prepared_res} px while the adapter claims {data.resolution}. Train at the set's "
+            f"resolution (--set data.resolution={prepared_res}), or use a set prepared at "
+            f"{data.resolution}. {fixes}"
+        )
+    if "bucketing" in params and params["bucketing"] != data.bucketing:
+        raise ConfigError(
+            f"The prepared set '{source}' was prepared with data.bucketing="
+            f"{str(params['bucketing']).lower()}, but this run asks for data.bucketing="
+            f"{str(data.bucketing).lower()}. Use --set data.bucketing="
+            f"{str(params['bucketing']).lower()}, or a set prepared with this run's setting. "
+            f"{fixes}"
+        )
+    bad = sorted({tuple(r["bucket"]) for r in rows if any(v % pixel_multiple for v in r["bucket"])})
+    if bad:
+        shown = ", ".join(f"{w}×{h}" for w, h in bad[:4])
+        raise ConfigError(
+            f"The prepared set '{source}' has buckets ({shown}) whose sides are not multiples of "
+            f"{pixel_multiple} px, which this model needs (each side must map to whole latent "
+            f"patches). It was prepared for another model family. Prepare it again for this "
+            f"model (`lorakit prepare SRC NEW_FOLDER --model MODEL`, or --set "
+            f"data.bucket_step={family_step(data.resolution, data.bucket_step, pixel_multiple)}"
+            f"), or train from the source folder directly (train prepares it in memory)."
+        )
+
+
 def load_training_set(
-    source: str | Path, data, batch_size: int, seed: int = 0, console=None
+    source: str | Path,
+    data,
+    batch_size: int,
+    seed: int = 0,
+    console=None,
+    pixel_multiple: int = 8,
 ) -> TrainingSet:
     """A raw source (any layout `lorakit prepare` reads) or a folder written by `lorakit prepare`.
 
@@ -112,11 +172,13 @@ def load_training_set(
     a bucket that cannot fill `batch_size` raises `ConfigError` saying what to do.
     `seed` does not change the records: crops are a function of the image content, so the
     latent cache stays valid across seeds; it is accepted for symmetry with `epoch_batches`.
+    `pixel_multiple`: the family's (bucket sides must be multiples of it; `check_prepared`).
     """
     del seed
     problems: list[Problem] = []
     if not str(source).startswith("hf:") and (Path(source) / MARKER).is_file():
         rows = load_prepared(Path(source))
+        check_prepared(Path(source), rows, data, pixel_multiple)
         counts = samples_per_bucket([(tuple(r["bucket"]), r["repeats"]) for r in rows])
         bad = underfull(counts, batch_size)
         if bad and data.small_buckets == "merge":

@@ -18,7 +18,7 @@ from lorakit.export import diffusers as diffusers_format
 from lorakit.export import kohya as kohya_format
 from lorakit.export import lycoris as lycoris_format
 from lorakit.fileio import save_safetensors
-from lorakit.lora import Adapter, LoraWeights
+from lorakit.lora import Adapter
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Format:
 EXPORTERS: dict[str, Format] = {
     "kohya": Format(
         "kohya",
-        "ComfyUI, Automatic1111/Forge, InvokeAI, diffusers",
+        "ComfyUI, A1111/Forge",
         lambda out, name: out / f"{name}.safetensors",
         kohya_format.to_state_dict,
         kohya_format.write_metadata,
@@ -53,12 +53,12 @@ EXPORTERS: dict[str, Format] = {
         diffusers_format.detect,
         diffusers_format.from_state_dict,
     ),
-    # LoHa / LoKr / DoRA (and plain LoRA) in kohya key names; same file name as kohya, so the
-    # config refuses both at once (lorakit/export/lycoris.py)
+    # LoHa / LoKr / DoRA (and plain LoRA) in kohya-style keys, in a file of its own so that
+    # `--format all` and export.formats never write two formats to one path
     "lycoris": Format(
         "lycoris",
-        "ComfyUI, Automatic1111/Forge, LyCORIS",
-        lambda out, name: out / f"{name}.safetensors",
+        "ComfyUI, A1111/Forge",
+        lambda out, name: out / f"{name}{lycoris_format.FILENAME_SUFFIX}",
         lycoris_format.to_state_dict,
         lycoris_format.write_metadata,
         lycoris_format.detect,
@@ -66,14 +66,86 @@ EXPORTERS: dict[str, Format] = {
     ),
 }
 
+KINDS = {"kohya": ("lora",), "diffusers": ("lora",), "lycoris": ("lora", "dora", "loha", "lokr")}
+"""Adapter kinds each format can hold."""
+
+
+def find_adapter(folder: Path, name: str, formats: list[str]) -> Path | None:
+    """The first adapter file of `formats` in a run or checkpoint folder. Runs written before
+    the LyCORIS file got its own name (`<name>.lycoris.safetensors`) hold it as
+    `<name>.safetensors`; they are found too."""
+    for fmt in formats:
+        path = EXPORTERS[fmt].default_path(folder, name)
+        if path.is_file():
+            return path
+    legacy = folder / f"{name}.safetensors"
+    return legacy if "lycoris" in formats and legacy.is_file() else None
+
+
+def kinds(adapter: Adapter) -> set[str]:
+    """The adapter kinds of its modules (`lora`, `dora`, `loha`, `lokr`)."""
+    from lorakit.lora import LycorisWeights
+
+    return {
+        w.kind if isinstance(w, LycorisWeights) else "lora" if w.magnitude is None else "dora"
+        for w in adapter.modules.values()
+    }
+
+
+def holds(fmt: str, adapter: Adapter) -> bool:
+    return kinds(adapter) <= set(KINDS[fmt]) and not (fmt == "diffusers" and _kept(adapter))
+
+
+def _kept(adapter: Adapter) -> list[str]:
+    """Components the adapter carries that lorakit keeps but does not train (kohya FLUX files'
+    T5 modules, `lora_te3_`): the diffusers format has no key those loaders map for them."""
+    from lorakit.models import get_family
+
+    kept = {t.component: t for t in get_family(adapter.family).targets if not t.trained}
+    return sorted({comp for comp, _ in adapter.modules if comp in kept})
+
+
+_LOADERS = {
+    ("flux", "kohya"): "ComfyUI, Forge",
+    ("sd3", "kohya"): "ComfyUI, Forge",
+    ("sd3", "kohya", "diffusers"): "ComfyUI",
+    ("flux", "diffusers"): "diffusers, ComfyUI, Forge",
+    ("sd3", "diffusers"): "diffusers, ComfyUI",
+    ("sd3", "lycoris"): "ComfyUI",
+    ("flux", "lycoris"): "ComfyUI, Forge",
+}
+"""Who loads a file at the trained strength, per (family, format[, kohya naming]); others:
+`Format.loads_in`. tests/test_export_matrix.py checks these with the loaders' rules, and the
+README's "Load the adapter" table says the same. diffusers also reads SD1.5/SDXL/FLUX kohya
+files, but its converters lose per-module alphas, so it is named for its own format only."""
+
+
+def loads_in(fmt: str, family: str, naming: str = "original") -> str:
+    """The loaders that read a file of `fmt` for `family` (for messages)."""
+    return (
+        _LOADERS.get((family, fmt, naming))
+        or _LOADERS.get((family, fmt))
+        or EXPORTERS[fmt].loads_in
+    )
+
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def write_adapter(
-    adapter: Adapter, fmt: str, path: Path, *, naming: str = "original", dtype: str = "fp32"
-) -> Path:
-    """Write `adapter` as `fmt` to `path` (atomic, re-read and compared).
+@dataclass(frozen=True)
+class Prepared:
+    """An export ready to write: its tensors (in the stored dtype) and header."""
+
+    fmt: str
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def prepare(
+    adapter: Adapter, fmt: str, *, naming: str = "original", dtype: str = "fp32"
+) -> Prepared:
+    """Build the file `fmt` holds for `adapter` without writing anything: every refusal (a kind
+    the format cannot hold, a module it cannot name) happens here, before any file exists.
 
     `naming` (kohya only): `original` (SGM/BFL/SD3 names, fused projections) or `diffusers`.
     `dtype`: storage dtype of the LoRA weights (`.alpha` stays fp32)."""
@@ -83,15 +155,34 @@ def write_adapter(
     exporter = EXPORTERS[fmt]
     if dtype not in DTYPES:
         raise LorakitError(f"Export dtype '{dtype}' is unknown; choose {', '.join(DTYPES)}.")
+    kept = _kept(adapter) if fmt == "diffusers" else []
+    if kept:
+        raise LorakitError(
+            f"This adapter carries LoRA modules for {', '.join(kept)} (kept from a kohya file; "
+            "lorakit does not train them), which the diffusers format cannot pass on: diffusers "
+            "ignores those keys, ComfyUI drops them and Forge skips a file with that many "
+            "unmatched keys. Write --format kohya (or lycoris), which carries them."
+        )
     tensors = exporter.to_state_dict(adapter, family, naming=naming)
     tensors = {
         k: v if k.endswith(".alpha") else v.to(DTYPES[dtype]).contiguous()
         for k, v in tensors.items()
     }
-    meta = exporter.write_metadata(adapter, family, tensors, naming=naming)
-    save_safetensors(path, tensors, meta)
-    _verify_written(path, tensors)
+    return Prepared(fmt, tensors, exporter.write_metadata(adapter, family, tensors, naming=naming))
+
+
+def write_prepared(prepared: Prepared, path: Path) -> Path:
+    """Write a `prepare`d export (atomic, re-read and compared)."""
+    save_safetensors(path, prepared.tensors, prepared.metadata)
+    _verify_written(path, prepared.tensors)
     return path
+
+
+def write_adapter(
+    adapter: Adapter, fmt: str, path: Path, *, naming: str = "original", dtype: str = "fp32"
+) -> Path:
+    """Write `adapter` as `fmt` to `path` (atomic, re-read and compared); see `prepare`."""
+    return write_prepared(prepare(adapter, fmt, naming=naming, dtype=dtype), path)
 
 
 def _verify_written(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -164,30 +255,23 @@ def check_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         )
 
 
-def check_ranks(adapter: Adapter, path: Path) -> None:
-    """down `[r, in…]` and up `[out, r…]` must agree on r (else the file is damaged)."""
-    for (comp, mod), w in adapter.modules.items():
-        if isinstance(w, LoraWeights) and (
-            w.down.dim() not in (2, 4) or w.up.dim() != w.down.dim() or w.up.shape[1] != w.rank
-        ):
-            raise LorakitError(
-                f"'{path}': the LoRA of {comp}.{mod} has mismatched shapes (down "
-                f"{tuple(w.down.shape)}, up {tuple(w.up.shape)}); the file is damaged."
-            )
+def check_ranks(adapter: Adapter, path: Path | None = None) -> None:
+    """Every module's tensors agree (LoRA/DoRA down/up ranks and shapes, LoHa/LoKr factors):
+    `validate.check_adapter`, the rules `read_tensors` applies to the file itself."""
+    from lorakit.export import validate
+
+    validate.check_adapter(adapter, path)
 
 
-def read_adapter(
-    path: str | Path, family: str | None = None, allow_pickle: bool = False
-) -> tuple[Adapter, str]:
-    """Read an adapter file in any registered format or third-party layout (`importers`) →
-    (Adapter, format or source name)."""
-    from lorakit.models import FAMILIES, get_family
-
-    path = Path(path)
-    from lorakit.export import importers
+def read_tensors(
+    path: Path, allow_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None, Format]:
+    """Read, normalise (`importers`), detect and check a file →
+    (tensors, metadata, third-party source or None, format). Shared by `read_adapter` and
+    `inspect`, so both refuse a damaged file with the same paragraph (`validate.check_file`)."""
+    from lorakit.export import importers, validate
 
     tensors, meta = read_safetensors(path, allow_pickle)
-    meta.pop("format", None)
     check_tensors(tensors, path)
     tensors, meta, source = importers.normalize(tensors, meta)
     keys = list(tensors)
@@ -197,18 +281,51 @@ def read_adapter(
             f"'{path}' is not a LoRA file lorakit recognises: its keys ({', '.join(keys[:3])} …) "
             f"match none of the formats {', '.join(EXPORTERS)}."
         )
-    family_name = family or meta.get("lorakit.family")
-    candidates = [get_family(family_name)] if family_name else list(FAMILIES.values())
-    # the kohya base-model version, when present, says which family to try first
-    version = meta.get("ss_base_model_version", "")
-    candidates.sort(key=lambda f: f.base_model_version != version)
-    errors = []
-    for fam in candidates:
+    validate.check_file(tensors, fmt.name, path)
+    return tensors, meta, source, fmt
+
+
+def adapter_from(
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, str],
+    fmt: Format,
+    path: Path,
+    family: str | None = None,
+) -> Adapter:
+    """The Adapter of checked file tensors, read as the family whose tables place every module
+    (the fewest unplaced, then the one the metadata names); one paragraph when none fits."""
+    from lorakit.export import validate
+    from lorakit.models import get_family
+
+    modules = validate.split_modules(tensors, fmt.name)
+    ranking = validate.rank_families(fmt.name, modules, meta, forced=family)
+    best, missing = ranking[0]
+    if missing:
+        raise LorakitError(
+            validate.unmapped_error(path, fmt.name, best, missing, len(modules), meta)
+        )
+    first_error = None
+    for name, left in ranking:
+        if left:
+            break
         try:
-            adapter = fmt.from_state_dict(tensors, meta, fam)
+            adapter = fmt.from_state_dict(tensors, meta, get_family(name))
         except LorakitError as e:
-            errors.append(str(e))
+            # another family whose tables also place every key may still read it (e.g.
+            # fused widths that split only in one architecture); report the best one's error
+            first_error = first_error or f"'{path}' ({fmt.name} format, {name}): {e}"
             continue
         check_ranks(adapter, path)
-        return adapter, source or fmt.name
-    raise LorakitError(f"'{path}' ({fmt.name} format) could not be read: {' '.join(errors)}")
+        return adapter
+    raise LorakitError(first_error)
+
+
+def read_adapter(
+    path: str | Path, family: str | None = None, allow_pickle: bool = False
+) -> tuple[Adapter, str]:
+    """Read an adapter file in any registered format or third-party layout (`importers`) →
+    (Adapter, format or source name)."""
+    path = Path(path)
+    tensors, meta, source, fmt = read_tensors(path, allow_pickle)
+    meta.pop("format", None)
+    return adapter_from(tensors, meta, fmt, path, family), source or fmt.name

@@ -56,5 +56,6 @@ def transformer_table(num_double: int = 19, num_single: int = 38) -> dict:
 
 def table(family) -> dict:
     """(component, original path) → Entry for FLUX.1 dev/schnell (19 double, 38 single blocks);
-    the CLIP-L text encoder keeps its transformers names."""
-    return identity_table(family, ("text_encoder",)) | transformer_table()
+    the text encoders (CLIP-L, and T5 from sd-scripts' train_t5xxl files) keep their
+    transformers names."""
+    return identity_table(family, ("text_encoder", "text_encoder_2")) | transformer_table()

@@ -3,6 +3,14 @@
 Alpha and per-module ranks go into the `lora_adapter_metadata` header (JSON of LoraConfig kwargs
 per component, keys prefixed `unet.`), which `load_lora_weights` reads. Without it a LoRA trained
 with alpha ≠ rank reloads at the wrong strength.
+
+FLUX and SD3 files are also what ComfyUI (and Forge, for FLUX) load, and they ignore the header:
+a key without `.alpha` is applied at scale 1.0 (comfy/weight_adapter/lora.py). So for those
+families the scale is FOLDED: lora_B holds up·alpha/rank and alpha = rank (header included), and
+every loader applies the trained strength. `.alpha` tensors are not an option: diffusers' SD3
+loader rejects any key without "lora" in it (SD3LoraLoaderMixin.load_lora_weights, "Invalid LoRA
+checkpoint"; its FLUX loader would accept them), and one rule for both keeps the files alike.
+SD1.5/SDXL files keep the trained tensors (alpha in the header): only diffusers/peft read them.
 """
 
 from __future__ import annotations
@@ -18,16 +26,38 @@ from lorakit.models.base import Family
 
 METADATA_KEY = "lora_adapter_metadata"
 FILENAME = "pytorch_lora_weights.safetensors"
+FOLDED = ("flux", "sd3")
+"""Families whose diffusers-format files ComfyUI/Forge load too: scale folded into lora_B."""
 
 
-def to_state_dict(adapter: Adapter, family: Family, **_: object) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def strength(family: Family) -> str:
+    """`folded` or `header` (see metadata.PER_FILE)."""
+    return "folded" if family.name in FOLDED else "header"
+
+
+def stored(adapter: Adapter, family: Family) -> Adapter:
+    """The adapter as this format stores it: plain LoRA only; folded families with
+    up·alpha/rank and alpha = rank (the same ΔW)."""
     for (component, path), w in sorted(adapter.modules.items()):
         if not isinstance(w, LoraWeights) or getattr(w, "magnitude", None) is not None:
             raise LorakitError(
                 f"Module '{component}.{path}' is not a plain LoRA; the diffusers LoRA layout "
                 "cannot hold it. Export it with the LyCORIS exporter (--format lycoris)."
             )
+    if strength(family) != "folded":
+        return adapter
+    modules = {
+        cp: LoraWeights(w.down, w.up * (w.alpha / w.rank), float(w.rank))
+        if w.alpha != w.rank
+        else w
+        for cp, w in adapter.modules.items()
+    }
+    return Adapter(adapter.family, modules, adapter.metadata)
+
+
+def to_state_dict(adapter: Adapter, family: Family, **_: object) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for (component, path), w in sorted(stored(adapter, family).modules.items()):
         out[f"{component}.{path}.lora_A.weight"] = w.down.contiguous()
         out[f"{component}.{path}.lora_B.weight"] = w.up.contiguous()
     return out
@@ -103,9 +133,11 @@ def from_state_dict(
 
 
 def write_metadata(adapter: Adapter, family: Family, tensors, **_: object) -> dict[str, str]:
+    adapter = stored(adapter, family)
     rank, alpha, _, _ = adapter.rank_alpha(_main_component(adapter, family))
-    kohya_only = ("lorakit.kohya_names", "lorakit.fused", "lorakit.split_fused")
+    kohya_only = ("lorakit.kohya_names", "lorakit.fused", "lorakit.split_fused", *md.PER_FILE)
     meta = {k: v for k, v in adapter.metadata.items() if k not in kohya_only}
+    meta["lorakit.strength"] = strength(family)
     meta = md.finalize(meta, family, tensors, rank, alpha)
     meta[METADATA_KEY] = json.dumps(peft_metadata(adapter, family), indent=2, sort_keys=True)
     meta["format"] = "pt"

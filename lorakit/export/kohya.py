@@ -5,7 +5,9 @@ Module names come from fixed tables (`names.Entry`), never from `named_modules()
 - `original` naming (default): what kohya's own trainers write and every stack reads —
   SD1.5 diffusers names (kohya trains SD1.5 on the diffusers UNet), SDXL SGM names (`sgm.py`),
   FLUX BFL names with fused qkv/linear1 (`bfl.py`), SD3 `joint_blocks_…` (`sd3_names.py`);
-- `diffusers` naming: `lora_unet_` + diffusers paths (SDXL: read by ComfyUI, A1111, diffusers).
+- `diffusers` naming: diffusers paths, one key per diffusers module. SD1.5/SDXL: `lora_unet_` +
+  path (read by ComfyUI, A1111/Forge, diffusers). FLUX/SD3: `lora_transformer_` + path
+  (`SPLIT_PREFIX`), because there `lora_unet_` means an ORIGINAL name to every loader.
 
 Fusing split LoRAs (q, k, v[, mlp]) into one original module is exact: the fused LoRA is
 block-diagonal in rank (down = concat of downs, up = block-diagonal of ups, rank = Σ ranks), so
@@ -31,6 +33,12 @@ SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 NAMINGS = ("original", "diffusers")
 ORIGINAL_NAMES = {"sd15": "diffusers", "sdxl": "sgm", "flux": "bfl", "sd3": "sd3"}
 """What `original` means per family (recorded as `lorakit.kohya_names`)."""
+SPLIT_PREFIX = {"flux": "lora_transformer_", "sd3": "lora_transformer_"}
+"""Denoiser prefix of the `diffusers` naming for the transformer families: OneTrainer's, which
+ComfyUI maps for FLUX and SD3 (comfy/lora.py `model_lora_keys_unet`, through `flux_to_diffusers` /
+`mmdit_to_diffusers`) and Forge for FLUX. Their `lora_unet_` keys are built from the ORIGINAL
+model's weight names, so `lora_unet_` + a diffusers path matched nothing (issue #17); such files
+written by older lorakit versions are still read (the `legacy` table)."""
 
 
 def _original_table(family: Family) -> dict:
@@ -40,16 +48,33 @@ def _original_table(family: Family) -> dict:
     return build(family) if build else identity_table(family)
 
 
+def prefixes(family: Family, naming: str = "original") -> dict[str, str]:
+    """Component → kohya key prefix under `naming` (`legacy`: lora_unet_ + diffusers paths)."""
+    out = {t.component: t.kohya_prefix for t in family.targets}
+    if naming == "diffusers" and family.name in SPLIT_PREFIX:
+        out[family.denoiser_name] = SPLIT_PREFIX[family.name]
+    return out
+
+
 @cache
 def _tables(family: Family) -> dict[str, dict[str, tuple[str, Entry]]]:
-    prefixes = {t.component: t.kohya_prefix for t in family.targets}
+    """naming → {kohya module key → (component, Entry)}; reading tries them in this order."""
+    builds = [("original", _original_table), ("diffusers", identity_table)]
+    if family.name in SPLIT_PREFIX:
+        builds.append(("legacy", identity_table))
     out = {}
-    for naming, build in (("original", _original_table), ("diffusers", identity_table)):
+    for naming, build in builds:
+        pre = prefixes(family, naming)
         out[naming] = {
-            prefixes[comp] + orig.replace(".", "_"): (comp, entry)
+            pre[comp] + orig.replace(".", "_"): (comp, entry)
             for (comp, orig), entry in build(family).items()
         }
     return out
+
+
+def lookup(family: Family, base: str) -> tuple[str, Entry] | None:
+    """(component, Entry) of a kohya module key under any naming lorakit writes or wrote."""
+    return next((t[base] for t in _tables(family).values() if base in t), None)
 
 
 def key_table(family: Family, naming: str = "original") -> dict[str, Entry]:
@@ -224,7 +249,7 @@ def from_state_dict(
     for base, parts in sorted(groups.items()):
         if ".lora_down.weight" not in parts or ".lora_up.weight" not in parts:
             raise LorakitError(f"kohya module '{base}' lacks lora_down or lora_up weights.")
-        comp, entry = tables["original"].get(base) or tables["diffusers"][base]
+        comp, entry = lookup(family, base)
         down, up = parts[".lora_down.weight"].float(), parts[".lora_up.weight"].float()
         if down.shape[0] != up.shape[1]:
             raise LorakitError(
@@ -275,9 +300,10 @@ def write_metadata(
     adapter: Adapter, family: Family, tensors, naming: str = "original", **_: object
 ) -> dict[str, str]:
     rank, alpha, _, _ = adapter.rank_alpha(_main_component(adapter, family))
-    drop = ("lora_adapter_metadata", "lorakit.split_fused")
+    drop = ("lora_adapter_metadata", "lorakit.split_fused", *md.PER_FILE)
     meta = {k: v for k, v in adapter.metadata.items() if k not in drop}
     meta |= fused_note(family, tensors, naming)
+    meta["lorakit.strength"] = "alpha"  # every module has its .alpha tensor
     return md.finalize(meta, family, tensors, rank, alpha)
 
 

@@ -1,8 +1,12 @@
-"""LyCORIS format: kohya key names (`lora_unet_<path_with_underscores>`, `lora_te…`) carrying
-LyCORIS tensors — what ComfyUI, A1111/Forge and LyCORIS load for LoHa, LoKr and DoRA.
+"""LyCORIS format: kohya-style keys carrying LyCORIS tensors — what ComfyUI and A1111/Forge load
+for LoHa, LoKr and DoRA. Written to `OUT/<name>.lycoris.safetensors` (its own file, next to the
+kohya `OUT/<name>.safetensors`).
 
 Per module key `K` (one diffusers/transformers module, 1:1 — names from the kohya exporter's
-`diffusers` naming table; LyCORIS tensors are never fused into BFL/SD3 qkv modules):
+`diffusers` naming table; LyCORIS tensors are never fused into BFL/SD3 qkv modules): SD1.5/SDXL
+`lora_unet_<diffusers path _>` (ComfyUI/Forge map UNet diffusers names), FLUX/SD3
+`lora_transformer_<diffusers path _>` (ComfyUI maps these for FLUX and SD3, Forge for FLUX;
+`lora_unet_` + a diffusers path is read by neither), text encoders `lora_te…`:
 
     LoRA   K.lora_down.weight [r, in(,kh,kw)], K.lora_up.weight [out, r(,1,1)], K.alpha
     DoRA   the LoRA tensors + K.dora_scale [out, 1(,1,1)] (peft's lora_magnitude_vector,
@@ -15,9 +19,12 @@ Per module key `K` (one diffusers/transformers module, 1:1 — names from the ko
 ΔW scale is always `alpha / rank` (rank = the inner dim of the decomposed factor), as in
 ComfyUI's weight adapters. rsLoRA files already carry alpha' = alpha·√r (lorakit/lora.py).
 
-DoRA caveat: peft normalises each output row of W + ΔW; ComfyUI/Forge's output-axis DoRA
-divides by the norm of the ORIGINAL W instead, so there a DoRA file applies with the direction
-normalised slightly differently (exact in lorakit and peft; not bit-exact in ComfyUI).
+DoRA caveat (`DORA_NOTE`): peft normalises each output row of W + ΔW; ComfyUI/Forge's
+output-axis DoRA (comfy/weight_adapter/base.py `weight_decompose`, Forge's copy in
+backend/patcher/lora.py) divides by the norm of the ORIGINAL W instead, so there a DoRA file
+applies a slightly different weight (exact in lorakit and peft). They also swap the (scale,
+shift) halves of FLUX/SD3's final adaLN update but not its `dora_scale`, so DoRA on those modules
+is refused (`_check_dora`).
 """
 
 from __future__ import annotations
@@ -37,22 +44,55 @@ LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR_SUFFIXES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 SUFFIXES = (*LORA_SUFFIXES, *LOHA_SUFFIXES, *LOKR_SUFFIXES, "alpha")
 SPECIFIC = ("dora_scale", *LOHA_SUFFIXES, *LOKR_SUFFIXES)
+DORA_NOTE = (
+    "ComfyUI and Forge apply DoRA normalising each output row by the norm of the base weight ‖W‖, "
+    "where training (peft, lorakit) normalises by ‖W + ΔW‖, so there the adapter acts slightly "
+    "differently from how it trained (lorakit and peft apply it exactly)."
+)
 
 
-def _names(family: Family) -> dict[tuple[str, str], str]:
+def _names(family: Family, naming: str = "diffusers") -> dict[tuple[str, str], str]:
     """(component, diffusers path) → kohya module key (1:1 modules only)."""
-    from lorakit.export.kohya import key_table
+    from lorakit.export import kohya
 
-    prefixes = {t.component: t.kohya_prefix for t in family.targets}
+    prefixes = kohya.prefixes(family, naming)
     out = {}
-    for key, entry in key_table(family, "diffusers").items():
+    for key, entry in kohya.key_table(family, naming).items():
         if len(entry.parts) == 1:
             out[(entry.component, entry.parts[0])] = key
     # the prefix decides the component when several share a path shape
     return {k: v for k, v in out.items() if v.startswith(prefixes[k[0]])}
 
 
+def _swapped(family: Family, component: str, path: str, w: LoraWeights) -> bool:
+    """Does the loaders' map swap the (scale, shift) halves of this module's update (FLUX/SD3
+    final adaLN, SD3's last context adaLN)? Same rule as the kohya exporter's original names."""
+    from lorakit.export import kohya
+
+    for entry in kohya.key_table(family, "original").values():
+        if entry.component == component and entry.parts == (path,) and entry.swap:
+            return entry.swap is True or w.up.shape[0] == 2 * w.down.shape[1]
+    return False
+
+
+def _check_dora(adapter: Adapter, family: Family) -> None:
+    bad = [
+        (c, p)
+        for (c, p), w in sorted(adapter.modules.items())
+        if isinstance(w, LoraWeights) and w.magnitude is not None and _swapped(family, c, p, w)
+    ]
+    if bad:
+        raise LorakitError(
+            f"{', '.join(f'{c}.{p}' for c, p in bad)} carries DoRA, but ComfyUI and Forge swap the "
+            "(scale, shift) halves of this adaLN's update and not its dora_scale, so they would "
+            "rescale the wrong rows. Nothing was written. Train DoRA without "
+            f"{' / '.join(p for _, p in bad)} in lora.target_modules, or use plain LoRA (or "
+            "LoHa/LoKr) there."
+        )
+
+
 def to_state_dict(adapter: Adapter, family: Family, **_: object) -> dict[str, torch.Tensor]:
+    _check_dora(adapter, family)
     names = _names(family)
     out: dict[str, torch.Tensor] = {}
     for (component, path), w in sorted(adapter.modules.items()):
@@ -89,7 +129,12 @@ def _suffix(key: str) -> str:
 def from_state_dict(
     tensors: dict[str, torch.Tensor], meta: dict[str, str], family: Family
 ) -> Adapter:
+    from lorakit.export.kohya import SPLIT_PREFIX
+
+    # names this exporter writes, and the `lora_unet_` + diffusers path of older FLUX/SD3 files
     table = {key: cp for cp, key in _names(family).items()}
+    if family.name in SPLIT_PREFIX:
+        table |= {key: cp for cp, key in _names(family, "legacy").items()}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         base, _, suffix = key.partition(".")
@@ -157,7 +202,7 @@ def write_metadata(adapter: Adapter, family: Family, tensors, **_: object) -> di
     main = family.denoiser_name if family.denoiser_name in comps else comps[0]
     rank, alpha, _, _ = adapter.rank_alpha(main)
     drop = ("lora_adapter_metadata", "lorakit.split_fused", "lorakit.kohya_names", "lorakit.fused")
-    meta = {k: v for k, v in adapter.metadata.items() if k not in drop}
+    meta = {k: v for k, v in adapter.metadata.items() if k not in drop + md.PER_FILE}
     kind = adapter.kind()
     algo = {"lora": "lora", "dora": "lora", "loha": "loha", "lokr": "lokr"}[kind]
     args = {"algo": algo}
@@ -166,4 +211,7 @@ def write_metadata(adapter: Adapter, family: Family, tensors, **_: object) -> di
     meta["ss_network_module"] = "lycoris.kohya"
     meta["ss_network_args"] = json.dumps(args)
     meta["lorakit.adapter_kind"] = kind
+    meta["lorakit.strength"] = "alpha"
+    if kind == "dora":
+        meta["lorakit.dora_note"] = DORA_NOTE
     return md.finalize(meta, family, tensors, rank, alpha)

@@ -15,6 +15,12 @@ from lorakit.fileio import tensor_data_sha256
 from lorakit.models.base import Family
 
 MODELSPEC_VERSION = "1.0.1"
+PER_FILE = ("lorakit.strength", "lorakit.dora_note")
+"""Keys each writer sets for the file it writes (never carried over from the file it read).
+`lorakit.strength` says how a loader gets the trained strength: `alpha` (an `.alpha` tensor per
+module: ΔW = up·down·alpha/rank), `folded` (alpha/rank multiplied into lora_B, alpha = rank, so a
+loader that assumes scale 1 is right), `header` (alpha only in `lora_adapter_metadata`, which
+diffusers/peft read)."""
 IMPLEMENTATION = {"sd15": "diffusers"}
 
 

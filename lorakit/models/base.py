@@ -32,6 +32,11 @@ class AdapterTarget:
     canonical_prefix: str = ""
     """Prefix every LoRA format puts before module paths of this component but some library
     versions do not have (transformers 5 dropped CLIPTextModel's `text_model.` level)."""
+    label: str = ""
+    """What the component is, for messages (`T5-XXL`); empty = the component name says it."""
+    trained: bool = True
+    """False for components lorakit never puts a LoRA on itself (FLUX's T5): their modules in
+    third-party files are still read, applied when the component is loaded, and re-exported."""
 
 
 class Family(Protocol):

@@ -17,8 +17,12 @@ Tensor conventions:
   `shift` sampling uses FLUX's resolution-dependent μ from the image token count (h/2)·(w/2).
 - noisy = (1 - σ) · x0 + σ · noise, target = noise - x0, optional σ loss weighting.
 - LoRA goes into `transformer` (diffusers prefix `transformer.`); optionally CLIP-L
-  (`text_encoder.`). kohya prefixes `lora_unet_` / `lora_te1_` + diffusers paths with `_` (BFL
-  naming is a later issue); diffusers and ComfyUI load the diffusers-format file.
+  (`text_encoder.`). T5 (`text_encoder_2.`, kohya `lora_te3_`) is never trained here, but
+  kohya sd-scripts files trained with `train_t5xxl` carry T5 LoRA keys: they are read, applied
+  to the T5 encoder and re-exported (`models/t5.py`). kohya files use the original BFL names
+  (`lora_unet_double_blocks_…`, fused qkv; export/bfl.py), or with naming `diffusers`
+  `lora_transformer_` + diffusers paths; CLIP-L is `lora_te1_`. diffusers, ComfyUI and Forge
+  also load the diffusers-format file (alpha/rank folded into lora_B).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from lorakit.models.sd3 import (
     tiny_t5_config,
 )
 from lorakit.models.sd15 import clip_l_modules
+from lorakit.models.t5 import t5_xxl_modules
 
 
 @dataclass
@@ -291,6 +296,8 @@ class Flux:
     targets = (
         AdapterTarget("transformer", "lora_unet_"),
         AdapterTarget("text_encoder", "lora_te1_", canonical_prefix="text_model."),
+        # kohya sd-scripts' `train_t5xxl` / ComfyUI name T5 `lora_te3_` (te2 is unused in FLUX)
+        AdapterTarget("text_encoder_2", "lora_te3_", label="T5-XXL", trained=False),
     )
     default_targets = (
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -415,9 +422,11 @@ class Flux:
         self.pipeline(components).save_pretrained(folder, safe_serialization=True)
 
     def known_modules(self, component: str) -> frozenset[str]:
-        return {"transformer": flux_transformer_modules, "text_encoder": clip_l_modules}[
-            component
-        ]()
+        return {
+            "transformer": flux_transformer_modules,
+            "text_encoder": clip_l_modules,
+            "text_encoder_2": t5_xxl_modules,
+        }[component]()
 
     def frozen_modules(self, components: FluxComponents) -> dict[str, torch.nn.Module]:
         return {
@@ -436,6 +445,13 @@ class Flux:
     def encode_prompts(
         self, components: FluxComponents, prompts: list[str]
     ) -> dict[str, torch.Tensor]:
+        return self.encode_prompts_train(components, prompts)
+
+    def encode_prompts_train(
+        self, components: FluxComponents, prompts: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """`{"encoder_hidden_states": [B, T5 length, 4096], "pooled_projections": [B, 768]}`,
+        with autograd: CLIP-L's LoRA gets gradients (its pooled output); T5 stays frozen."""
         pipe = self.pipeline(components)
         embeds, pooled, _ = pipe.encode_prompt(
             prompt=prompts,

@@ -15,9 +15,11 @@ Tensor conventions:
   transformer is called with `σ · 1000`, as the pipeline does.
 - noisy = (1 - σ) · x0 + σ · noise, target = noise - x0, optional σ loss weighting.
 - LoRA goes into `transformer` (diffusers prefix `transformer.`); optionally CLIP-L
-  (`text_encoder.`, with the `text_model.` level). kohya prefixes `lora_unet_` / `lora_te1_` +
-  the diffusers path with `_` (kohya's own SD3 naming is not written yet; diffusers and ComfyUI
-  load the diffusers-format file for SD3).
+  (`text_encoder.`, with the `text_model.` level). kohya files use kohya's SD3 names
+  (`lora_unet_joint_blocks_…`, fused qkv; export/sd3_names.py: ComfyUI, Forge), or with naming
+  `diffusers` `lora_transformer_` + diffusers paths (ComfyUI); CLIP-L is `lora_te1_`. The
+  default export is the diffusers-format file (diffusers, ComfyUI; alpha/rank folded into
+  lora_B), which diffusers needs: it cannot read SD3 kohya files.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from lorakit.errors import LorakitError
 from lorakit.models import flow
 from lorakit.models.base import AdapterTarget
 from lorakit.models.sd15 import TINY_CLIP, clip_l_modules
+from lorakit.models.sdxl import openclip_bigg_modules
 
 
 @dataclass
@@ -240,7 +243,11 @@ class SD3:
     targets = (
         AdapterTarget("transformer", "lora_unet_"),
         AdapterTarget("text_encoder", "lora_te1_", canonical_prefix="text_model."),
+        AdapterTarget("text_encoder_2", "lora_te2_", canonical_prefix="text_model."),
     )
+    """CLIP-L (`lora_te1_`, diffusers `text_encoder.`) and CLIP-G (`lora_te2_`,
+    `text_encoder_2.`) can carry a LoRA, as kohya's `lora_sd3.py` and ComfyUI name them; T5
+    (`text_encoder_3`) stays frozen."""
     default_targets = (
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
     )  # fmt: skip
@@ -405,9 +412,11 @@ class SD3:
         self.pipeline(components).save_pretrained(folder, safe_serialization=True)
 
     def known_modules(self, component: str) -> frozenset[str]:
-        return {"transformer": sd35_transformer_modules, "text_encoder": clip_l_modules}[
-            component
-        ]()
+        return {
+            "transformer": sd35_transformer_modules,
+            "text_encoder": clip_l_modules,
+            "text_encoder_2": openclip_bigg_modules,
+        }[component]()
 
     def frozen_modules(self, components: SD3Components) -> dict[str, torch.nn.Module]:
         out = {
@@ -429,6 +438,13 @@ class SD3:
     def encode_prompts(
         self, components: SD3Components, prompts: list[str]
     ) -> dict[str, torch.Tensor]:
+        return self.encode_prompts_train(components, prompts)
+
+    def encode_prompts_train(
+        self, components: SD3Components, prompts: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """`{"encoder_hidden_states": [B, 77 + T5 length, 4096], "pooled_projections": [B,
+        2048]}`, with autograd: the CLIP encoders' LoRA gets gradients, T5 (no LoRA) none."""
         # The pipeline's own encoder: training sees exactly what sampling feeds the transformer.
         pipe = self.pipeline(components)
         embeds, _, pooled, _ = pipe.encode_prompt(
