@@ -3,8 +3,8 @@
 Parametrized over `FAMILIES`: registering a family puts it under this test. Per family, at the
 smallest shapes: `prepare` (no model named) then `train` on that set at a resolution whose
 buckets are not all square, 2 steps with text-encoder LoRA and a preview grid; every export
-format written and read back; `inspect` of each file; `plan`; `merge` into the base model (and
-`--single-file` where the family has one). Longer variants live in the per-family test files.
+format written and read back; `inspect` of each file. Slow tier: `plan` and `merge` (and
+`--single-file` where the family has one).
 """
 
 from __future__ import annotations
@@ -47,7 +47,16 @@ def test_family_walks_the_whole_path(family, prepared, tmp_path):
         )
         r = cli("inspect", f)
         assert f"family:      {family}" in r.output, r.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_plans_and_merges(family, tmp_path):
+    """`plan` (it traces the family's REAL architecture, ~10 s) and `merge` into the base
+    model (with `--single-file` where the family has one)."""
     cli("plan", "--preset", "tiny-cpu", "--set", f"model.name='tiny:{family}'")
+    run = tmp_path / "run"
+    cli("train", SAMPLES, *FAST, "--model", f"tiny:{family}", "--steps", 1, "--out", run)
     single = FAMILIES[family].single_file_configs() is not None
     merged = tmp_path / "merged"
     cli(
@@ -55,3 +64,4 @@ def test_family_walks_the_whole_path(family, prepared, tmp_path):
         *(["--single-file"] if single else []),
     )  # fmt: skip
     assert (merged / "model_index.json").is_file()
+    assert not single or (tmp_path / "merged.safetensors").is_file()
