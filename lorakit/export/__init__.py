@@ -105,28 +105,16 @@ def _kept(adapter: Adapter) -> list[str]:
     return sorted({comp for comp, _ in adapter.modules if comp in kept})
 
 
-_LOADERS = {
-    ("flux", "kohya"): "ComfyUI, Forge",
-    ("sd3", "kohya"): "ComfyUI, Forge",
-    ("sd3", "kohya", "diffusers"): "ComfyUI",
-    ("flux", "diffusers"): "diffusers, ComfyUI, Forge",
-    ("sd3", "diffusers"): "diffusers, ComfyUI",
-    ("sd3", "lycoris"): "ComfyUI",
-    ("flux", "lycoris"): "ComfyUI, Forge",
-}
-"""Who loads a file at the trained strength, per (family, format[, kohya naming]); others:
-`Format.loads_in`. tests/test_export_matrix.py checks these with the loaders' rules, and the
-README's "Load the adapter" table says the same. diffusers also reads SD1.5/SDXL/FLUX kohya
-files, but its converters lose per-module alphas, so it is named for its own format only."""
-
-
 def loads_in(fmt: str, family: str, naming: str = "original") -> str:
-    """The loaders that read a file of `fmt` for `family` (for messages)."""
-    return (
-        _LOADERS.get((family, fmt, naming))
-        or _LOADERS.get((family, fmt))
-        or EXPORTERS[fmt].loads_in
-    )
+    """The loaders that read a file of `fmt` for `family` at the trained strength (for
+    messages): the family's `loaders` where it says, else the format's `loads_in`.
+    tests/test_export_matrix.py checks these with the loaders' rules, and the README's "Load the
+    adapter" table says the same. diffusers also reads SD1.5/SDXL/FLUX kohya files, but its
+    converters lose per-module alphas, so it is named for its own format only."""
+    from lorakit.models import get_family
+
+    table = get_family(family).loaders
+    return table.get((fmt, naming)) or table.get((fmt,)) or EXPORTERS[fmt].loads_in
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -26,13 +26,12 @@ from lorakit.models.base import Family
 
 METADATA_KEY = "lora_adapter_metadata"
 FILENAME = "pytorch_lora_weights.safetensors"
-FOLDED = ("flux", "sd3")
-"""Families whose diffusers-format files ComfyUI/Forge load too: scale folded into lora_B."""
 
 
 def strength(family: Family) -> str:
-    """`folded` or `header` (see metadata.PER_FILE)."""
-    return "folded" if family.name in FOLDED else "header"
+    """`folded` (families whose diffusers-format files ComfyUI/Forge load too: the scale is
+    folded into lora_B) or `header` (see metadata.PER_FILE): `family.diffusers_strength`."""
+    return family.diffusers_strength
 
 
 def stored(adapter: Adapter, family: Family) -> Adapter:

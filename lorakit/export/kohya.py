@@ -7,7 +7,7 @@ Module names come from fixed tables (`names.Entry`), never from `named_modules()
   FLUX BFL names with fused qkv/linear1 (`bfl.py`), SD3 `joint_blocks_…` (`sd3_names.py`);
 - `diffusers` naming: diffusers paths, one key per diffusers module. SD1.5/SDXL: `lora_unet_` +
   path (read by ComfyUI, A1111/Forge, diffusers). FLUX/SD3: `lora_transformer_` + path
-  (`SPLIT_PREFIX`), because there `lora_unet_` means an ORIGINAL name to every loader.
+  (`family.kohya_split_prefix`), because there `lora_unet_` means an ORIGINAL name to every loader.
 
 Fusing split LoRAs (q, k, v[, mlp]) into one original module is exact: the fused LoRA is
 block-diagonal in rank (down = concat of downs, up = block-diagonal of ups, rank = Σ ranks), so
@@ -31,28 +31,24 @@ from lorakit.models.base import Family
 
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 NAMINGS = ("original", "diffusers")
-ORIGINAL_NAMES = {"sd15": "diffusers", "sdxl": "sgm", "flux": "bfl", "sd3": "sd3"}
-"""What `original` means per family (recorded as `lorakit.kohya_names`)."""
-SPLIT_PREFIX = {"flux": "lora_transformer_", "sd3": "lora_transformer_"}
-"""Denoiser prefix of the `diffusers` naming for the transformer families: OneTrainer's, which
-ComfyUI maps for FLUX and SD3 (comfy/lora.py `model_lora_keys_unet`, through `flux_to_diffusers` /
-`mmdit_to_diffusers`) and Forge for FLUX. Their `lora_unet_` keys are built from the ORIGINAL
-model's weight names, so `lora_unet_` + a diffusers path matched nothing (issue #17); such files
-written by older lorakit versions are still read (the `legacy` table)."""
+# What `original` means is the family's (`family.kohya_names`, recorded as
+# `lorakit.kohya_names`). For the transformer families the `diffusers` naming has a denoiser
+# prefix of its own (`family.kohya_split_prefix`, OneTrainer's `lora_transformer_`, which ComfyUI
+# maps through `flux_to_diffusers` / `mmdit_to_diffusers`): their `lora_unet_` keys are built from
+# the ORIGINAL model's weight names, so `lora_unet_` + a diffusers path matched nothing (issue
+# #17); such files written by older lorakit versions are still read (the `legacy` table).
 
 
 def _original_table(family: Family) -> dict:
-    from lorakit.export import bfl, sd3_names, sgm
-
-    build = {"sdxl": sgm.table, "flux": bfl.table, "sd3": sd3_names.table}.get(family.name)
-    return build(family) if build else identity_table(family)
+    table = family.kohya_original_table()
+    return table if table is not None else identity_table(family)
 
 
 def prefixes(family: Family, naming: str = "original") -> dict[str, str]:
     """Component → kohya key prefix under `naming` (`legacy`: lora_unet_ + diffusers paths)."""
     out = {t.component: t.kohya_prefix for t in family.targets}
-    if naming == "diffusers" and family.name in SPLIT_PREFIX:
-        out[family.denoiser_name] = SPLIT_PREFIX[family.name]
+    if naming == "diffusers" and family.kohya_split_prefix:
+        out[family.denoiser_name] = family.kohya_split_prefix
     return out
 
 
@@ -60,7 +56,7 @@ def prefixes(family: Family, naming: str = "original") -> dict[str, str]:
 def _tables(family: Family) -> dict[str, dict[str, tuple[str, Entry]]]:
     """naming → {kohya module key → (component, Entry)}; reading tries them in this order."""
     builds = [("original", _original_table), ("diffusers", identity_table)]
-    if family.name in SPLIT_PREFIX:
+    if family.kohya_split_prefix:
         builds.append(("legacy", identity_table))
     out = {}
     for naming, build in builds:
@@ -277,7 +273,7 @@ def fused_note(family: Family, tensors: dict[str, torch.Tensor], naming: str) ->
     the per-projection rank)."""
     if naming == "diffusers":
         return {"lorakit.kohya_names": "diffusers"}
-    note = {"lorakit.kohya_names": ORIGINAL_NAMES.get(family.name, "diffusers")}
+    note = {"lorakit.kohya_names": family.kohya_names}
     table = _tables(family)["original"]
     ranks = {
         k.removesuffix(".lora_down.weight"): int(t.shape[0])

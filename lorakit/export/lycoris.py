@@ -129,11 +129,9 @@ def _suffix(key: str) -> str:
 def from_state_dict(
     tensors: dict[str, torch.Tensor], meta: dict[str, str], family: Family
 ) -> Adapter:
-    from lorakit.export.kohya import SPLIT_PREFIX
-
     # names this exporter writes, and the `lora_unet_` + diffusers path of older FLUX/SD3 files
     table = {key: cp for cp, key in _names(family).items()}
-    if family.name in SPLIT_PREFIX:
+    if family.kohya_split_prefix:
         table |= {key: cp for cp, key in _names(family, "legacy").items()}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():

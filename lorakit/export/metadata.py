@@ -21,7 +21,6 @@ PER_FILE = ("lorakit.strength", "lorakit.dora_note")
 module: ΔW = up·down·alpha/rank), `folded` (alpha/rank multiplied into lora_B, alpha = rank, so a
 loader that assumes scale 1 is right), `header` (alpha only in `lora_adapter_metadata`, which
 diffusers/peft read)."""
-IMPLEMENTATION = {"sd15": "diffusers"}
 
 
 def training_metadata(
@@ -124,7 +123,7 @@ def finalize(
             "modelspec.sai_model_spec": MODELSPEC_VERSION,
             "modelspec.architecture": out.get("modelspec.architecture")
             or family.modelspec_architecture,
-            "modelspec.implementation": IMPLEMENTATION.get(family.name, "diffusers"),
+            "modelspec.implementation": "diffusers",
             "modelspec.date": out.get("modelspec.date")
             or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
             "modelspec.hash_sha256": "0x" + digest,

@@ -23,7 +23,6 @@ family its metadata names (`lorakit.family`, `modelspec.architecture`, `ss_base_
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -246,36 +245,20 @@ def check_adapter(adapter, path=None) -> None:
 
 # --- which family ------------------------------------------------------------------------------
 
-_ARCHITECTURES = (
-    ("stable-diffusion-v1", "sd15"),
-    ("stable-diffusion-xl", "sdxl"),
-    ("stable-diffusion-3", "sd3"),
-    ("flux-1", "flux"),
-)
-
 
 def family_hint(meta: dict[str, str]) -> str | None:
-    """The family a file's metadata names, if any: lorakit's own key, else the SAI model spec,
-    else kohya's `ss_base_model_version` (SD3: `medium`, `5-large`, `5-medium`, …)."""
+    """The family a file's metadata names, if any: lorakit's own key, else the first family
+    whose `named_by` accepts the SAI model spec / kohya's `ss_base_model_version`."""
     from lorakit.models import FAMILIES
 
     name = meta.get("lorakit.family", "")
     if name in FAMILIES:
         return name
     arch = meta.get("modelspec.architecture", "")
-    for prefix, fam in _ARCHITECTURES:
-        if arch.startswith(prefix):
-            return fam
     version = meta.get("ss_base_model_version", "")
-    if version == "sd_v1":
-        return "sd15"
-    if version.startswith("sdxl"):
-        return "sdxl"
-    if version.startswith("flux"):
-        return "flux"
-    if version in ("medium", "large") or re.match(r"(sd)?3|5-", version):
-        return "sd3"
-    return None
+    return next(
+        (n for n, f in FAMILIES.items() if (arch or version) and f.named_by(arch, version)), None
+    )
 
 
 def unmapped(fmt: str, modules, family) -> list[str]:

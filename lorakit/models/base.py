@@ -50,6 +50,18 @@ class Family(Protocol):
     """`modelspec.architecture` of a LoRA for this family, ending in `/lora`."""
     denoiser_name: str
     """Attribute holding the module that gets the LoRA (`unet` or `transformer`)."""
+    kohya_names: str
+    """What kohya's `original` naming means for this family (`diffusers`, `sgm`, `bfl`, `sd3`),
+    recorded in every kohya file as `lorakit.kohya_names`."""
+    kohya_split_prefix: str
+    """Denoiser key prefix of kohya files with diffusers names where it is not the original
+    naming's (transformer families: `lora_transformer_`); empty otherwise."""
+    diffusers_strength: str
+    """How diffusers-format files carry alpha: `header` (diffusers' JSON only) or `folded`
+    (alpha/rank multiplied into lora_B, alpha = rank, so ComfyUI/Forge load them too)."""
+    loaders: dict
+    """(format[, kohya naming]) → who loads that file at the trained strength, where it differs
+    from the format's default; tests/test_export_matrix.py checks every entry."""
     targets: tuple[AdapterTarget, ...]
     """Components that can carry an adapter, in export order."""
     tiny_resolution: int
@@ -61,6 +73,14 @@ class Family(Protocol):
     # - `load_configured(cfg: ModelConfig, kind: str) -> components` — build (`kind == "tiny"`)
     #   or load (`local`/`hub`) with `model.*` options applied (T5 length, drop_t5, quantize);
     #   `load_model` prefers it over `build_tiny`/`load` when present.
+
+    def kohya_original_table(self) -> dict | None:
+        """Kohya key names ↔ diffusers modules for the `original` naming (fused projections
+        included); None = diffusers names (identity)."""
+
+    def named_by(self, architecture: str, version: str) -> bool:
+        """Whether a LoRA file's `modelspec.architecture` / kohya `ss_base_model_version` name
+        this family (used to pick a family when keys alone do not decide)."""
 
     def build_tiny(self, seed: int = 0) -> Any:
         """Random-weight components with the family's real structure, offline, in seconds."""

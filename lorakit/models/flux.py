@@ -292,6 +292,26 @@ class Flux:
     """For dev; a schnell run is labelled `flux-1-schnell/lora` (see `modelspec_for`)."""
     denoiser_name = "transformer"
     default_export_format = "kohya"
+    kohya_names = "bfl"
+    """kohya's `original` naming: BFL's (`double_blocks_{i}_img_attn_qkv`, fused)."""
+    kohya_split_prefix = "lora_transformer_"
+    """OneTrainer's prefix for diffusers names, which ComfyUI (`flux_to_diffusers`) and Forge map;
+    `lora_unet_` means an ORIGINAL name to every loader."""
+    diffusers_strength = "folded"
+    loaders = {  # noqa: RUF012 - read-only; checked by tests/test_export_matrix.py
+        ("kohya",): "ComfyUI, Forge",
+        ("diffusers",): "diffusers, ComfyUI, Forge",
+        ("lycoris",): "ComfyUI, Forge",
+    }
+
+    def kohya_original_table(self) -> dict | None:
+        from lorakit.export import bfl
+
+        return bfl.table(self)
+
+    def named_by(self, architecture: str, version: str) -> bool:
+        return architecture.startswith("flux-1") or version.startswith("flux")
+
     """`lorakit export` default: the format ComfyUI and A1111 load for this family."""
     targets = (
         AdapterTarget("transformer", "lora_unet_"),

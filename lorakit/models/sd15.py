@@ -212,6 +212,27 @@ class SD15:
     modelspec_architecture = "stable-diffusion-v1/lora"
     denoiser_name = "unet"
     default_export_format = "kohya"
+    kohya_names = "diffusers"
+    """What kohya's `original` naming means here (`lorakit.kohya_names`): diffusers module
+    names, which is what kohya itself writes for SD1.5."""
+    kohya_split_prefix = ""
+    """Denoiser prefix of kohya files with diffusers names when it differs from the original
+    naming's (transformer families); empty: the same `lora_unet_`."""
+    diffusers_strength = "header"
+    """diffusers-format files: `header` (alpha only in diffusers' JSON header: only diffusers and
+    peft read them) or `folded` (alpha/rank multiplied into lora_B: ComfyUI/Forge read them)."""
+    loaders: dict = {}  # noqa: RUF012 - read-only
+    """Who loads which exported file at the trained strength, by (format[, kohya naming]), where
+    it differs from the format's default (`export.EXPORTERS[...].loads_in`)."""
+
+    def kohya_original_table(self) -> dict | None:
+        """Kohya names ↔ diffusers modules for the `original` naming; None = identity."""
+        return None
+
+    def named_by(self, architecture: str, version: str) -> bool:
+        """Whether a file's `modelspec.architecture` / `ss_base_model_version` name this family."""
+        return architecture.startswith("stable-diffusion-v1") or version == "sd_v1"
+
     """`lorakit export` default: the format ComfyUI and A1111 load for this family."""
     default_targets = UNET_ATTENTION
     targets = (

@@ -25,6 +25,7 @@ Tensor conventions:
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 from dataclasses import dataclass
 from functools import cache
@@ -239,6 +240,30 @@ class SD3:
     modelspec_architecture = "stable-diffusion-3-5-large/lora"
     denoiser_name = "transformer"
     default_export_format = "diffusers"
+    kohya_names = "sd3"
+    """kohya's `original` naming: SD3's `joint_blocks_{i}_{x,context}_block_…` (fused qkv)."""
+    kohya_split_prefix = "lora_transformer_"
+    """OneTrainer's prefix for diffusers names, which ComfyUI maps for SD3 (`mmdit_to_diffusers`);
+    `lora_unet_` means an ORIGINAL name to every loader."""
+    diffusers_strength = "folded"
+    loaders = {  # noqa: RUF012 - read-only; checked by tests/test_export_matrix.py
+        ("kohya",): "ComfyUI, Forge",
+        ("kohya", "diffusers"): "ComfyUI",
+        ("diffusers",): "diffusers, ComfyUI",
+        ("lycoris",): "ComfyUI",
+    }
+
+    def kohya_original_table(self) -> dict | None:
+        from lorakit.export import sd3_names
+
+        return sd3_names.table(self)
+
+    def named_by(self, architecture: str, version: str) -> bool:
+        # kohya writes `medium`, `large`, `3`, `sd3`, `5-large`, `5-medium`, …
+        return architecture.startswith("stable-diffusion-3") or bool(
+            version in ("medium", "large") or re.match(r"(sd)?3|5-", version)
+        )
+
     """`lorakit export` default: the format ComfyUI and A1111 load for this family."""
     targets = (
         AdapterTarget("transformer", "lora_unet_"),

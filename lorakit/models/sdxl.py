@@ -196,6 +196,20 @@ class SDXL:
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
     denoiser_name = "unet"
     default_export_format = "kohya"
+    kohya_names = "sgm"
+    """kohya's `original` naming: SGM/ldm block names (`input_blocks_4_1_…`)."""
+    kohya_split_prefix = ""
+    diffusers_strength = "header"
+    loaders: dict = {}  # noqa: RUF012 - read-only
+
+    def kohya_original_table(self) -> dict | None:
+        from lorakit.export import sgm
+
+        return sgm.table(self)
+
+    def named_by(self, architecture: str, version: str) -> bool:
+        return architecture.startswith("stable-diffusion-xl") or version.startswith("sdxl")
+
     """`lorakit export` default: the format ComfyUI and A1111 load for this family."""
     default_targets = UNET_ATTENTION
     targets = (
