@@ -283,13 +283,13 @@ def _prepare_data(c):
     from lorakit.errors import ConfigError
     from lorakit.models import FAMILIES, get_family
 
-    multiples = [getattr(f, "pixel_multiple", 8) for f in FAMILIES.values()]
+    multiples = [f.pixel_multiple for f in FAMILIES.values()]
     multiple = math.lcm(*multiples)
     if c.model.name or c.model.family != "auto":
         from lorakit.planner import family_of
 
         with contextlib.suppress(ConfigError):  # a hub id it cannot place: suit every family
-            multiple = getattr(get_family(family_of(c)), "pixel_multiple", 8)
+            multiple = get_family(family_of(c)).pixel_multiple
     step = family_step(c.data.resolution, c.data.bucket_step, multiple)
     if step == auto_step(c.data.resolution, c.data.bucket_step):
         return c.data  # unchanged, so the prepare cache's parameter key stays the same

@@ -1017,6 +1017,12 @@ def family_of(c: Config) -> str:
     )
 
 
+def _family(name: str):
+    from lorakit.models import FAMILIES
+
+    return FAMILIES[name]
+
+
 @functools.lru_cache(maxsize=16)
 def _counts(family: str, drop_t5: bool):
     den = build_denoiser(family)
@@ -1034,7 +1040,7 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     den, frozen = _counts(family, c.model.drop_t5 and family == "sd3")
     quant = c.model.quantize if family in ("sd3", "flux") else "none"
     targets = tuple(lo.target_modules) or _default_targets(family)
-    t5_len = c.model.t5_max_length or {"sd3": 256, "flux": 512}.get(family, 0)
+    t5_len = c.model.t5_max_length or _family(family).text_length
 
     rows: dict[str, int] = {"denoiser weights": weight_bytes(den, eb, quant)}
     frozen_bytes = {}
@@ -1102,7 +1108,7 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
         # joins the denoiser, unless everything frozen stays resident anyway (encode_each_step).
         with_previews = sum(frozen_bytes.values()) if resident else frozen_bytes["vae"]
         # The pipeline's own T5 length (its `__call__` default), not the training captions'.
-        sample_t5 = {"sd3": 256, "flux": 512}.get(family, 0)
+        sample_t5 = _family(family).text_length
         sample_phase = (
             keep
             + with_previews

@@ -124,7 +124,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             data_cfg,
             c.train.batch_size,
             c.train.seed,
-            pixel_multiple=getattr(run_family, "pixel_multiple", 8),
+            pixel_multiple=run_family.pixel_multiple,
         )
     records = data.records
     family, comps = load_model(c.model)
@@ -982,7 +982,7 @@ def _bucket_granularity(c: Config, family: Family):
     """Bucket sides must map to whole latent patches: VAE factor 8, times 2 for transformers
     that pack 2×2 latent patches (SD3, FLUX). The automatic step (64 px, or 8 px below 256 px)
     is rounded up to the family's multiple."""
-    step = family_step(c.data.resolution, c.data.bucket_step, getattr(family, "pixel_multiple", 8))
+    step = family_step(c.data.resolution, c.data.bucket_step, family.pixel_multiple)
     if step == auto_step(c.data.resolution, c.data.bucket_step):
         return c.data
     return replace(c.data, bucket_step=step)

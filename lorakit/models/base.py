@@ -1,6 +1,6 @@
 """The contract between the training loop and a model family.
 
-A family module (`models/sd15.py`, …) implements `Family`. The training loop, sampling and
+A family module (`models/sd15/`, …) implements `Family`. The training loop, sampling and
 exporters only talk to this protocol, so adding a family never adds branches to them.
 
 Conventions every family documents in its own docstring:
@@ -66,6 +66,12 @@ class Family(Protocol):
     """Components that can carry an adapter, in export order."""
     tiny_resolution: int
     """A resolution that suits the tiny model (tests, demo)."""
+    pixel_multiple: int
+    """Image sides must be multiples of this many pixels: the VAE factor (8), times the patch
+    size where a transformer packs latent patches (SD3/FLUX: 16)."""
+    text_length: int
+    """Default token length of the long text encoder (`model.t5_max_length` = 0 takes it);
+    0 for families whose prompts are fixed 77-token CLIP sequences."""
     default_targets: tuple[str, ...]
     """LoRA target-module suffixes used when `lora.target_modules` is empty (attention
     projections; SD3/FLUX: both streams')."""

@@ -191,6 +191,8 @@ class SDXL:
     """Stable Diffusion XL base 1.0 (and finetunes with its UNet layout)."""
 
     name = "sdxl"
+    pixel_multiple = 8
+    text_length = 0
     pipeline_class_names = ("StableDiffusionXLPipeline",)
     base_model_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"

@@ -207,6 +207,8 @@ class SD15:
     """Stable Diffusion 1.5 (and UNet models with the same layout)."""
 
     name = "sd15"
+    pixel_multiple = 8
+    text_length = 0
     pipeline_class_names = ("StableDiffusionPipeline",)
     base_model_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"

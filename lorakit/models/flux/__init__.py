@@ -326,6 +326,7 @@ class Flux:
     `proj_mlp` and `proj_out` to lora.target_modules for the single blocks' MLP/output too."""
     tiny_resolution = 64
     pixel_multiple = 16
+    text_length = 512
     """Bucket sides are multiples of this: VAE factor 8 × 2×2 latent patches."""
 
     @staticmethod
@@ -401,7 +402,7 @@ class Flux:
                 allow_pickle=cfg.allow_pickle,
                 quantize=cfg.quantize,
             )
-        comps.t5_max_length = cfg.t5_max_length or 512
+        comps.t5_max_length = cfg.t5_max_length or self.text_length
         return comps
 
     def single_file_configs(self) -> dict[str, dict[str, Any]]:

@@ -279,6 +279,7 @@ class SD3:
     """Attention projections of both streams (and SD3.5 medium's `attn2`), as diffusers' script."""
     tiny_resolution = 64
     pixel_multiple = 16
+    text_length = 256
     """Bucket sides are multiples of this: VAE factor 8 × 2×2 latent patches."""
 
     # -- building and loading ------------------------------------------------------------------
@@ -381,7 +382,7 @@ class SD3:
                 drop_t5=cfg.drop_t5,
                 quantize=cfg.quantize,
             )
-        comps.t5_max_length = cfg.t5_max_length or 256
+        comps.t5_max_length = cfg.t5_max_length or self.text_length
         return comps
 
     def single_file_configs(self) -> dict[str, dict[str, Any]]:
