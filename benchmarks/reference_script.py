@@ -75,7 +75,8 @@ def write_model(folder: Path, arch: str) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from lorakit.models import FAMILIES
-    from lorakit.models.sd15 import CLIP_L_TEXT, SD15_VAE
+    from lorakit.models.sd15 import SD15_VAE
+    from lorakit.models.text_encoders import CLIP_L_TEXT
 
     family = FAMILIES["sd15"]
     comps = family.build_tiny(seed=0)

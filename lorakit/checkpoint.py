@@ -17,6 +17,7 @@ offset, shape or dtype) are stored as copies of their own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lorakit.errors import LorakitError
@@ -58,8 +60,10 @@ def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(out: Path, resume: str) -> Path:
-    """`latest` → newest complete checkpoint of the run in `out`; otherwise a checkpoint folder."""
+def resolve_resume(out: Path, resume: str, on_skip=None) -> Path:
+    """`latest` → newest complete checkpoint of the run in `out` whose files verify against the
+    checksums in its marker (a damaged newer one is named through `on_skip(message)` and
+    passed over); otherwise that checkpoint folder, which must verify."""
     if resume == "latest":
         found = complete_checkpoints(out)
         if not found:
@@ -67,7 +71,21 @@ def resolve_resume(out: Path, resume: str) -> Path:
                 f"--resume latest: '{out}' has no complete checkpoint to resume from (checkpoints "
                 "are written every train.save_every steps). Start a new run instead."
             )
-        return found[-1][1]
+        damaged = []
+        for _, folder in reversed(found):
+            problem = damage(folder)
+            if not problem:
+                if damaged and on_skip is not None:
+                    on_skip(
+                        f"{'; '.join(damaged)}. Resuming from '{folder}', the newest checkpoint "
+                        "that verifies."
+                    )
+                return folder
+            damaged.append(f"checkpoint '{folder.name}' is damaged: {problem}")
+        raise LorakitError(
+            f"--resume latest: no checkpoint of '{out}' verifies ({'; '.join(damaged)}). Start a "
+            "new run (--overwrite replaces this one)."
+        )
     path = Path(resume)
     if not (path / MARKER).is_file() or not (path / "state.json").is_file():
         raise LorakitError(
@@ -75,7 +93,55 @@ def resolve_resume(out: Path, resume: str) -> Path:
             f"{path}/state.json and {path}/{MARKER}). Use --resume latest or a folder under "
             "OUT/checkpoints/."
         )
+    problem = damage(path)
+    if problem:
+        raise LorakitError(f"Checkpoint '{path}' is damaged: {problem}. {_good_one(path)}")
     return path
+
+
+def _good_one(bad: Path) -> str:
+    """Advice naming the newest checkpoint beside `bad` that verifies."""
+    for _, folder in reversed(complete_checkpoints(bad.parent.parent)):
+        if folder.resolve() != bad.resolve() and not damage(folder):
+            return f"The newest checkpoint that verifies is '{folder}': pass --resume {folder}."
+    return "No other checkpoint of this run verifies; start a new run."
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (relative POSIX path → hex digest)."""
+    return {
+        p.relative_to(folder).as_posix(): _sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
+
+
+def damage(folder: Path) -> str:
+    """'' when every file the checkpoint's marker lists is there with its recorded checksum;
+    otherwise what is wrong, naming the file. Checkpoints written before checksums were
+    recorded have nothing to verify against and pass."""
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"its {MARKER} marker cannot be read ({e})"
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict):
+        return ""
+    for rel, digest in files.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"'{path}' is missing"
+        if _sha256(path) != digest:
+            return f"'{path}' differs from what was written (checksum mismatch)"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,19 +291,22 @@ def load_state(folder: Path) -> TrainState:
     try:
         tensors = load_file(str(folder / "state.safetensors"))
         doc = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise LorakitError(f"Checkpoint '{folder}' cannot be read ({e}).") from None
-    return TrainState(
-        step=doc["step"],
-        epoch=doc["epoch"],
-        position=doc["position"],
-        params=_join(doc["params"], tensors),
-        optimizer=_join(doc["optimizer"], tensors),
-        scheduler=_join(doc["scheduler"], tensors),
-        scaler=_join(doc["scaler"], tensors),
-        rng=_join(doc["rng"], tensors),
-        history=doc["history"],
-    )
+        return TrainState(
+            step=doc["step"],
+            epoch=doc["epoch"],
+            position=doc["position"],
+            params=_join(doc["params"], tensors),
+            optimizer=_join(doc["optimizer"], tensors),
+            scheduler=_join(doc["scheduler"], tensors),
+            scaler=_join(doc["scaler"], tensors),
+            rng=_join(doc["rng"], tensors),
+            history=doc["history"],
+        )
+    except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise LorakitError(
+            f"Checkpoint '{folder}' cannot be read ({what}). {_good_one(folder)}"
+        ) from None
 
 
 def begin(out: Path, step: int) -> Path:
@@ -250,7 +319,8 @@ def begin(out: Path, step: int) -> Path:
 
 def commit(out: Path, step: int, tmp: Path, summary: dict[str, Any]) -> Path:
     """Mark the partial folder complete and move it into place (one rename)."""
-    atomic_write_text(tmp / MARKER, json.dumps(summary))
+    # checksums of every file: a later bit flip or truncation is named on resume, not trained on
+    atomic_write_text(tmp / MARKER, json.dumps({**summary, "files": checksums(tmp)}))
     final = step_dir(out, step)
     if final.exists():  # an older checkpoint of the same step (e.g. a replaced run)
         shutil.rmtree(final)

@@ -6,6 +6,7 @@ no traceback. Heavy libraries are imported inside commands so `--help` stays fas
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
@@ -44,7 +45,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except LorakitError as e:
-            from lorakit.train import Interrupted
+            from lorakit.stop import Interrupted
 
             label = (
                 "[bold yellow]stopped:[/bold yellow]"
@@ -61,6 +62,13 @@ def friendly(fn):
         except Exception as e:
             if os.environ.get("LORAKIT_DEBUG"):
                 raise
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                from lorakit.fileio import disk_full  # a write that did not go through fileio
+
+                where = e.filename or os.getcwd()
+                err.print(f"[bold red]error:[/bold red] {escape(disk_full(where))}",
+                          highlight=False, soft_wrap=True)  # fmt: skip
+                raise typer.Exit(1) from None
             err.print(
                 f"[bold red]internal error:[/bold red] {type(e).__name__}: {escape(str(e))}. "
                 "This is a lorakit bug or an unexpected environment problem; rerun with "
@@ -111,6 +119,15 @@ def _resolve(preset, config, sets, **flags):
     return cfg.resolve(preset=preset, config_file=config, sets=sets or [], flags=flags)
 
 
+PickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="Consent to read pickled files (.ckpt/.pt/.bin adapters or model weights; "
+        "tensors only). Pickles can run code: only for files you trust.",
+    ),
+]
+
 # -- train ----------------------------------------------------------------------------------------
 
 
@@ -152,6 +169,7 @@ def train(
         Path | None,
         typer.Option(help="accelerate config file (DDP, DeepSpeed, FSDP; see presets/accelerate)."),
     ] = None,
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Train a LoRA on a folder of captioned images.
 
@@ -181,6 +199,7 @@ def train(
             "train.overwrite": overwrite,
             "train.resume": resume,
             "train.strict_memory": strict_memory,
+            "model.allow_pickle": allow_pickle or None,
         },
     )
     if (num_processes or accelerate_config) and not os.environ.get("LORAKIT_LAUNCHED"):
@@ -276,24 +295,17 @@ def _prepare_data(c):
     `train` uses), or, when no model is named or it cannot be told offline, with sides that suit
     every registered family, so the set trains on any of them."""
     import contextlib
-    import math
-    from dataclasses import replace
 
-    from lorakit.data.buckets import auto_step, family_step
     from lorakit.errors import ConfigError
     from lorakit.models import FAMILIES, get_family
+    from lorakit.spec import any_family_multiple, bucketed_data, build_spec
 
-    multiples = [f.pixel_multiple for f in FAMILIES.values()]
-    multiple = math.lcm(*multiples)
     if c.model.name or c.model.family != "auto":
         from lorakit.planner import family_of
 
         with contextlib.suppress(ConfigError):  # a hub id it cannot place: suit every family
-            multiple = get_family(family_of(c)).pixel_multiple
-    step = family_step(c.data.resolution, c.data.bucket_step, multiple)
-    if step == auto_step(c.data.resolution, c.data.bucket_step):
-        return c.data  # unchanged, so the prepare cache's parameter key stays the same
-    return replace(c.data, bucket_step=step)
+            return build_spec(c, get_family(family_of(c))).data
+    return bucketed_data(c.data, any_family_multiple(FAMILIES.values()))
 
 
 def _relaunch(c, data: Path, num_processes: int | None, accelerate_config: Path | None) -> int:
@@ -305,7 +317,7 @@ def _relaunch(c, data: Path, num_processes: int | None, accelerate_config: Path 
     if accelerate_config is not None:
         if not accelerate_config.is_file():
             raise LorakitError(f"--accelerate-config '{accelerate_config}' does not exist.")
-        from lorakit.train import check_accelerate_config
+        from lorakit.distributed import check_accelerate_config
 
         check_accelerate_config(c, accelerate_config)  # refuse before starting N processes
     fd, cfg_path = tempfile.mkstemp(prefix="lorakit-", suffix=".toml")
@@ -362,10 +374,11 @@ def sample(
         typer.Option(help="LoRA-scale sweep, e.g. 0,0.5,1: each seed column once per scale."),
     ] = None,
     trigger: Annotated[
-        str | None, typer.Option(help="Trigger word for [trigger] in prompts.")
+        str | None, typer.Option(help="Trigger word for \\[trigger] in prompts.")
     ] = None,
     resolution: Annotated[int | None, typer.Option(help="Image size in pixels.")] = None,
     out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Output PNG.")] = None,
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Render a preview grid (rows = prompts, columns = seeds) from a saved adapter; for a
     run folder, one grid per saved checkpoint (and the final adapter) side by side.
@@ -404,6 +417,7 @@ def sample(
         trigger=trigger,
         resolution=resolution,
         out_path=out_path,
+        allow_pickle=allow_pickle,
     )
     out.print(f"sample grid: {path}", highlight=False)
 
@@ -437,9 +451,7 @@ def export(
         ),
     ] = "original",
     dtype: Annotated[str, typer.Option(help="Stored weight dtype: fp32, fp16 or bf16.")] = "fp32",
-    allow_pickle: Annotated[
-        bool, typer.Option(help="Read a pickled .pt/.ckpt source (weights_only, no code).")
-    ] = False,
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Write an adapter in another format (exact: the same ΔW per module, at the same strength).
 
@@ -467,7 +479,7 @@ def export(
 
     source = _adapter_file(src)
     adapter, src_fmt = read_adapter(source, allow_pickle=allow_pickle)
-    format_ = format_ or getattr(get_family(adapter.family), "default_export_format", "kohya")
+    format_ = format_ or get_family(adapter.family).default_export_format
     if format_ != "all" and format_ not in EXPORTERS:
         raise LorakitError(
             f"--format '{format_}' is unknown; choose {', '.join(EXPORTERS)} or all."
@@ -523,9 +535,7 @@ def export(
 def inspect_cmd(
     file: Annotated[Path, typer.Argument(help="A LoRA file (.safetensors) or a lorakit run.")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option(help="Read a pickled .pt/.ckpt file (weights_only, no code).")
-    ] = False,
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Show a LoRA file's format, family, adapter kind, components, rank/alpha per module group,
     size, metadata, trigger phrase, and whether every key maps to a module of the family (exit 1
@@ -565,6 +575,7 @@ def resize(
     format_: Annotated[
         str | None, typer.Option("--format", "-f", help="kohya or diffusers (default: input's).")
     ] = None,
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Lower the rank by truncated SVD per module; prints the retained energy.
 
@@ -576,7 +587,7 @@ def resize(
     from lorakit.resize import resize_adapter
 
     source = _adapter_file(adapter_path)
-    adapter, src_fmt = read_adapter(source)
+    adapter, src_fmt = read_adapter(source, allow_pickle=allow_pickle)
     fmt = format_ or (src_fmt if src_fmt in EXPORTERS else "kohya")
     if fmt not in EXPORTERS:
         raise LorakitError(f"--format '{fmt}' is unknown; choose {', '.join(EXPORTERS)}.")
@@ -604,6 +615,7 @@ def merge(
     single_file: Annotated[
         bool, typer.Option(help="Also write OUT.safetensors: original-layout single file.")
     ] = False,
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Fuse adapters into the base weights and save a diffusers folder.
 
@@ -625,9 +637,9 @@ def merge(
                 path, weight = head, float(tail)
             except ValueError:
                 path = spec
-        adapter, _ = read_adapter(_adapter_file(Path(path)))
+        adapter, _ = read_adapter(_adapter_file(Path(path)), allow_pickle=allow_pickle)
         loaded.append((adapter, weight * scale))
-    family, comps = load_model(ModelConfig(name=base))
+    family, comps = load_model(ModelConfig(name=base, allow_pickle=allow_pickle))
     n = merge_into(family, comps, loaded)
     if out_path.exists() and any(out_path.iterdir()):
         raise LorakitError(f"--out '{out_path}' exists and is not empty; choose a new folder.")
@@ -637,7 +649,7 @@ def merge(
         from lorakit.export.single_file import write_single_file
 
         target = out_path.with_name(out_path.name + ".safetensors")
-        write_single_file(family.name, comps, target)
+        write_single_file(family, comps, target)
         out.print(f"single-file checkpoint (original key names) → {target}", highlight=False)
 
 
@@ -671,7 +683,7 @@ def presets_ls() -> None:
     from lorakit.config import list_presets, preset_description
 
     for name in list_presets():
-        out.print(f"[bold]{name:<14}[/bold] {preset_description(name)}", highlight=False)
+        out.print(f"[bold]{name:<14}[/bold] {escape(preset_description(name))}", highlight=False)
 
 
 @presets_app.command("show")
@@ -728,9 +740,8 @@ def show_config(
         defaults = cfg.Config().to_dict()
         for dotted, doc in cfg.field_docs().items():
             section, key = dotted.split(".")
-            out.print(
-                f"[bold]{dotted}[/bold] = {defaults[section][key]!r}\n    {doc}", highlight=False
-            )
+            value = escape(repr(defaults[section][key]))  # docs hold `[trigger]`: not markup
+            out.print(f"[bold]{dotted}[/bold] = {value}\n    {escape(doc)}", highlight=False)
         return
     sys.stdout.write(_resolve(preset, config, set_).to_toml())
 

@@ -12,6 +12,7 @@ written next to the outputs as `config.toml` and can be fed back with `--config`
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,8 +36,9 @@ class ModelConfig:
     """`tiny:sd15` (offline random-weight model), a hub id, a local diffusers folder, or a
     single-file `.safetensors` checkpoint as downloaded from model sites (SD1.5/SDXL; SD3/FLUX:
     transformer from the file, the rest from `single_file_config`)."""
-    family: Literal["auto", "sd15", "sdxl", "sd3", "flux"] = "auto"
-    """Model family; `auto` = from `tiny:FAMILY`, `model_index.json` or a checkpoint's keys."""
+    family: str = "auto"
+    """Model family: a key of the family registry (`lorakit.models.FAMILIES`), checked by
+    `validate`; `auto` = from `tiny:FAMILY`, `model_index.json` or a checkpoint's keys."""
     revision: str = ""
     """Hub revision (branch, tag or commit); empty = default branch."""
     variant: str = ""
@@ -53,6 +55,11 @@ class ModelConfig:
     """SD3: leave the T5 encoder out (saves ~9 GB; T5 tokens are zeros, weaker prompt following)."""
     quantize: Literal["none", "nf4", "int8"] = "none"
     """SD3/FLUX: load the frozen transformer 4-bit NF4 or 8-bit (bitsandbytes, CUDA only)."""
+
+    def text_length(self, family_default: int) -> int:
+        """The long text encoder's token length: `t5_max_length`, 0 = the family's default.
+        The one rule `RunSpec.text_length` and the families' loaders apply."""
+        return self.t5_max_length or family_default
 
 
 @dataclass
@@ -226,6 +233,9 @@ class TrainConfig:
     """Keep the newest N checkpoints (0 = keep all); the final adapter is always kept."""
     resume: str = ""
     """`latest` or a checkpoint folder to continue from exactly; empty = a fresh run."""
+    resume_changed_data: bool = False
+    """Resume even though the data set differs from the checkpoint's (images or captions added,
+    removed or edited); the result is then no longer what an uninterrupted run gives."""
     log_every: int = 10
     """Print / log the smoothed loss every N steps."""
     strict_memory: bool = False
@@ -584,6 +594,12 @@ def resolve(
 
 def validate(c: Config) -> None:
     """Cross-field and range checks that types alone cannot express."""
+    for section, keys in c.to_dict().items():  # `inf` passes every range check below
+        for key, value in keys.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(
+                    f"Config key '{section}.{key}' must be a finite number, got {value}."
+                )
     positive = {
         "data.resolution": c.data.resolution,
         "lora.rank": c.lora.rank,
@@ -642,7 +658,14 @@ def validate(c: Config) -> None:
         )
     from lorakit.data.prepare import check_data  # local: data imports torch
     from lorakit.export import EXPORTERS  # local: export imports models, which import config
+    from lorakit.models import FAMILIES  # local: the families import config
 
+    if c.model.family != "auto" and c.model.family not in FAMILIES:
+        raise ConfigError(
+            f"Config key 'model.family' is {c.model.family!r}, which is not a model family "
+            f"lorakit knows. Valid values: auto, {', '.join(FAMILIES)}. Fix it with --set "
+            "model.family=<name> (or 'auto' to tell the family from model.name)."
+        )
     check_data(c.data)
     bad = [f for f in c.export.formats if f not in EXPORTERS]
     if bad or not c.export.formats:

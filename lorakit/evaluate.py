@@ -96,3 +96,44 @@ def heldout_loss(
         for m, flag in flags:
             m.training = flag
     return total / count
+
+
+def eval_subset(records, k: int) -> list[int]:
+    """A fixed validation subset of k training images, spread evenly over the set, all from the
+    most common bucket (one batch shape); regularization images are never scored."""
+    if k <= 0:
+        return []
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, r in enumerate(records):
+        if not r.is_reg:
+            by_bucket.setdefault(r.bucket, []).append(i)
+    if not by_bucket:
+        return []
+    largest = max(by_bucket.values(), key=len)
+    return [largest[j] for j in heldout_indices(len(largest), k)]
+
+
+def score_heldout(
+    family,
+    comps,
+    denoiser,
+    cached,
+    idx: list[int],
+    encode_each_step: bool,
+    t: TrainConfig,
+    seed: int,
+    timesteps: int,
+) -> float:
+    """Held-out loss of the current adapter on the records `idx` (`eval_subset`), conditioned
+    on the cached embeddings (`cached`: a `data.cache.Cached`), or on captions encoded now when
+    the run encodes them every step."""
+    lat = torch.stack([cached.latents[i] for i in idx])
+    caps = [cached.captions[i] for i in idx]
+    with torch.no_grad():
+        if encode_each_step:
+            cond = family.encode_prompts(comps, caps)
+        else:
+            cond = {k: torch.stack([v[cap] for cap in caps]) for k, v in cached.cond.items()}
+        for k, v in cached.image_cond.items():
+            cond[k] = torch.cat([v[i] for i in idx])
+    return heldout_loss(family, comps, denoiser, lat, cond, t, seed, timesteps=timesteps)

@@ -14,8 +14,7 @@ import torch
 
 from lorakit.config import LoraConfigSection
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.models.base import AdapterTarget, Family
-from lorakit.models.sd15 import UNET_ATTENTION
+from lorakit.models.base import ATTENTION_PROJECTIONS, AdapterTarget, Family
 
 ADAPTER_NAME = "default"
 
@@ -124,8 +123,8 @@ def peft_config(cfg: LoraConfigSection, target_modules: list[str] | None = None)
     the per-module rank/alpha patterns (regex or suffix of the module's runtime name)."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
-    # empty = UNet attention projections; the training loop passes the family's default
-    targets = target_modules or list(cfg.target_modules) or list(UNET_ATTENTION)
+    # empty = diffusers' attention projections; the training loop passes the family's default
+    targets = target_modules or list(cfg.target_modules) or list(ATTENTION_PROJECTIONS)
     kind = getattr(cfg, "type", "lora")
     common = dict(
         r=cfg.rank,
@@ -198,33 +197,25 @@ def inject_text_encoder_lora(
 ) -> list[torch.nn.Parameter]:
     """Add a trainable LoRA to every CLIP text encoder of `family.targets`; return its params.
 
-    Rank/alpha are `lora.text_encoder_rank`/`text_encoder_alpha` (0 = the denoiser's), target
-    modules `lora.text_encoder_target_modules`. Encoder i is seeded with `seed + 1 + i` (the
-    denoiser uses `seed`). Every injected module must be in the family's fixed table, so the
-    exports can name it."""
-    import dataclasses
-
+    `cfg` is the LoRA section as the text encoders get it (`RunSpec.text_encoder_lora`, from
+    `spec.text_encoder_section`: rank, alpha and target modules already the text encoders').
+    Encoder i is seeded with `seed + 1 + i` (the denoiser uses `seed`). Every injected module
+    must be in the family's fixed table, so the exports can name it."""
     targets = text_encoder_targets(family, components)
     if not targets:
         raise ConfigError(
             f"lora.train_text_encoder = true, but the {family.name} model has no CLIP text "
             "encoder lorakit can train. Set lora.train_text_encoder = false."
         )
-    te_cfg = dataclasses.replace(
-        cfg,
-        rank=cfg.text_encoder_rank or cfg.rank,
-        alpha=cfg.text_encoder_alpha or cfg.alpha,
-        target_modules=list(cfg.text_encoder_target_modules),
-    )
     params: list[torch.nn.Parameter] = []
     for i, target in enumerate(targets):
         module = getattr(components, target.component)
-        params += inject_lora(module, te_cfg, seed + 1 + i)
+        params += inject_lora(module, cfg, seed + 1 + i)
         known = family.known_modules(target.component)
         bad = [n for n, _ in lora_layers(module) if canonical_name(target, n) not in known]
         if bad:
             raise ConfigError(
-                f"lora.text_encoder_target_modules = {te_cfg.target_modules} put a LoRA on "
+                f"lora.text_encoder_target_modules = {cfg.target_modules} put a LoRA on "
                 f"{target.component} modules no LoRA format can name ({', '.join(bad[:3])}). "
                 "Use q_proj, k_proj, v_proj, out_proj, fc1, fc2."
             )

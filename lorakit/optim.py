@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.config import TrainConfig
+from lorakit.config import Config, TrainConfig
 from lorakit.errors import LorakitError
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "adafactor", "prodigy")
@@ -109,3 +109,21 @@ def bnb_8bit_problem(device_type: str) -> str | None:
                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             )
     return _BNB_PROBLEM[device_type]
+
+
+def scaled_lr(c: Config, world: int) -> float:
+    """train.lr under train.lr_scaling, with k = global batch = batch × grad_accum × processes."""
+    k = c.train.batch_size * c.train.grad_accum * world
+    return {"none": 1.0, "linear": float(k), "sqrt": k**0.5}[c.train.lr_scaling] * c.train.lr
+
+
+def build_lr_schedule(optimizer, t: TrainConfig, num_processes: int = 1):
+    from diffusers.optimization import get_scheduler
+
+    # accelerate steps a prepared scheduler once per process, hence the factor.
+    return get_scheduler(
+        t.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=t.warmup_steps * num_processes,
+        num_training_steps=t.steps * num_processes,
+    )

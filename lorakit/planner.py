@@ -1,9 +1,10 @@
 """`lorakit plan`: peak accelerator memory of a training config, estimated without loading weights.
 
-The family's REAL architecture (configs from `models/*.py`; SD3.5-large and FLUX.1-dev below) is
-built on the meta device, so parameter counts are exact and nothing is allocated. Then:
+The family's REAL architecture (`Family.build_real_denoiser` / `build_real_frozen`: SD1.5, SDXL
+base, SD3.5-large, FLUX.1-dev) is built on the meta device, so parameter counts are exact and
+nothing is allocated. Then:
 
-- weights: parameter count × bytes of the dtype the loop uses (`train._frozen_dtype` rules: VAE
+- weights: parameter count × bytes of the dtype the loop uses (`spec.frozen_dtype` rules: VAE
   fp32, T5 bf16 under fp16), or bitsandbytes' layout for `model.quantize` (every `nn.Linear` weight
   of the transformer: NF4 0.5 B + double-quantized absmax 1/64 B + 4/16384 B per parameter; int8
   1 B + a fp32 scale per output row);
@@ -53,6 +54,9 @@ from typing import Any
 import torch
 
 from lorakit.config import Config
+from lorakit.models import FAMILIES
+from lorakit.models.base import PlanArch
+from lorakit.spec import WEIGHT_DTYPES, build_spec, frozen_dtype
 
 GIB = 2**30
 CUDA_CONTEXT = 0.55 * GIB
@@ -67,58 +71,19 @@ of every allocation. The ONE fitted number of the step model: the mean gap of th
 H100 rows (benchmarks/gpu_check-h100-*.json: 88, 79 and 85 MiB); SDXL and FLUX rows are
 independent checks (`benchmarks/planner_gpu_rows.py`, BENCHMARKS.md)."""
 VAE_ENCODE_CHUNK = 1
-"""Images per VAE encode call while caching, as in `train._encode_images`."""
+"""Images per VAE encode call while caching, as in `data.cache.encode_images`."""
 
 # bytes per element of an optimizer's state, for tensors of n elements (see `optimizer_bytes`)
 OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "adafactor", "prodigy")
 
 
 # --- real architectures ------------------------------------------------------------------------
+# Each family declares its REAL model (`Family.build_real_denoiser` / `build_real_frozen`), its
+# shapes (`Family.plan_arch`) and the inputs of one denoiser call (`Family.planner_inputs`);
+# functions below take the family's registry key.
 
-T5_XXL = dict(
-    d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
-    feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, dropout_rate=0.0,
-    is_encoder_decoder=False, use_cache=False,
-)  # fmt: skip
-"""google/t5-v1_1-xxl encoder (SD3 `text_encoder_3`, FLUX `text_encoder_2`), 4.76 B params."""
-SD35_LARGE_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm",
-)  # fmt: skip
-"""stabilityai/stable-diffusion-3.5-large `transformer/config.json` (8.1 B params)."""
-FLUX_DEV_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-    guidance_embeds=True, axes_dims_rope=(16, 56, 56),
-)  # fmt: skip
-"""black-forest-labs/FLUX.1-dev `transformer/config.json` (11.9 B params)."""
-
-
-def _flow_vae() -> dict[str, Any]:
-    from lorakit.models.sd15 import SD15_VAE
-
-    return dict(SD15_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
-
-
-@dataclass(frozen=True)
-class Arch:
-    """How to build a family's real model and feed its denoiser (shapes only)."""
-
-    latent_channels: int
-    text_tokens: int
-    text_dim: int
-    pooled_dim: int
-    cfg_batch: int
-    """Denoiser batch per preview image (2 with classifier-free guidance; FLUX-dev: 1)."""
-
-
-ARCHS: dict[str, Arch] = {
-    "sd15": Arch(4, 77, 768, 0, 2),
-    "sdxl": Arch(4, 77, 2048, 1280, 2),
-    "sd3": Arch(16, 77, 4096, 2048, 2),  # text tokens = 77 + T5 length
-    "flux": Arch(16, 0, 4096, 768, 1),  # text tokens = T5 length
-}
+ARCHS: dict[str, PlanArch] = {name: fam.plan_arch for name, fam in FAMILIES.items()}
+"""Registry key → shapes of the family's real model (`Family.plan_arch`)."""
 
 
 def build_denoiser(family: str) -> torch.nn.Module:
@@ -126,65 +91,15 @@ def build_denoiser(family: str) -> torch.nn.Module:
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=True):
-        if family in ("sd15", "sdxl"):
-            from diffusers import UNet2DConditionModel
-
-            from lorakit.models import FAMILIES
-
-            cfg = FAMILIES[family].single_file_configs()["unet"]
-            return UNet2DConditionModel.from_config(cfg)
-        if family == "sd3":
-            from diffusers import SD3Transformer2DModel
-
-            return SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER)
-        from diffusers import FluxTransformer2DModel
-
-        return FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+        return FAMILIES[family].build_real_denoiser()
 
 
 def build_frozen(family: str, drop_t5: bool = False) -> dict[str, torch.nn.Module]:
     """VAE and text encoders of the real model on the meta device, named as `frozen_modules`."""
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        T5Config,
-        T5EncoderModel,
-    )
-
-    from lorakit.models.sd15 import CLIP_L_TEXT, SD15_VAE
-    from lorakit.models.sdxl import OPENCLIP_BIGG_TEXT, SDXL_VAE
-
-    def clip(cfg, proj: bool):
-        conf = CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
-        return (CLIPTextModelWithProjection if proj else CLIPTextModel)(conf)
 
     with init_empty_weights(include_buffers=True):
-        if family == "sd15":
-            return {
-                "vae": AutoencoderKL.from_config(SD15_VAE),
-                "text_encoder": clip(CLIP_L_TEXT, False),
-            }
-        if family == "sdxl":
-            return {
-                "vae": AutoencoderKL.from_config(SDXL_VAE),
-                "text_encoder": clip(CLIP_L_TEXT, False),
-                "text_encoder_2": clip(OPENCLIP_BIGG_TEXT, True),
-            }
-        t5 = T5EncoderModel(T5Config(**T5_XXL))
-        vae = AutoencoderKL.from_config(_flow_vae())
-        if family == "sd3":
-            out = {
-                "vae": vae,
-                "text_encoder": clip(CLIP_L_TEXT, True),
-                "text_encoder_2": clip(OPENCLIP_BIGG_TEXT, True),
-            }
-            if not drop_t5:
-                out["text_encoder_3"] = t5
-            return out
-        return {"vae": vae, "text_encoder": clip(CLIP_L_TEXT, False), "text_encoder_2": t5}
+        return FAMILIES[family].build_real_frozen(drop_t5)
 
 
 # --- byte counts (exact) -----------------------------------------------------------------------
@@ -341,22 +256,8 @@ def _cast(module: torch.nn.Module, dtype) -> torch.nn.Module:
 
 
 def _inputs(family: str, batch: int, h: int, w: int, dtype, t5_len: int):
-    a = ARCHS[family]
-    meta = dict(device="meta", dtype=dtype)
-    lat = torch.empty(batch, a.latent_channels, h, w, **meta)
-    tokens = {"sd3": 77 + t5_len, "flux": t5_len}.get(family, a.text_tokens)
-    cond = {"encoder_hidden_states": torch.empty(batch, tokens, a.text_dim, **meta)}
-    if family == "sdxl":
-        cond["text_embeds"] = torch.empty(batch, a.pooled_dim, **meta)
-        cond["time_ids"] = torch.empty(batch, 6, device="meta")
-    elif family in ("sd3", "flux"):
-        cond["pooled_projections"] = torch.empty(batch, a.pooled_dim, **meta)
-    t = (
-        torch.full((batch,), 500, device="meta", dtype=torch.long)
-        if family in ("sd15", "sdxl")
-        else torch.full((batch,), 0.5, device="meta")
-    )
-    return lat, t, cond
+    """Meta-device (latents, timesteps, cond) of one denoiser call (`Family.planner_inputs`)."""
+    return FAMILIES[family].planner_inputs(batch, h, w, dtype, t5_len)
 
 
 @functools.lru_cache(maxsize=64)
@@ -424,8 +325,6 @@ def step_activations(
 def count_saved(den, family: str, lat, t, cond, checkpointing: bool) -> SavedCount:
     """Bytes autograd saves in one training forward of `den` (LoRA already injected) through
     `family.predict`; works on meta and on real tensors alike (SDPA counted as CUDA runs it)."""
-    from lorakit.models import FAMILIES
-
     counter = _Counter({id(p) for p in den.parameters()})
     if checkpointing:
         den.enable_gradient_checkpointing(gradient_checkpointing_func=counter.checkpoint)
@@ -482,7 +381,6 @@ def simulate_step(
     """
     from torch.utils.checkpoint import checkpoint
 
-    from lorakit.models import FAMILIES
     from lorakit.offload import OffloadedCheckpoint
 
     meter = StorageMeter()
@@ -926,8 +824,6 @@ def inference_peak(
 ) -> int:
     """Peak working-set bytes of an inference pass on meta: `vae_encode` (fp32 VAE, pixels in),
     `vae_decode`, or `denoise` (one no-grad denoiser call)."""
-    from lorakit.models import FAMILIES
-
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     side = resolution // 8
     with torch.no_grad(), _CudaLikeAttention():
@@ -1000,11 +896,9 @@ def family_of(c: Config) -> str:
     name = c.model.name.lower()
     if name.startswith("tiny:"):
         return name.split(":", 1)[1]
-    hints = (("flux", "flux"), ("xl", "sdxl"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"),
-             ("v1-5", "sd15"), ("sd15", "sd15"), ("1.5", "sd15"))  # fmt: skip
-    for key, fam in hints:
-        if key in name:
-            return fam
+    for fam in reversed(FAMILIES.values()):  # `Family.name_hints`: later families first
+        if any(hint in name for hint in fam.name_hints):
+            return fam.name
     from pathlib import Path
 
     if Path(c.model.name).expanduser().exists():
@@ -1013,13 +907,11 @@ def family_of(c: Config) -> str:
         return resolve_family(c.model)[0].name
     raise ConfigError(
         f"lorakit plan cannot tell the family of model.name '{c.model.name}' offline. Set "
-        "model.family (sd15, sdxl, sd3 or flux), e.g. --set model.family=sdxl."
+        f"model.family ({', '.join(FAMILIES)}), e.g. --set model.family={next(iter(FAMILIES))}."
     )
 
 
 def _family(name: str):
-    from lorakit.models import FAMILIES
-
     return FAMILIES[name]
 
 
@@ -1037,23 +929,25 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     t, lo = c.train, c.lora
     prec = t.mixed_precision
     eb = DTYPE_BYTES[prec]
-    den, frozen = _counts(family, c.model.drop_t5 and family == "sd3")
-    quant = c.model.quantize if family in ("sd3", "flux") else "none"
-    targets = tuple(lo.target_modules) or _default_targets(family)
-    t5_len = c.model.t5_max_length or _family(family).text_length
+    fam = _family(family)
+    spec = build_spec(c, fam)  # the run's decisions, as `train` makes them
+    den, frozen = _counts(family, c.model.drop_t5)  # families without T5 to drop ignore it
+    quant = c.model.quantize if fam.quantizable else "none"
+    targets = spec.targets
+    t5_len = spec.text_length
 
     rows: dict[str, int] = {"denoiser weights": weight_bytes(den, eb, quant)}
     frozen_bytes = {}
     for name, m in frozen.items():
-        fb = 4 if name == "vae" else (2 if type(m).__name__.startswith("T5") and eb == 2 else eb)
+        # as train places them, on a GPU with bf16 (what the planner plans for)
+        fb = frozen_dtype(name, m, WEIGHT_DTYPES[prec], bf16_supported=True).itemsize
         frozen_bytes[name] = weight_bytes(m, fb)
     sizes = lora_shapes(den, list(targets), lo.rank)
     te_sizes: list[int] = []
-    if lo.train_text_encoder:
-        te_rank = lo.text_encoder_rank or lo.rank
+    if spec.train_text_encoder:
         for m in frozen.values():
             if type(m).__name__.startswith("CLIP"):
-                te_sizes += lora_shapes(m, lo.text_encoder_target_modules, te_rank)
+                te_sizes += lora_shapes(m, list(spec.text_encoder_targets), spec.text_encoder_rank)
     all_sizes = sizes + te_sizes
     n_lora = sum(all_sizes)
     rows["LoRA weights (fp32)"] = 4 * n_lora
@@ -1065,19 +959,18 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
         opt_name = "adamw"
     rows[f"optimizer state ({t.optimizer})"] = optimizer_bytes(all_sizes, opt_name)
 
-    encode_each_step = lo.train_text_encoder or c.data.shuffle_tags
-    resident = encode_each_step
+    resident = spec.encoders_stay_on_device
     if resident:
         for name, b in frozen_bytes.items():
             rows[f"{name} (resident)"] = b
     offload = t.gradient_checkpointing and t.offload_activations
-    step = step_activations(family, c.data.resolution, t.batch_size, t.gradient_checkpointing,
+    step = step_activations(family, spec.resolution, t.batch_size, t.gradient_checkpointing,
                             prec, targets, lo.rank, t5_len, quant, offload)  # fmt: skip
     label = " (checkpointed, inputs offloaded)" if offload else " (checkpointed)"
     rows["activations" + (label if t.gradient_checkpointing else "")] = (
         step.activations + KERNEL_WORKSPACE
     )
-    if lo.train_text_encoder:
+    if spec.train_text_encoder:
         # CLIP activations at 77 tokens are small next to the denoiser's: 2 × saved estimate
         te_act = sum(
             t.batch_size * 77 * m.config.hidden_size * m.config.num_hidden_layers * 24 * eb
@@ -1086,7 +979,7 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
         )
         rows["text-encoder activations"] = te_act
     rows["batch tensors"] = (
-        6 * t.batch_size * ARCHS[family].latent_channels * (c.data.resolution // 8) ** 2 * 4
+        6 * t.batch_size * fam.plan_arch.latent_channels * (spec.resolution // 8) ** 2 * 4
     )
     train_phase = sum(rows.values())
 
@@ -1094,12 +987,12 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     # bitsandbytes loads onto the GPU, is parked in host memory meanwhile).
     weights_all = sum(frozen_bytes.values())
     chunk = min(images, VAE_ENCODE_CHUNK)
-    cache_phase = weights_all + inference_peak(family, "vae_encode", c.data.resolution, chunk, prec)
+    cache_phase = weights_all + inference_peak(family, "vae_encode", spec.resolution, chunk, prec)
     phases = {"cache": cache_phase, "train": train_phase}
     notes = []
-    if c.sample.every > 0 or c.sample.every_minutes > 0 or c.sample.every_epochs > 0:
-        sw = c.sample.width or c.data.resolution
-        sh = c.sample.height or c.data.resolution
+    if spec.sampling:
+        sw = c.sample.width or spec.resolution
+        sh = c.sample.height or spec.resolution
         sres = max(sw, sh)
         keep = rows["denoiser weights"] + 4 * n_lora + rows[f"optimizer state ({t.optimizer})"]
         if eb == 2:
@@ -1108,12 +1001,12 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
         # joins the denoiser, unless everything frozen stays resident anyway (encode_each_step).
         with_previews = sum(frozen_bytes.values()) if resident else frozen_bytes["vae"]
         # The pipeline's own T5 length (its `__call__` default), not the training captions'.
-        sample_t5 = _family(family).text_length
+        sample_t5 = fam.text_length
         sample_phase = (
             keep
             + with_previews
             + max(
-                inference_peak(family, "denoise", sres, ARCHS[family].cfg_batch, prec, sample_t5),
+                inference_peak(family, "denoise", sres, fam.plan_arch.cfg_batch, prec, sample_t5),
                 inference_peak(family, "vae_decode", sres, 1, prec),
             )
         )
@@ -1132,8 +1025,6 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
 
 
 def _default_targets(family: str) -> tuple[str, ...]:
-    from lorakit.models import FAMILIES
-
     return tuple(FAMILIES[family].default_targets)
 
 
@@ -1165,7 +1056,8 @@ def _steps(c: Config, family: str):
     previews = [("sample", k, type(getattr(c.sample, k))(0)) for k in keys if getattr(c.sample, k)]
     if previews:
         yield "no preview grids during training", previews
-    if family in ("sd3", "flux") and c.model.quantize != "nf4":
+    fam = _family(family)
+    if fam.quantizable and c.model.quantize != "nf4":
         yield "NF4 base", [("model", "quantize", "nf4")]
     batch, accum = c.train.batch_size, c.train.grad_accum
     while batch > 1:
@@ -1174,7 +1066,7 @@ def _steps(c: Config, family: str):
             ("train", "batch_size", batch), ("train", "grad_accum", accum)
         ]  # fmt: skip
     res = c.data.resolution
-    floor = 512 if family in ("sdxl", "sd3", "flux") else 256
+    floor = fam.min_resolution
     while res - 128 >= floor:
         res -= 128
         yield f"resolution {res}", [("data", "resolution", res)]

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from lorakit.config import SampleConfig
+from lorakit.config import Config, SampleConfig
 from lorakit.data.folder import apply_trigger
 from lorakit.errors import LorakitError
 from lorakit.fileio import atomic_write_bytes
@@ -730,9 +730,11 @@ def sample_adapter(
     trigger: str | None = None,
     resolution: int | None = None,
     out_path: Path | None = None,
+    allow_pickle: bool = False,
 ) -> Path:
     """Render a grid from a saved adapter on its base model; for a run folder, one grid per
-    saved checkpoint (and the final adapter), side by side in one PNG.
+    saved checkpoint (and the final adapter), side by side in one PNG. `allow_pickle`: the
+    user's consent (`--allow-pickle`) to read a pickled adapter or base model.
 
     Defaults come from the run's `config.toml` when given a run folder, else from the adapter's
     metadata (`lorakit.base_model`, `modelspec.trigger_phrase`, `modelspec.resolution`).
@@ -758,10 +760,11 @@ def sample_adapter(
     else:
         files = [(adapter_path.name, adapter_path)]
         default_out = adapter_path.with_suffix(".png")
-    adapters = [(label, f, *read_adapter(f)) for label, f in files]
+    adapters = [(label, f, *read_adapter(f, allow_pickle=allow_pickle)) for label, f in files]
     meta = adapters[-1][2].metadata
     model_cfg = run_cfg.model if run_cfg else cfg.ModelConfig()
     model_cfg.name = base or model_cfg.name or meta.get("lorakit.base_model", "")
+    model_cfg.allow_pickle = model_cfg.allow_pickle or allow_pickle
     if not model_cfg.name:
         raise LorakitError(
             f"'{files[-1][1]}' does not record its base model; pass --base (e.g. --base tiny:sd15)."
@@ -783,7 +786,10 @@ def sample_adapter(
         trigger = run_cfg.data.trigger if run_cfg else meta.get("modelspec.trigger_phrase", "")
     if resolution is None:
         if run_cfg:
-            resolution = run_cfg.data.resolution
+            from lorakit.models import resolve_family
+            from lorakit.spec import build_spec
+
+            resolution = build_spec(run_cfg, resolve_family(model_cfg)[0]).resolution
         else:
             resolution = int(meta.get("modelspec.resolution", "512x512").split("x")[0])
     spec = grid_spec(sample_cfg, trigger, resolution)
@@ -805,3 +811,46 @@ def sample_adapter(
         panels.append((label, compose_cells(cells, spec, title)))
     image = panels[0][1] if len(panels) == 1 else side_by_side(panels)
     return save_png(image, out_path or default_out)
+
+
+def render_preview(family, comps, trainable: list, accelerator, spec, c: Config, step: int,
+            path: Path | None, keep_on_device: bool, embeds: list | None = None):  # fmt: skip
+    """Render a grid with the current adapter: trained modules in eval mode, no grad; frozen
+    modules brought to the device for it and moved off again unless training needs them: only
+    the VAE when `embeds` (the prompt rows pre-encoded by `encode_prompt_rows`) are given, else
+    the text encoders too. `path` None: only run the denoiser (an FSDP rank other than 0), write
+    nothing, return None."""
+    frozen = family.frozen_modules(comps)
+    if embeds is not None:
+        frozen = {"vae": frozen["vae"]}  # the text encoders stay where they are (off the device)
+    device = accelerator.device
+    for module in frozen.values():
+        module.to(device)
+    for module in trainable:
+        module.eval()
+    try:
+        pipe = family.pipeline(comps, c.sample.scheduler)
+        title = f"{c.export.name} - step {step} - {c.model.name}"
+        if path is None:
+            render_cells(pipe, spec, embeds)
+            return None
+        individual = path.with_suffix("") if c.sample.save_individual else None
+        return render_grid_result(pipe, spec, title, path, individual, embeds)
+    finally:
+        for module in trainable:
+            module.train()
+        if device.type != "cpu" and not keep_on_device:
+            for module in frozen.values():
+                module.to("cpu")
+            torch.cuda.empty_cache()
+
+
+def preview(family, comps, trainable: list, accelerator, spec, c: Config, step: int,
+            path: Path | None, keep_on_device: bool, embeds: list | None = None):  # fmt: skip
+    """`render_preview` inside a forked RNG (a preview never perturbs the training RNG)."""
+    device = accelerator.device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return render_preview(
+            family, comps, trainable, accelerator, spec, c, step, path, keep_on_device, embeds
+        )

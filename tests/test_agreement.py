@@ -184,7 +184,8 @@ def agreement_components(name: str, pixels: torch.Tensor, seed: int = 0):
         from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
         from lorakit.models.flux import TINY_FLUX_TRANSFORMER
-        from lorakit.models.sd3 import TINY_SD3_TRANSFORMER, freeze
+        from lorakit.models.loading import freeze
+        from lorakit.models.sd3 import TINY_SD3_TRANSFORMER
 
         torch.manual_seed(seed)
         if name == "sd3":
@@ -519,14 +520,14 @@ def _ddpm_schedule(**changes):
     """The UNet families' training noise schedule (`_training_scheduler`) with config changes."""
     from diffusers import DDPMScheduler
 
-    from lorakit.models import sd15
+    from lorakit.models import ddpm
 
-    original = sd15._training_scheduler
+    original = ddpm._training_scheduler
 
     def training_scheduler(c):
         return DDPMScheduler.from_config(original(c).config, **changes)
 
-    return _patch(sd15, "_training_scheduler", training_scheduler)
+    return _patch(ddpm, "_training_scheduler", training_scheduler)
 
 
 def _fault_target(fam):

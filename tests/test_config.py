@@ -126,3 +126,15 @@ def test_config_command_prints_resolved_toml():
     assert parsed["train"]["steps"] == 5 and parsed["model"]["name"] == "tiny:sd15"
     r = cli("config", "--keys")
     assert "train.save_every" in r.output and "(0 = only the final adapter" in r.output
+
+
+def test_model_family_is_checked_against_the_registry():
+    from lorakit.models import FAMILIES
+
+    for name in ("auto", *FAMILIES):
+        assert cfg.resolve(sets=[f"model.family='{name}'"]).model.family == name
+    with pytest.raises(ConfigError) as e:
+        cfg.resolve(sets=["model.family='sd4'"])
+    msg = str(e.value)
+    assert "model.family" in msg and "'sd4'" in msg and "--set model.family=" in msg
+    assert all(name in msg for name in FAMILIES)

@@ -10,7 +10,7 @@ from lorakit.config import LoraConfigSection, TrainConfig
 from lorakit.data import load_image, scan_folder
 from lorakit.lora import inject_lora
 from lorakit.models import FAMILIES
-from lorakit.train import build_optimizer
+from lorakit.optim import build_optimizer
 
 
 def test_thirty_steps_on_a_fixed_batch_cut_the_loss():

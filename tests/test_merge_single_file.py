@@ -1,5 +1,5 @@
 """`lorakit merge --single-file`: the original-layout checkpoint reloads (through lorakit's
-single-file loader = diffusers' original→diffusers converters) to exactly the merged weights."""
+single-file loader: the inverse of the same naming tables) to exactly the merged weights."""
 
 from __future__ import annotations
 

@@ -96,6 +96,7 @@ def _traced_steps(trace: Path, rank: int) -> list[int]:
     return [int(line.split()[0]) for line in (trace / f"rank{rank}.txt").read_text().splitlines()]
 
 
+@pytest.mark.slow  # two processes and a signal, ~30 s; the one-process stop is in the default
 def test_a_stop_signal_to_one_rank_stops_both_at_the_same_step_then_resumes_exactly(
     two_proc, tmp_path
 ):
@@ -126,7 +127,7 @@ def test_consensus_on_cuda_reads_each_step_one_step_late():
     losses surface one micro-step late, the last one at `flush`; the eager path at once."""
     import torch
 
-    from lorakit.train import Consensus
+    from lorakit.distributed import Consensus
 
     nan, ok = torch.tensor(float("nan")), torch.tensor(1.0)
     late = Consensus(lambda t, op: t, torch.device("cpu"), lagged=True)

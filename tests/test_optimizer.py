@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import FAST, SAMPLES, cli
 
-from lorakit import train as train_mod
+from lorakit import optim
 from lorakit.config import TrainConfig
 
-PROBLEM = train_mod.bnb_8bit_problem("cpu")
+PROBLEM = optim.bnb_8bit_problem("cpu")
 
 
 @pytest.mark.skipif(
@@ -19,7 +19,7 @@ def test_adamw8bit_keeps_8bit_state_and_trains(tmp_path):
     import bitsandbytes as bnb
 
     p = torch.nn.Parameter(torch.randn(64, 128))
-    opt = train_mod.build_optimizer(
+    opt = optim.build_optimizer(
         [p], TrainConfig(optimizer="adamw8bit", lr=1e-2), torch.device("cpu")
     )
     assert isinstance(opt, bnb.optim.AdamW8bit)
@@ -45,7 +45,7 @@ def test_adamw8bit_keeps_8bit_state_and_trains(tmp_path):
 
 def test_unusable_8bit_optimizer_stops_unless_fallback_allowed(monkeypatch, tmp_path):
     # Simulate a machine where the bitsandbytes self-test fails.
-    monkeypatch.setitem(train_mod._BNB_PROBLEM, "cpu", "RuntimeError: no kernel for this CPU")
+    monkeypatch.setitem(optim._BNB_PROBLEM, "cpu", "RuntimeError: no kernel for this CPU")
     args = [*FAST, "--out", tmp_path / "a", "--steps", 1, "--set", "train.optimizer='adamw8bit'"]
     r = cli("train", SAMPLES, *args, "--set", "train.optimizer_fallback=false", expect=1)
     assert (

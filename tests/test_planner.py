@@ -39,7 +39,7 @@ def _state_bytes(opt) -> int:
 @pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
 def test_optimizer_bytes_equal_the_real_optimizer_state(name):
     from lorakit.config import TrainConfig
-    from lorakit.train import build_optimizer
+    from lorakit.optim import build_optimizer
 
     params = [torch.nn.Parameter(torch.randn(s)) for s in ((16, 320), (320, 16), (8, 32), (7,))]
     opt = build_optimizer(params, TrainConfig(optimizer=name), torch.device("cpu"))

@@ -8,6 +8,7 @@ from conftest import FAST, SAMPLES, cli
 
 from lorakit.errors import ConfigError
 from lorakit.export import read_adapter
+from lorakit.models import FAMILIES
 from lorakit.models.quantize import bnb_config, check_quantize, quantized_kwargs
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: quantizing allowed")
@@ -27,12 +28,12 @@ def test_quantize_on_cpu_fails_up_front_with_a_config_error(tmp_path):
 
 
 def test_quantize_is_refused_for_unet_families_and_allowed_only_on_cuda():
-    check_quantize("none", "sd15")
+    check_quantize("none", FAMILIES["sd15"])
     with pytest.raises(ConfigError, match="SD3 and FLUX"):
-        check_quantize("nf4", "sd15")
+        check_quantize("nf4", FAMILIES["sd15"])
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):
-            check_quantize("int8", "flux")
+            check_quantize("int8", FAMILIES["flux"])
 
 
 def test_bitsandbytes_configs():

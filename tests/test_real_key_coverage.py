@@ -23,7 +23,7 @@ original→diffusers single-file converters):
    right rows of the original tensor (q/k/v/mlp order, SD3/FLUX adaLN (shift, scale) swap).
    A wrong original name is never read by the converter (fails (a)); a wrong fused layout or
    shape fails (b)/(c). SD1.5's kohya names are the diffusers ones (what kohya writes); they are
-   mapped to LDM names with `sgm.sgm_name` for the same check.
+   mapped to LDM names with `sd15.names.ldm_module_name` for the same check.
 
 Text encoders are not covered here (their kohya names are the transformers names).
 """
@@ -35,10 +35,11 @@ import re
 import pytest
 import torch
 
-from lorakit.export import kohya, sgm
+from lorakit.export import kohya
 from lorakit.lora import Adapter, LoraWeights
 from lorakit.models import FAMILIES
 from lorakit.models.sd15 import SD15_UNET
+from lorakit.models.sd15 import names as sd15_names
 from lorakit.models.sdxl import SDXL_UNET
 
 SD35_MEDIUM = dict(
@@ -130,7 +131,7 @@ def test_kohya_keys_are_real_original_parameters(name):
     # kohya key (without suffix) → original dotted path, from the original-name table
     if name == "sd15":
         by_key = {prefix + p.replace(".", "_"): p for _, p in adapter.modules}
-        to_orig = {k: sgm.sgm_name(p, (False, True, True, True)) for k, p in by_key.items()}
+        to_orig = {k: sd15_names.ldm_module_name(p) for k, p in by_key.items()}
     else:
         to_orig = {
             prefix + orig.replace(".", "_"): orig

@@ -18,9 +18,9 @@ from lorakit.data import load_image, scan_folder
 from lorakit.evaluate import heldout_indices, heldout_loss
 from lorakit.lora import inject_lora
 from lorakit.models import FAMILIES
+from lorakit.optim import build_optimizer
 from lorakit.palette import extract_palette, palette_distance
 from lorakit.report import History, recommend, write_report
-from lorakit.train import build_optimizer
 
 VOID = {"meta", "img", "br", "hr", "input", "link", "circle", "line", "polyline"}
 

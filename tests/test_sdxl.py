@@ -10,7 +10,7 @@ from conftest import FAST, SAMPLES, cli
 from lorakit.config import LoraConfigSection, ModelConfig, TrainConfig
 from lorakit.export import EXPORTERS, write_adapter
 from lorakit.lora import extract_adapter, inject_lora, lora_layers
-from lorakit.models import FAMILIES, resolve_family
+from lorakit.models import FAMILIES, resolve_family, text_encoders
 from lorakit.models import sdxl as sdxl_mod
 
 FAM = FAMILIES["sdxl"]
@@ -53,7 +53,7 @@ def test_text_encoder_tables_match_the_real_encoders(component, config_name, cls
     from lorakit.lora import canonical_name
 
     target = next(t for t in FAM.targets if t.component == component)
-    config = transformers.CLIPTextConfig(**getattr(sdxl_mod, config_name))
+    config = transformers.CLIPTextConfig(**getattr(text_encoders, config_name))
     with init_empty_weights():
         real = getattr(transformers, cls_name)(config)
     names = {
@@ -255,6 +255,7 @@ def test_pipeline_renders_a_64px_image(tiny):
     assert img.shape == (1, 64, 64, 3)
 
 
+@pytest.mark.slow  # the family contract test trains tiny:sdxl through the CLI already
 def test_cli_trains_tiny_sdxl(tmp_path):
     out = tmp_path / "run"
     cli("train", SAMPLES, *FAST, "--model", "tiny:sdxl", "--out", out, "--steps", 3,

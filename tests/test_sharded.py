@@ -1,7 +1,7 @@
 """FSDP2 (presets/accelerate/fsdp.yaml) and DeepSpeed through `lorakit train --accelerate-config`
 on the CPU with the gloo backend and 2 processes.
 
-accelerate ignores FSDP on a CPU; lorakit turns it on itself (train._cpu_fsdp) so the sharded
+accelerate ignores FSDP on a CPU; lorakit turns it on itself (distributed.cpu_fsdp) so the sharded
 code paths (gathered adapter export, gathered checkpoints, re-sharded resume, sampling on every
 rank) run here exactly as they would on GPUs."""
 
@@ -155,8 +155,9 @@ def test_deepspeed_refuses_zero3_and_mismatched_accumulation(tmp_path):
     assert "Traceback" not in text and not (tmp_path / "run").exists()
 
 
-# DeepSpeed ZeRO-2 for real on the CPU (lorakit names gloo; see train._device_kwargs). The default
-# CI has no deepspeed; run these with a Python that has it (DS_BUILD_OPS=0 pip install deepspeed).
+# DeepSpeed ZeRO-2 for real on the CPU (lorakit names gloo; see distributed.device_kwargs). The
+# default CI has no deepspeed; run these with a Python that has it (DS_BUILD_OPS=0 pip install
+# deepspeed).
 
 
 @pytest.fixture(scope="module")

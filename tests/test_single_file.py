@@ -151,16 +151,21 @@ def test_builtin_real_configs_load_real_sized_sd15_vae_and_clip():
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lorakit.models.sd15 import CLIP_L_TEXT, SD15_VAE
+    from lorakit.models.sd15 import SD15_VAE
+    from lorakit.models.sd15 import names as fam_names
+    from lorakit.models.text_encoders import CLIP_L_TEXT
 
     fam = FAMILIES["sd15"]
     torch.manual_seed(0)
     vae = AutoencoderKL(**{k: v for k, v in SD15_VAE.items() if not k.startswith("_")})
     te = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
     state = {**vae_to_ldm(vae), **clip_to_ldm(te, "cond_stage_model.transformer.")}
+    read = fam_names.FROM_SINGLE_FILE
     with sf.config_folder(fam, "") as folder:
-        got_vae = sf.load_component(AutoencoderKL, state, folder, "vae", "real.safetensors")
-        got_te = sf.load_component(CLIPTextModel, state, folder, "text_encoder", "x")
+        got_vae = sf.load_converted(AutoencoderKL, state, folder, "vae", "real", read["vae"])
+        got_te = sf.load_converted(
+            CLIPTextModel, state, folder, "text_encoder", "x", read["text_encoder"]
+        )
     for a, b in ((vae, got_vae), (te, got_te)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -146,7 +146,7 @@ def test_bfl_converter_equals_diffusers_on_the_real_inner_dim():
     the real row counts where the split depends on them, one block of each kind."""
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
-    from lorakit.models.flux import flux_bfl_to_diffusers
+    from lorakit.models.flux.names import transformer_from_original
 
     g = torch.Generator().manual_seed(0)
     inner, cols = 3072, 2
@@ -175,7 +175,7 @@ def test_bfl_converter_equals_diffusers_on_the_real_inner_dim():
         ck |= {f"{s}{n}.weight": t(4, cols), f"{s}{n}.bias": t(4)}
     ck |= {f"{s}norm.query_norm.scale": t(2), f"{s}norm.key_norm.scale": t(2)}
 
-    ours = flux_bfl_to_diffusers(dict(ck), num_layers=1, num_single_layers=1, inner_dim=inner)
+    ours = transformer_from_original(dict(ck), num_layers=1, num_single_layers=1, inner_dim=inner)
     theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(ck))
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -20,6 +20,7 @@ from lorakit.lora import (
     text_encoder_targets,
 )
 from lorakit.models import FAMILIES
+from lorakit.spec import text_encoder_section
 
 PROMPTS = ["tdwl coffee cup", "a sun over the sea"]
 # every registered family with a CLIP text encoder (SD3: CLIP-L and CLIP-G; FLUX: CLIP-L; T5
@@ -61,7 +62,7 @@ def te_adapter(request, tmp_path_factory):
         target_modules=list(fam.default_targets),
     )  # fmt: skip
     inject_lora(getattr(comps, fam.denoiser_name), lora, seed=0)
-    params = inject_text_encoder_lora(fam, comps, lora, seed=0)
+    params = inject_text_encoder_lora(fam, comps, text_encoder_section(lora), seed=0)
     assert params and all(p.requires_grad for p in params)
     # as after training: non-zero B everywhere (A is already random)
     g = torch.Generator().manual_seed(11)

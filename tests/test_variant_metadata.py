@@ -14,6 +14,7 @@ from lorakit.export.metadata import training_metadata, variant_metadata
 from lorakit.lora import Adapter, LoraWeights
 from lorakit.models import FAMILIES
 from lorakit.models.flux import tiny_flux
+from lorakit.spec import build_spec
 
 
 def _sd3(num_layers, dual=()):
@@ -37,7 +38,9 @@ def test_sd3_variants(comps, version, arch):
 def test_tiny_sd3_is_labelled_medium_35():
     # the tiny SD3 has a dual-attention block, like SD3.5 medium
     comps = FAMILIES["sd3"].build_tiny()
-    meta = training_metadata(Config(), FAMILIES["sd3"], ["a, b"], 1, 0.0, 0, components=comps)
+    meta = training_metadata(
+        Config(), build_spec(Config(), FAMILIES["sd3"]), ["a, b"], 1, 0.0, 0, components=comps
+    )
     assert meta["ss_base_model_version"] == "5-medium"
     assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
 
@@ -46,7 +49,9 @@ def test_flux_schnell_and_dev_through_export():
     fam = FAMILIES["flux"]
     for guidance, arch in ((False, "flux-1-schnell/lora"), (True, "flux-1-dev/lora")):
         comps = tiny_flux(0, guidance_embeds=guidance)
-        meta = training_metadata(Config(), fam, ["x"], 1, 0.0, 0, components=comps)
+        meta = training_metadata(
+            Config(), build_spec(Config(), fam), ["x"], 1, 0.0, 0, components=comps
+        )
         assert meta["modelspec.architecture"] == arch
         assert meta["ss_base_model_version"] == "flux1"
         # the exported kohya file keeps the variant (finalize must not overwrite it)
@@ -57,6 +62,6 @@ def test_flux_schnell_and_dev_through_export():
 
 
 def test_without_components_family_defaults():
-    meta = training_metadata(Config(), FAMILIES["sdxl"], [], 0, 0.0, 0)
+    meta = training_metadata(Config(), build_spec(Config(), FAMILIES["sdxl"]), [], 0, 0.0, 0)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert "modelspec.architecture" not in meta

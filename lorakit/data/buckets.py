@@ -117,14 +117,39 @@ def merge_plan(counts: Counter, batch_size: int) -> dict[tuple[int, int], tuple[
     return moved
 
 
-def batch_fit_message(bad: dict[tuple[int, int], int], batch_size: int, where: str) -> str:
+def batch_fit_message(
+    bad: dict[tuple[int, int], int], batch_size: int, where: str, small_buckets: str = ""
+) -> str:
+    """Why some buckets cannot fill a batch and the choices that fix it (the one already set,
+    `small_buckets`, is not offered again)."""
     listed = ", ".join(f"{w}×{h} ({n} sample{'s' * (n != 1)})" for (w, h), n in sorted(bad.items()))
+    choices = [
+        "--set data.small_buckets=merge (move them into the nearest bucket, more cropping)",
+        "--set data.small_buckets=drop (leave them out)",
+        "lower train.batch_size",
+        "--set data.bucketing=false (one square bucket)",
+        "add images of those shapes",
+    ]
+    choices = [c for c in choices if not small_buckets or f"={small_buckets} " not in c]
     return (
         f"With train.batch_size = {batch_size}, these aspect-ratio buckets of {where} cannot fill "
         f"one batch, so their images would never be trained: {listed}. Choose one: "
-        "--set data.small_buckets=merge (move them into the nearest bucket, more cropping), "
-        "--set data.small_buckets=drop (leave them out), lower train.batch_size, "
-        "--set data.bucketing=false (one square bucket), or add images of those shapes."
+        + ", ".join(choices[:-1])
+        + f", or {choices[-1]}."
+    )
+
+
+def too_few_samples(counts: Counter, batch_size: int, where: str) -> str:
+    """'' when the whole set fills at least one batch; else the one-paragraph refusal (no bucket
+    choice can help then, so none is offered)."""
+    total = sum(counts.values())
+    if total >= batch_size:
+        return ""
+    return (
+        f"train.batch_size = {batch_size}, but {where} has only {total} sample"
+        f"{'s' * (total != 1)} per epoch (images × repeats), so it cannot fill one batch. Lower "
+        f"the batch size (--set train.batch_size={max(total, 1)}; `prepare` takes "
+        f"--batch-size {max(total, 1)}), raise data.repeats, or add images."
     )
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -25,15 +27,39 @@ from safetensors.torch import load_file
 
 from lorakit.fileio import save_safetensors
 
+if TYPE_CHECKING:
+    from lorakit.models.base import Family
+
+
+def canonical_config(config) -> str:
+    """A model config as canonical JSON: what determines the module's output, nothing else.
+    Private keys go (diffusers' `_use_default_values` is a list whose order follows the hash
+    seed, `_name_or_path` the folder it was read from): with them, every new process computed
+    another identity and re-encoded every image."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+    def clean(v):
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items() if not str(k).startswith("_")}
+        if isinstance(v, (set, frozenset)):
+            return sorted(clean(x) for x in v)
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+    return json.dumps(clean(d), sort_keys=True)
+
 
 def module_identity(*modules) -> str:
+    """Identity of frozen modules for the caches: class, canonical config and the weights'
+    content (sha256 of every tensor's bytes), stable across processes and hash seeds."""
     h = hashlib.sha256()
     for m in modules:
         h.update(type(m).__qualname__.encode())
         config = getattr(m, "config", None)
         if config is not None:
             try:
-                h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+                h.update(canonical_config(config).encode())
             except (TypeError, ValueError):
                 h.update(repr(config).encode())
         for name, t in sorted(m.state_dict().items()):
@@ -145,3 +171,86 @@ class TextEncoderCache(_Store):
             self.computed += len(missing)
         names = sorted(found[captions[0]]) if captions else []
         return {n: torch.stack([found[c][n] for c in captions]) for n in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# what a run caches before its first step
+
+
+@dataclass
+class Cached:
+    """What the loop reads per batch instead of running the encoders: per-record latents, the
+    captions as prepared (trigger applied), their embeddings and per-image conditioning."""
+
+    latents: list
+    """Per record: latents [C, h, w] (fp32, CPU)."""
+    captions: list[str]
+    cond: dict[str, dict[str, torch.Tensor]]
+    """{name: {caption: tensor}} (`encode_captions`); empty when captions are encoded each step."""
+    image_cond: dict[str, list[torch.Tensor]]
+    """{name: [per-record tensor [1, …]]} (`image_conditioning`; SDXL's time ids)."""
+
+
+@torch.no_grad()
+def encode_images(family: Family, comps, data, cache_dir: Path, device, accelerator) -> list:
+    """Every record's latents, from the on-disk cache or encoded now (one bucket at a time).
+
+    The cache is keyed by the image content, bucket, crop and the VAE's identity, so an unchanged
+    image is never encoded twice across runs, and a changed image or another VAE never reuses a
+    stale latent. Only the main process writes it (it runs first; the others then only read).
+    """
+    vae = comps.vae
+    if device.type == "cuda" and hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()  # one image at a time: 8 × 1024 px through an fp32 VAE needs ~20 GiB
+    store = LatentCache(cache_dir / "latents", vae_identity(vae))
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, r in enumerate(data.records):
+        by_bucket.setdefault(r.bucket, []).append(i)
+    out: list = [None] * len(data.records)
+    for indices in by_bucket.values():
+
+        def compute(missing: list[int], indices=indices) -> torch.Tensor:
+            chunks = []
+            for start in range(0, len(missing), 8):
+                part = [indices[m] for m in missing[start : start + 8]]
+                pixels = torch.stack([data.pixels(i) for i in part]).to(device)
+                chunks.append(family.encode_images(comps, pixels).float().cpu())
+            return torch.cat(chunks)
+
+        keys = [latent_key(data.records[i]) for i in indices]
+        if not accelerator.is_main_process:
+            store.write = _no_write  # type: ignore[method-assign]
+        for i, lat in zip(indices, store.get_or_compute(keys, compute), strict=True):
+            out[i] = lat
+    return out
+
+
+def _no_write(*args, **kwargs) -> None:
+    """Non-main processes never write cache files (rank 0 already did)."""
+
+
+@torch.no_grad()
+def encode_captions(
+    family: Family, comps, captions: list[str], with_empty: bool, cache_dir: Path, accelerator
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{name: {caption: tensor}} for every distinct caption (plus "" for caption dropout),
+    through the on-disk text cache keyed by caption text and text-encoder identity."""
+    encoders = [m for n, m in family.frozen_modules(comps).items() if n != "vae"]
+    store = TextEncoderCache(cache_dir / "text", module_identity(*encoders))
+    if not accelerator.is_main_process:
+        store.write = _no_write  # type: ignore[method-assign]
+    unique = sorted(set(captions) | ({""} if with_empty else set()))
+    encoded = store.get_or_compute(unique, lambda caps: family.encode_prompts(comps, caps))
+    return {k: {cap: v[j] for j, cap in enumerate(unique)} for k, v in encoded.items()}
+
+
+def image_conditioning(family: Family, comps, records) -> list[dict[str, torch.Tensor]] | dict:
+    """{name: [per-record tensor [1, …]]} of per-image conditioning (SDXL's time ids)."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for r in records:
+        target = (r.bucket[1], r.bucket[0])  # bucket is (w, h); conditioning wants (h, w)
+        for k, v in family.image_conditioning(
+            comps, r.original_size, r.crop_top_left, target
+        ).items():
+            out.setdefault(k, []).append(v.float().cpu())
+    return out

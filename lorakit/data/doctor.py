@@ -96,6 +96,8 @@ def _fail(kind: str, message: str) -> dict:
 
 
 def _to_rgb(im: Image.Image, bg: tuple[int, int, int], notes: list[str]) -> Image.Image:
+    if getattr(im, "n_frames", 1) > 1:  # animated GIF/WebP/APNG: PIL decodes frame 0
+        notes.append("animated: first frame used")
     icc = im.info.get("icc_profile")
     if icc and im.mode in ("RGB", "RGBA", "CMYK", "L", "LA"):
         try:

@@ -25,11 +25,11 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from lorakit.errors import LorakitError
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -291,6 +291,20 @@ def _from_imagefolder(root: Path, data) -> Listing:
         name = row.get("file_name")
         if not isinstance(name, str) or not name:
             problems.append(Problem("bad_metadata", where, "row has no 'file_name'", "error"))
+            continue
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if PurePosixPath(name).is_absolute() or Path(name).is_absolute() or ".." in parts:
+            # a metadata file must not make lorakit read (or train on) files outside SRC
+            problems.append(
+                Problem(
+                    "bad_metadata",
+                    where,
+                    f"file_name '{name}' points outside the data folder (absolute or '..'); "
+                    "left out. Write file_name relative to the folder holding the metadata "
+                    "file, and copy the image into that folder.",
+                    "error",
+                )
+            )
             continue
         path = root / name
         if not path.is_file():

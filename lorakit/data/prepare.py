@@ -40,7 +40,13 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.data.buckets import batch_fit_message, merge_plan, samples_per_bucket, underfull
+from lorakit.data.buckets import (
+    batch_fit_message,
+    merge_plan,
+    samples_per_bucket,
+    too_few_samples,
+    underfull,
+)
 from lorakit.data.doctor import (
     Params,
     caption_problems,
@@ -51,7 +57,7 @@ from lorakit.data.doctor import (
 from lorakit.data.folder import apply_trigger
 from lorakit.data.layouts import Problem, SourceItem, list_source
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.fileio import atomic_write_text
+from lorakit.fileio import atomic_write_text, owned_tempdir, sweep_dead_tempdirs
 
 MARKER = "lorakit_prepared.json"
 FORMAT_VERSION = 1
@@ -144,6 +150,7 @@ def run_jobs(
     `jobs` may be a lazy iterator: the pool is started (forked) first and each job is queued as
     soon as the iterator yields it, so reading + hashing the source overlaps decoding.
     """
+    sweep_dead_tempdirs("lorakit-prepare-")  # spool folders of runs killed by SIGKILL
     jobs = iter(jobs)
     first = next(jobs, None)
     if first is None:
@@ -157,12 +164,14 @@ def run_jobs(
         import scipy.fftpack  # noqa: F401  (phash's DCT: ~0.2 s per worker otherwise)
 
         try:
-            ex = ProcessPoolExecutor(workers, mp_context=ctx)
+            ex = ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
+            )
         except (OSError, NotImplementedError, PermissionError):
             ex = None  # no processes here (sandbox, no /dev/shm): one process below
         if ex is not None:
             queued: list = []
-            spool = tempfile.mkdtemp(prefix="lorakit-prepare-")
+            spool = owned_tempdir("lorakit-prepare-")
             try:
                 futures = []
                 for job in jobs:
@@ -187,6 +196,21 @@ def run_jobs(
         out.append(process_image(job))
         advance()
     return out
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: the kernel kills this worker when `prepare` dies, even by SIGKILL
+    (which runs no cleanup), instead of leaving it hung and holding its memory."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _spooled(job: tuple, spool: str) -> dict:
@@ -370,9 +394,11 @@ def build(
         )
 
     # 4. buckets that cannot fill a batch
-    fatal = ""
     counts = samples_per_bucket([(tuple(r["bucket"]), r["repeats"]) for r in rows])
     bad = underfull(counts, batch_size)
+    fatal = too_few_samples(counts, batch_size, f"'{src}'") if rows else ""
+    if fatal:
+        bad = {}  # no bucket choice can fill a batch: say so once, offer no merge/drop
     if bad and data.small_buckets == "merge":
         plan = merge_plan(counts, batch_size)
         redo = [r for r in rows if tuple(r["bucket"]) in plan]
@@ -400,7 +426,9 @@ def build(
             r["thumb"] = res.get("thumb")
         counts = samples_per_bucket([(tuple(r["bucket"]), r["repeats"]) for r in rows])
         bad = underfull(counts, batch_size)
+    dropped_all = False
     if bad and data.small_buckets == "drop":
+        dropped_all = all(tuple(r["bucket"]) in bad for r in rows if not r["is_reg"])
         kept = []
         for r in rows:
             if tuple(r["bucket"]) in bad:
@@ -417,8 +445,14 @@ def build(
         rows = kept
         bad = {}
     if bad:
-        fatal = batch_fit_message(bad, batch_size, f"'{src}'")
-    if not [r for r in rows if not r["is_reg"]]:
+        fatal = batch_fit_message(bad, batch_size, f"'{src}'", data.small_buckets)
+    if not fatal and dropped_all:
+        fatal = (
+            f"Every aspect-ratio bucket of '{src}' was left out because none can fill a batch of "
+            f"{batch_size} (data.small_buckets = drop). Use --set data.small_buckets=merge, "
+            "lower train.batch_size, or --set data.bucketing=false (one square bucket)."
+        )
+    if not fatal and not [r for r in rows if not r["is_reg"]]:
         fatal = (
             f"Nothing usable in '{src}': {len(items)} image file(s) found, none could be used. "
             "See the problems listed above, fix or replace the files, and run again."

@@ -28,6 +28,7 @@ from lorakit.data.buckets import (
     family_step,
     merge_plan,
     samples_per_bucket,
+    too_few_samples,
     underfull,
 )
 from lorakit.data.layouts import Problem
@@ -181,6 +182,9 @@ def load_training_set(
         check_prepared(Path(source), rows, data, pixel_multiple)
         counts = samples_per_bucket([(tuple(r["bucket"]), r["repeats"]) for r in rows])
         bad = underfull(counts, batch_size)
+        too_few = too_few_samples(counts, batch_size, f"the prepared set '{source}'")
+        if too_few:
+            raise ConfigError(too_few)
         if bad and data.small_buckets == "merge":
             rows, problems = _merge_prepared(rows, counts, batch_size)
             bad = underfull(
@@ -191,12 +195,8 @@ def load_training_set(
             rows = [r for r in rows if tuple(r["bucket"]) not in bad]
         elif bad:
             raise ConfigError(
-                batch_fit_message(bad, batch_size, f"the prepared set '{source}'")
-                + (
-                    " Even merged into one bucket there are too few samples: lower "
-                    "train.batch_size or add images."
-                    if data.small_buckets == "merge"
-                    else ""
+                batch_fit_message(
+                    bad, batch_size, f"the prepared set '{source}'", data.small_buckets
                 )
             )
         if not rows:

@@ -6,6 +6,7 @@ to be written, so a format bug can never silently ship a smaller or different ad
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,13 @@ def read_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor]
         )
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own advice here is to re-run with weights_only=False: never what lorakit does
+        raise LorakitError(
+            f"'{path}' holds more than tensors (Python objects that only load by running code "
+            "from the file); even with --allow-pickle lorakit reads only tensors from a pickle. "
+            "Convert it to .safetensors with the tool that wrote it."
+        ) from None
     except Exception as e:
         raise LorakitError(f"'{path}' is not a loadable tensor file ({_first(e)}).") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

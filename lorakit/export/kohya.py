@@ -1,13 +1,15 @@
 """kohya / A1111 / ComfyUI format: `<prefix><original module path with '_'>.lora_down.weight`,
 `.lora_up.weight` and `.alpha` (always written: stacks that miss it assume alpha = rank).
 
-Module names come from fixed tables (`names.Entry`), never from `named_modules()`:
-- `original` naming (default): what kohya's own trainers write and every stack reads —
-  SD1.5 diffusers names (kohya trains SD1.5 on the diffusers UNet), SDXL SGM names (`sgm.py`),
-  FLUX BFL names with fused qkv/linear1 (`bfl.py`), SD3 `joint_blocks_…` (`sd3_names.py`);
-- `diffusers` naming: diffusers paths, one key per diffusers module. SD1.5/SDXL: `lora_unet_` +
-  path (read by ComfyUI, A1111/Forge, diffusers). FLUX/SD3: `lora_transformer_` + path
-  (`family.kohya_split_prefix`), because there `lora_unet_` means an ORIGINAL name to every loader.
+Module names come from fixed tables (`models.naming.Entry`), never from `named_modules()`:
+- `original` naming (default): what kohya's own trainers write and every stack reads — the
+  family's ORIGINAL names (`family.kohya_original_table()`, from `models/<family>/names.py`:
+  diffusers names where kohya trains on the diffusers model, else the original checkpoint's
+  names, with fused projections such as q|k|v);
+- `diffusers` naming: diffusers paths, one key per diffusers module: the component's own kohya
+  prefix + path for the UNet families (read by ComfyUI, A1111/Forge, diffusers); for the
+  transformer families `family.kohya_split_prefix` + path, because there `lora_unet_` means an
+  ORIGINAL name to every loader.
 
 Fusing split LoRAs (q, k, v[, mlp]) into one original module is exact: the fused LoRA is
 block-diagonal in rank (down = concat of downs, up = block-diagonal of ups, rank = Σ ranks), so
@@ -25,16 +27,16 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.export import metadata as md
-from lorakit.export.names import Entry, identity_table
 from lorakit.lora import Adapter, LoraWeights
 from lorakit.models.base import Family
+from lorakit.models.naming import Entry, identity_table
 
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 NAMINGS = ("original", "diffusers")
 # What `original` means is the family's (`family.kohya_names`, recorded as
 # `lorakit.kohya_names`). For the transformer families the `diffusers` naming has a denoiser
 # prefix of its own (`family.kohya_split_prefix`, OneTrainer's `lora_transformer_`, which ComfyUI
-# maps through `flux_to_diffusers` / `mmdit_to_diffusers`): their `lora_unet_` keys are built from
+# maps to diffusers names): their `lora_unet_` keys are built from
 # the ORIGINAL model's weight names, so `lora_unet_` + a diffusers path matched nothing (issue
 # #17); such files written by older lorakit versions are still read (the `legacy` table).
 
@@ -79,9 +81,7 @@ def key_table(family: Family, naming: str = "original") -> dict[str, Entry]:
 
 
 def _swaps(entry: Entry, up: torch.Tensor, down: torch.Tensor) -> bool:
-    if entry.swap == "if_two_chunks":
-        return up.shape[0] == 2 * down.shape[1]
-    return bool(entry.swap)
+    return entry.swaps(up.shape[0], down.shape[1])
 
 
 def _swap_halves(up: torch.Tensor) -> torch.Tensor:

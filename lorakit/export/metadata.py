@@ -13,6 +13,7 @@ from lorakit import __version__
 from lorakit.config import Config
 from lorakit.fileio import tensor_data_sha256
 from lorakit.models.base import Family
+from lorakit.spec import RunSpec
 
 MODELSPEC_VERSION = "1.0.1"
 PER_FILE = ("lorakit.strength", "lorakit.dora_note")
@@ -25,7 +26,7 @@ diffusers/peft read)."""
 
 def training_metadata(
     config: Config,
-    family: Family,
+    spec: RunSpec,
     captions: list[str],
     num_images: int,
     started_at: float,
@@ -35,12 +36,13 @@ def training_metadata(
 ) -> dict[str, str]:
     """What a run knows about itself; stored in every adapter it writes. With the loaded
     `components`, the base model version and modelspec architecture name the exact variant
-    (`variant_metadata`: SD3 medium / SD3.5 medium / SD3.5 large, FLUX.1 dev / schnell)."""
-    c = config
+    (`variant_metadata`, the family's member). Family and resolution come from the run's
+    `spec`, as the run used them."""
+    c, family = config, spec.family
     tags: Counter[str] = Counter()
     for caption in captions:
         tags.update(t.strip() for t in caption.split(",") if t.strip())
-    res = c.data.resolution
+    res = spec.resolution
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dropout": str(c.lora.dropout),
@@ -78,34 +80,10 @@ def training_metadata(
     return meta
 
 
-SD3_VARIANTS = {
-    "sd3-medium": ("medium", "stable-diffusion-3-medium/lora"),
-    "sd35-medium": ("5-medium", "stable-diffusion-3-5-medium/lora"),
-    "sd35-large": ("5-large", "stable-diffusion-3-5-large/lora"),
-}
-"""SD3 variant → (`ss_base_model_version`, `modelspec.architecture`), kohya's values."""
-
-
-def sd3_variant(config) -> str:
-    """SD3 variant from an `SD3Transformer2DModel` config: SD3.5 medium is the 24-block MMDiT-X
-    (blocks with `attn2`), SD3 medium the plain 24-block MMDiT, anything deeper SD3.5 large."""
-    dual = tuple(getattr(config, "dual_attention_layers", None) or ())
-    if int(getattr(config, "num_layers", 38)) <= 24:
-        return "sd35-medium" if dual else "sd3-medium"
-    return "sd35-large"
-
-
 def variant_metadata(family: Family, components) -> dict[str, str]:
-    """`ss_base_model_version` / `modelspec.architecture` of the loaded variant; uses the
-    family's `modelspec_for(components)` where it has one (FLUX: dev vs schnell)."""
-    out: dict[str, str] = {}
-    if family.name == "sd3" and getattr(components, "transformer", None) is not None:
-        version, arch = SD3_VARIANTS[sd3_variant(components.transformer.config)]
-        out = {"ss_base_model_version": version, "modelspec.architecture": arch}
-    spec = getattr(family, "modelspec_for", None)
-    if spec is not None:
-        out["modelspec.architecture"] = spec(components)
-    return out
+    """`ss_base_model_version` / `modelspec.architecture` of the loaded variant, where they
+    differ from the family's defaults (`family.variant_metadata(components)`)."""
+    return dict(family.variant_metadata(components))
 
 
 def finalize(

@@ -114,17 +114,5 @@ def load_model(cfg: ModelConfig) -> tuple[Family, Any]:
     family, kind = resolve_family(cfg)
     from lorakit.models.quantize import check_quantize
 
-    check_quantize(cfg.quantize, family.name)  # before any weights are read
-    configured = getattr(family, "load_configured", None)
-    if configured is not None:
-        return family, configured(cfg, kind)  # families with model.* options (SD3, FLUX)
-    if kind == "tiny":
-        return family, family.build_tiny(seed=0)
-    if kind == "single_file":
-        from lorakit.models.single_file import load_single_file
-
-        return family, load_single_file(family, cfg.name, cfg.single_file_config)
-    comps = family.load(
-        cfg.name, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle
-    )
-    return family, comps
+    check_quantize(cfg.quantize, family)  # before any weights are read
+    return family, family.load_configured(cfg, kind)

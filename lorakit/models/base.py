@@ -18,7 +18,29 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from lorakit.config import TrainConfig
+    from lorakit.config import ModelConfig, TrainConfig
+
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+"""diffusers `Attention` projections: the UNet families' default LoRA targets, and the targets
+`lora.peft_config` falls back to when neither the config nor the caller names any."""
+
+
+@dataclass(frozen=True)
+class PlanArch:
+    """Shapes of a family's REAL model that `lorakit plan` feeds its denoiser (no weights)."""
+
+    latent_channels: int
+    """VAE latent channels C of the latents `[B, C, H/8, W/8]` (4 for the SD VAE, 16 for
+    SD3/FLUX's)."""
+    text_tokens: int
+    """Fixed-length CLIP tokens of `encoder_hidden_states` (77), to which the family adds its T5
+    sequence where it has one (`planner_inputs`); 0 where the sequence is T5 only."""
+    text_dim: int
+    """Feature width D of `encoder_hidden_states` `[B, tokens, D]`."""
+    pooled_dim: int
+    """Width of the pooled text vector (`text_embeds` / `pooled_projections`); 0 = none."""
+    cfg_batch: int
+    """Denoiser batch per preview image (2 with classifier-free guidance; FLUX-dev: 1)."""
 
 
 @dataclass(frozen=True)
@@ -75,14 +97,46 @@ class Family(Protocol):
     default_targets: tuple[str, ...]
     """LoRA target-module suffixes used when `lora.target_modules` is empty (attention
     projections; SD3/FLUX: both streams')."""
-    # Optional members (read with getattr; families without them keep the defaults):
-    # - `load_configured(cfg: ModelConfig, kind: str) -> components` — build (`kind == "tiny"`)
-    #   or load (`local`/`hub`) with `model.*` options applied (T5 length, drop_t5, quantize);
-    #   `load_model` prefers it over `build_tiny`/`load` when present.
+    default_export_format: str
+    """`lorakit export` default format: the one ComfyUI and A1111 load for this family
+    (`kohya`, `diffusers`)."""
+    quantizable: bool
+    """Whether `model.quantize` (bitsandbytes NF4/int8 of the denoiser's Linear layers) applies:
+    the denoiser is loaded through `quantize.quantized_kwargs` / `quantize_loaded`."""
+    min_resolution: int
+    """Smallest `data.resolution` (pixels) `lorakit plan` proposes to make a run fit: below it
+    the real model's results degrade (SD1.5 256; models trained at 1024² px 512)."""
+    name_hints: tuple[str, ...]
+    """Lower-case substrings of a `model.name` that mark this family offline (`lorakit plan` on a
+    hub id with `model.family = auto`). Families are tried in reverse registry order (the later
+    registered, usually the more specific, first), each family's hints in order."""
+    plan_arch: PlanArch
+    """Shapes of the REAL model the planner feeds the denoiser (see `planner_inputs`)."""
+
+    single_file_markers: tuple[str, ...]
+    """Key prefixes whose presence identifies this family's single-file checkpoint
+    (`single_file.detect_family`): keys no other family's checkpoint has (SDXL's OpenCLIP
+    `conditioner.embedders.1.model.`, not the UNet keys SD1.5 shares)."""
+
+    # Names: each family's ONE diffusers ↔ original naming table lives in
+    # `models/<family>/names.py` (shared pieces: `models/naming.py`, `models/ldm_names.py`); the
+    # members below are its directions. Exporters, importers, single-file loading and
+    # `merge --single-file` call them and name no family.
 
     def kohya_original_table(self) -> dict | None:
         """Kohya key names ↔ diffusers modules for the `original` naming (fused projections
-        included); None = diffusers names (identity)."""
+        included), `(component, original dotted path) → naming.Entry`; None = diffusers names
+        (identity)."""
+
+    def to_single_file(self, components: Any) -> dict[str, torch.Tensor]:
+        """Every weight of `components` under its ORIGINAL checkpoint key (contiguous detached
+        copies), as one single-file checkpoint (`lorakit merge --single-file`); the inverse of
+        `from_single_file`. Raises LorakitError where the family has no single-file layout."""
+
+    def variant_metadata(self, components: Any) -> dict[str, str]:
+        """`ss_base_model_version` / `modelspec.architecture` of the loaded variant where they
+        differ from the class-level `base_model_version` / `modelspec_architecture` (SD3 medium
+        / SD3.5 medium / large, FLUX.1 dev / schnell); {} for a single-variant family."""
 
     def named_by(self, architecture: str, version: str) -> bool:
         """Whether a LoRA file's `modelspec.architecture` / kohya `ss_base_model_version` name
@@ -106,6 +160,32 @@ class Family(Protocol):
         `checkpoint`, with configs (and tokenizers, if present) from the diffusers-layout
         `folder`. `source` names the file in error messages. Use the helpers in
         `models/single_file.py`; callers go through `single_file.load_single_file`."""
+
+    def load_configured(self, cfg: ModelConfig, kind: str) -> Any:
+        """Components for `model.*` options `cfg`: built (`kind == "tiny"`), read from a
+        single-file checkpoint (`single_file`) or loaded (`local` / `hub`), with the options
+        applied that the family supports (T5 length, drop_t5, quantize). `load_model` calls it
+        after `resolve_family` and `quantize.check_quantize`."""
+
+    def build_real_denoiser(self) -> torch.nn.Module:
+        """The REAL denoiser (the largest published variant the planner plans for: SD1.5, SDXL
+        base, SD3.5 large, FLUX.1-dev) built from its config with random weights. Call it under
+        `accelerate.init_empty_weights(include_buffers=True)` for a meta-device model."""
+
+    def build_real_frozen(self, drop_t5: bool = False) -> dict[str, torch.nn.Module]:
+        """The REAL VAE and text encoders, named as `frozen_modules` names them (random weights;
+        call under `init_empty_weights`). `drop_t5` leaves the T5 encoder out where the family
+        can train without it (`model.drop_t5`); other families ignore it."""
+
+    def planner_inputs(
+        self, batch: int, h: int, w: int, dtype: torch.dtype, text_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Meta-device inputs of one `predict` call of the REAL denoiser: latents
+        `[batch, plan_arch.latent_channels, h, w]` (h, w in latent pixels, `dtype`), timesteps
+        `[batch]` (the family's kind: integer steps or sigmas) and the `cond` dict `predict`
+        reads (`encoder_hidden_states` `[batch, tokens, plan_arch.text_dim]`, tokens =
+        `plan_arch.text_tokens` + `text_len` T5 tokens where the family has T5, plus the
+        family's pooled / micro-conditioning entries)."""
 
     def save(self, components: Any, folder: str) -> None:
         """Save components as a diffusers folder that `load` (and diffusers) read back."""

@@ -23,8 +23,14 @@ Loss weighting (`train.loss_weighting`, diffusers' `compute_loss_weighting_for_s
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+from lorakit.errors import LorakitError
+
+if TYPE_CHECKING:
+    from lorakit.config import TrainConfig
 
 SAMPLERS = ("uniform", "logit_normal", "sigmoid", "shift")
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
@@ -100,3 +106,46 @@ def weighted_mse(
     """Mean over the batch of `w(σ) · mean((pred - target)²)`; fp32 scalar."""
     per_sample = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
     return (per_sample * loss_weights(sigmas, scheme).to(per_sample.device)).mean()
+
+
+# --- shared by the flow families' components ------------------------------------------------------
+
+
+def encode_flow_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """`[B, 3, H, W]` → `(mean - shift_factor) * scaling_factor`, `[B, 16, H/8, W/8]`."""
+    pixels = pixels.to(vae.device, vae.dtype)
+    mean = vae.encode(pixels).latent_dist.mean
+    return (mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
+def shift_mu(train: TrainConfig, default_shift: float) -> float:
+    """μ = ln(shift) of the `shift` sampler: `train.flow_shift` when set, else the default."""
+    return math.log(train.flow_shift or default_shift)
+
+
+def check_flow_sampler(scheduler: str, family: str) -> None:
+    if scheduler not in ("default", "euler"):
+        raise LorakitError(
+            f"sample.scheduler = '{scheduler}' does not apply to {family} (a flow-matching model "
+            "sampled with its FlowMatchEuler scheduler). Set sample.scheduler = 'default'."
+        )
+
+
+def meta_inputs(
+    batch: int,
+    h: int,
+    w: int,
+    dtype: torch.dtype,
+    latent_channels: int,
+    text_tokens: int,
+    text_dim: int,
+    pooled_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Meta-device (latents `[B, C, h, w]`, sigmas `[B]` = 0.5, cond with
+    `encoder_hidden_states` `[B, tokens, D]` and `pooled_projections` `[B, P]`) for the planner."""
+    meta = dict(device="meta", dtype=dtype)
+    lat = torch.empty(batch, latent_channels, h, w, **meta)
+    cond = {"encoder_hidden_states": torch.empty(batch, text_tokens, text_dim, **meta)}
+    cond["pooled_projections"] = torch.empty(batch, pooled_dim, **meta)
+    t = torch.full((batch,), 0.5, device="meta")
+    return lat, t, cond

@@ -9,23 +9,25 @@ re-loaded from there (`quantize_loaded`). CUDA only: `check_quantize` fails up f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lorakit.errors import ConfigError
 
-QUANTIZABLE_FAMILIES = ("sd3", "flux")
+if TYPE_CHECKING:
+    from lorakit.models.base import Family
 
 
-def check_quantize(mode: str, family: str) -> None:
-    """Raise a ConfigError before anything is loaded when `model.quantize` cannot work here."""
+def check_quantize(mode: str, family: Family) -> None:
+    """Raise a ConfigError before anything is loaded when `model.quantize` cannot work here
+    (a family whose `quantizable` is false, or no CUDA)."""
     if mode == "none":
         return
-    if family not in QUANTIZABLE_FAMILIES:
+    if not family.quantizable:
         raise ConfigError(
             f"model.quantize = '{mode}' is available for the SD3 and FLUX transformers only; the "
-            f"'{family}' family trains on an unquantized base. Set model.quantize = 'none'."
+            f"'{family.name}' family trains on an unquantized base. Set model.quantize = 'none'."
         )
     if not torch.cuda.is_available():
         raise ConfigError(
@@ -62,7 +64,7 @@ def quantize_loaded(module, mode: str):
     """Re-load an in-process diffusers model quantized (via a temp folder)."""
     import shutil
 
-    from lorakit.models.sd3 import freeze, save_for_quantization
+    from lorakit.models.loading import freeze, save_for_quantization
 
     folder = save_for_quantization(module)
     try:

@@ -9,24 +9,26 @@ API (what `models/__init__.py` and the family modules call):
   empty, a temp folder holding the family's built-in REAL configs (`family.single_file_configs()`).
   Never touches the network.
 - `detect_family(path) -> str | None` — the family of a checkpoint from its key names alone
-  (`MARKERS`; only the header is read).
-- Helpers for `family.from_single_file`: `load_component` (diffusers models and CLIP text encoders
-  converted from ldm/SGM keys by diffusers' own converters), `load_tokenizer`, `load_scheduler`.
+  (each family's `single_file_markers`; only the header is read).
+- Helpers for `family.from_single_file`: `load_converted` (a model whose weights the family's
+  naming table converts from the original keys: `ldm_names.*_from_ldm`, the transformer
+  families' `names.transformer_from_original`), `load_tokenizer`, `load_scheduler`.
 
-Checkpoints keep the original key layout: `model.diffusion_model.` (UNet), `first_stage_model.`
-(VAE), `cond_stage_model.transformer.` (SD1.5 CLIP-L), `conditioner.embedders.0.transformer.` /
-`conditioner.embedders.1.model.` (SDXL CLIP-L / OpenCLIP bigG). SD3/3.5: `joint_blocks.*` (MMDiT,
-optionally under `model.diffusion_model.`) plus an optional `first_stage_model.` VAE; FLUX.1:
-`double_blocks.*` / `single_blocks.*` (BFL layout, usually the transformer alone). For SD3/FLUX
-only the transformer (and the VAE when present) is read from the file; text encoders, tokenizers
-and scheduler come from `model.single_file_config` (`load_from_folder`).
+Checkpoints keep the original key layout, described with each family's naming table
+(`models/<family>/names.py`): the ldm/SGM layout of the UNet families (`model.diffusion_model.`
+UNet, `first_stage_model.` VAE, text encoders), the transformer families' original transformer
+layout (usually the transformer alone, plus an optional `first_stage_model.` VAE). Where a file
+holds only the transformer (and maybe the VAE), text encoders, tokenizers and scheduler come from
+`model.single_file_config` (`load_from_folder`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,16 +37,6 @@ import torch
 
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.models.base import Family
-
-# Family → key prefixes that identify its checkpoints. Checked in order (first match wins), so a
-# family whose keys contain another's (SDXL has a UNet like SD1.5) comes first.
-MARKERS: dict[str, tuple[str, ...]] = {
-    "sdxl": ("conditioner.embedders.1.model.",),
-    "sd15": ("cond_stage_model.transformer.text_model.",),
-    # SD3/3.5 and FLUX.1 files ship with or without the `model.diffusion_model.` prefix.
-    "sd3": ("joint_blocks.", "model.diffusion_model.joint_blocks."),
-    "flux": ("double_blocks.", "model.diffusion_model.double_blocks."),
-}
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
@@ -82,11 +74,14 @@ def checkpoint_keys(path: Path) -> list[str]:
 
 
 def detect_family(path: str | Path) -> str | None:
-    """Family name from the checkpoint's key names, or None if no family matches."""
+    """Family name from the checkpoint's key names (the first registered family with a key
+    starting with one of its `single_file_markers`), or None if no family matches."""
+    from lorakit.models import FAMILIES
+
     keys = checkpoint_keys(Path(path))
-    for family, prefixes in MARKERS.items():
-        if any(k.startswith(prefixes) for k in keys):
-            return family
+    for family in FAMILIES.values():
+        if any(k.startswith(family.single_file_markers) for k in keys):
+            return family.name
     return None
 
 
@@ -119,8 +114,25 @@ def config_folder(family: Family, config_source: str) -> Iterator[str]:
         yield tmp
 
 
-def load_single_file(family: Family, path: str | Path, config_source: str = "") -> Any:
-    """Components of `family` from a single-file `.safetensors` checkpoint (see module doc)."""
+_ALLOW_PICKLE: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_pickle", default=False)
+"""`model.allow_pickle` of the load in progress: `load_from_folder` reads the components the
+single file lacks from `model.single_file_config` as safetensors only, unless it is set."""
+
+
+def load_single_file(
+    family: Family, path: str | Path, config_source: str = "", allow_pickle: bool = False
+) -> Any:
+    """Components of `family` from a single-file `.safetensors` checkpoint (see module doc).
+    `allow_pickle`: the user's consent (`model.allow_pickle`) to unpickle `.bin` weights of the
+    components read from the config folder."""
+    token = _ALLOW_PICKLE.set(allow_pickle)
+    try:
+        return _load_single_file(family, path, config_source)
+    finally:
+        _ALLOW_PICKLE.reset(token)
+
+
+def _load_single_file(family: Family, path: str | Path, config_source: str) -> Any:
     path = Path(path).expanduser()
     found = detect_family(path)
     if found is not None and found != family.name:
@@ -136,44 +148,36 @@ def load_single_file(family: Family, path: str | Path, config_source: str = "") 
 # -- helpers for Family.from_single_file -----------------------------------------------------------
 
 
-def load_component(cls: type, checkpoint: dict[str, torch.Tensor], folder: str, sub: str, src: str):
-    """One model of the checkpoint, converted with diffusers' converters, config from
-    `folder/sub`, fp32, eval mode. Raises if a weight the config needs is not in the file."""
-    from diffusers import FromOriginalModelMixin
+def load_converted(
+    cls: type, checkpoint: dict[str, torch.Tensor], folder: str, sub: str, src: str, convert
+):
+    """One model of the checkpoint: `cls` with the config of `folder/sub`, built empty (meta
+    device, buffers real), its weights `convert(model, checkpoint)` (a state dict made by the
+    family's naming table, which raises on a missing or unknown key), fp32, frozen, eval."""
+    from accelerate import init_empty_weights
 
     try:
-        if issubclass(cls, FromOriginalModelMixin):
-            model = cls.from_single_file(
-                checkpoint,
-                config=folder,
-                subfolder=sub,
-                local_files_only=True,
-                torch_dtype=torch.float32,
-            )
-        else:  # transformers CLIP text encoders
-            from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-
-            model = create_diffusers_clip_model_from_ldm(
-                cls,
-                checkpoint,
-                subfolder=sub,
-                config=folder,
-                torch_dtype=torch.float32,
-                local_files_only=True,
-            )
+        if hasattr(cls, "load_config"):  # diffusers models
+            config = cls.load_config(folder, subfolder=sub, local_files_only=True)
+            with init_empty_weights():
+                model = cls.from_config(config)
+        else:  # transformers text encoders
+            config = cls.config_class.from_pretrained(folder, subfolder=sub, local_files_only=True)
+            with init_empty_weights():
+                model = cls(config)
+        state = {k: v.to(torch.float32).contiguous() for k, v in convert(model, checkpoint).items()}
+        # the parts of a split fused weight share its storage: each gets its own (savable)
+        shared = Counter(v.untyped_storage().data_ptr() for v in state.values())
+        for k, v in state.items():
+            if shared[v.untyped_storage().data_ptr()] > 1:
+                state[k] = v.clone()
+        model.load_state_dict(state, strict=True, assign=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise LorakitError(
             f"Could not read the {sub} from the checkpoint '{src}': {_first_line(e)}. The file "
             f"and the configs in {folder} must describe the same architecture; if the model is "
             "not a standard one, pass its diffusers folder as model.single_file_config."
         ) from None
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise LorakitError(
-            f"The checkpoint '{src}' lacks {len(missing)} weights of the {sub} "
-            f"({', '.join(missing[:3])} …). It is not a complete model of this family (a UNet-only "
-            "or a pruned file?): use a full checkpoint or a diffusers folder."
-        )
     model.requires_grad_(False)
     model.eval()
     return model
@@ -208,7 +212,7 @@ def load_tokenizer(folder: str, sub: str, hub_repo: str, src: str):
 
 def load_scheduler(folder: str, fallback: dict[str, Any], checkpoint: dict[str, torch.Tensor]):
     """The scheduler named in `folder/scheduler` (else `fallback`, a config with `_class_name`).
-    A `v_pred` key in the checkpoint (the convention of v-prediction SDXL finetunes) switches the
+    A `v_pred` key in the checkpoint (the convention of v-prediction finetunes) switches the
     prediction type to `v_prediction`."""
     import diffusers
 
@@ -224,13 +228,13 @@ def load_scheduler(folder: str, fallback: dict[str, Any], checkpoint: dict[str, 
 
 def load_from_folder(cls: type, folder: str, sub: str, src: str, **kwargs):
     """A component that single files of this family do not carry (or that lorakit does not read
-    from them: text encoders of SD3/FLUX), from `folder/sub` of model.single_file_config, local
-    files only, fp32, frozen."""
+    from them: the text encoders of the transformer families), from `folder/sub` of
+    model.single_file_config, local files only, fp32, frozen."""
     if not (Path(folder) / sub).is_dir():
         raise LorakitError(
             f"The single-file checkpoint '{src}' needs the {sub} from a diffusers folder of the "
             f"same model, and '{folder}' has no {sub}/. lorakit reads only the transformer (and "
-            "the VAE, if the file has one) from SD3/FLUX single files: set "
+            "the VAE, if the file has one) from this family's single files: set "
             "model.single_file_config to a local diffusers folder of this model (with "
             f"{sub}/), e.g. a downloaded copy of its hub repo."
         )
@@ -239,9 +243,23 @@ def load_from_folder(cls: type, folder: str, sub: str, src: str, **kwargs):
             module = cls.from_pretrained(folder, subfolder=sub, local_files_only=True)
             return module
         module = cls.from_pretrained(
-            folder, subfolder=sub, local_files_only=True, torch_dtype=torch.float32, **kwargs
+            folder,
+            subfolder=sub,
+            local_files_only=True,
+            torch_dtype=torch.float32,
+            # safetensors only without consent; with it, safetensors first, else the pickle
+            use_safetensors=None if _ALLOW_PICKLE.get() else True,
+            **kwargs,
         )
     except (OSError, ValueError) as e:
+        if not _ALLOW_PICKLE.get() and not any((Path(folder) / sub).glob("*.safetensors")):
+            raise LorakitError(
+                f"The {sub} in model.single_file_config '{folder}' (for the checkpoint '{src}') "
+                "has no .safetensors weights, only pickled ones, and lorakit does not unpickle "
+                "files without your consent (a pickle can run code). Convert them to "
+                "safetensors, or allow it with --allow-pickle if you trust "
+                "their source."
+            ) from None
         raise LorakitError(
             f"Could not load the {sub} from model.single_file_config '{folder}' (for the "
             f"checkpoint '{src}'): {_first_line(e)}. Point it at a complete local diffusers "

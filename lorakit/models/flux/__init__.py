@@ -19,8 +19,8 @@ Tensor conventions:
 - LoRA goes into `transformer` (diffusers prefix `transformer.`); optionally CLIP-L
   (`text_encoder.`). T5 (`text_encoder_2.`, kohya `lora_te3_`) is never trained here, but
   kohya sd-scripts files trained with `train_t5xxl` carry T5 LoRA keys: they are read, applied
-  to the T5 encoder and re-exported (`models/t5.py`). kohya files use the original BFL names
-  (`lora_unet_double_blocks_…`, fused qkv; export/bfl.py), or with naming `diffusers`
+  to the T5 encoder and re-exported (`models/text_encoders.py`). kohya files use the original
+  BFL names (`lora_unet_double_blocks_…`, fused qkv; names.py), or with naming `diffusers`
   `lora_transformer_` + diffusers paths; CLIP-L is `lora_te1_`. diffusers, ComfyUI and Forge
   also load the diffusers-format file (alpha/rank folded into lora_B).
 """
@@ -35,18 +35,21 @@ import torch
 
 from lorakit.config import ModelConfig, TrainConfig
 from lorakit.models import flow
-from lorakit.models.base import AdapterTarget
-from lorakit.models.sd3 import (
-    check_flow_sampler,
-    encode_flow_latents,
-    freeze,
-    load_error,
+from lorakit.models.base import AdapterTarget, PlanArch
+from lorakit.models.flow import check_flow_sampler, encode_flow_latents
+from lorakit.models.flux import names as _names
+from lorakit.models.loading import freeze, load_error
+from lorakit.models.text_encoders import (
+    CLIP_L_TEXT,
+    T5_XXL,
+    clip_from_config,
+    clip_l_modules,
+    t5_from_config,
+    t5_xxl_modules,
     tiny_clip,
-    tiny_flow_vae,
     tiny_t5_config,
 )
-from lorakit.models.sd15 import clip_l_modules
-from lorakit.models.t5 import t5_xxl_modules
+from lorakit.models.vae import FLOW_VAE, tiny_flow_vae
 
 
 @dataclass
@@ -152,14 +155,22 @@ FLUX_SCHEDULER = dict(
     max_image_seq_len=4096,
 )
 
+# --- the real FLUX.1-dev transformer, for `lorakit plan` (meta device) -------------------------
+
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+    guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+"""black-forest-labs/FLUX.1-dev `transformer/config.json` (11.9 B params)."""
+
 
 def tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> FluxComponents:
     """Tiny FLUX.1-dev (guidance embedding) or, with `guidance_embeds=False`, schnell."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import T5EncoderModel
 
-    from lorakit.models.tiny_t5 import tiny_t5_tokenizer
-    from lorakit.models.tiny_tokenizer import tiny_clip_tokenizer
+    from lorakit.models.text_encoders import tiny_clip_tokenizer, tiny_t5_tokenizer
 
     tok, tok_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     torch.manual_seed(seed)
@@ -176,77 +187,6 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> FluxComponents:
     return FluxComponents(transformer, vae, te, tok, te_2, tok_2, sched)
 
 
-def flux_bfl_to_diffusers(
-    checkpoint: dict[str, torch.Tensor], num_layers: int, num_single_layers: int, inner_dim: int
-) -> dict[str, torch.Tensor]:
-    """BFL-layout FLUX.1 transformer weights → FluxTransformer2DModel names.
-
-    The same mapping as diffusers' `convert_flux_transformer_checkpoint_to_diffusers`, which
-    cannot be used as is: diffusers 0.42 hard-codes `inner_dim = 3072` when splitting the single
-    blocks' fused `linear1` ([q; k; v; mlp], rows inner, inner, inner, 4·inner), so it only reads
-    full-size FLUX.1. Here `inner_dim` comes from the config. adaLN of the final layer is stored
-    (shift, scale) in BFL files, (scale, shift) in diffusers. Raises KeyError on a missing weight.
-    """
-    ck = {k.removeprefix("model.diffusion_model."): v for k, v in checkpoint.items()}
-    out: dict[str, torch.Tensor] = {}
-
-    def put(ours: str, theirs: str, kinds=("weight", "bias")) -> None:
-        for kind in kinds:
-            out[ours + kind] = ck[theirs + kind]
-
-    def swap(t: torch.Tensor) -> torch.Tensor:
-        shift, scale = t.chunk(2, dim=0)
-        return torch.cat([scale, shift], dim=0)
-
-    embedders = [("timestep_embedder", "time_in"), ("text_embedder", "vector_in")]
-    if "guidance_in.in_layer.weight" in ck:  # dev has a guidance embedding, schnell none
-        embedders.append(("guidance_embedder", "guidance_in"))
-    for ours, theirs in embedders:
-        put(f"time_text_embed.{ours}.linear_1.", f"{theirs}.in_layer.")
-        put(f"time_text_embed.{ours}.linear_2.", f"{theirs}.out_layer.")
-    put("context_embedder.", "txt_in.")
-    put("x_embedder.", "img_in.")
-    for i in range(num_layers):
-        b, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for stream, names in (("img", ("to_q", "to_k", "to_v")),
-                              ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):  # fmt: skip
-            for kind in ("weight", "bias"):
-                for name, t in zip(names, ck[f"{d}{stream}_attn.qkv.{kind}"].chunk(3), strict=True):
-                    out[f"{b}attn.{name}.{kind}"] = t
-        for ours, theirs in (
-            ("norm1.linear.", "img_mod.lin."), ("norm1_context.linear.", "txt_mod.lin."),
-            ("ff.net.0.proj.", "img_mlp.0."), ("ff.net.2.", "img_mlp.2."),
-            ("ff_context.net.0.proj.", "txt_mlp.0."), ("ff_context.net.2.", "txt_mlp.2."),
-            ("attn.to_out.0.", "img_attn.proj."), ("attn.to_add_out.", "txt_attn.proj."),
-        ):  # fmt: skip
-            put(b + ours, d + theirs)
-        for ours, theirs in (
-            ("attn.norm_q.", "img_attn.norm.query_norm."),
-            ("attn.norm_k.", "img_attn.norm.key_norm."),
-            ("attn.norm_added_q.", "txt_attn.norm.query_norm."),
-            ("attn.norm_added_k.", "txt_attn.norm.key_norm."),
-        ):  # fmt: skip
-            out[b + ours + "weight"] = ck[d + theirs + "scale"]
-    sizes = (inner_dim, inner_dim, inner_dim, 4 * inner_dim)
-    for i in range(num_single_layers):
-        b, d = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for kind in ("weight", "bias"):
-            fused = ck[f"{d}linear1.{kind}"]
-            if fused.shape[0] != sum(sizes):
-                raise KeyError(f"{d}linear1.{kind} has {fused.shape[0]} rows, not {sum(sizes)}")
-            names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
-            for name, t in zip(names, fused.split(sizes), strict=True):
-                out[f"{b}{name}.{kind}"] = t
-        put(b + "norm.linear.", d + "modulation.lin.")
-        put(b + "proj_out.", d + "linear2.")
-        out[b + "attn.norm_q.weight"] = ck[d + "norm.query_norm.scale"]
-        out[b + "attn.norm_k.weight"] = ck[d + "norm.key_norm.scale"]
-    put("proj_out.", "final_layer.linear.")
-    for kind in ("weight", "bias"):
-        out[f"norm_out.linear.{kind}"] = swap(ck[f"final_layer.adaLN_modulation.1.{kind}"])
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 def load_bfl_transformer(checkpoint: dict[str, torch.Tensor], folder: str, source: str):
     """FluxTransformer2DModel with the config of `folder/transformer` and the file's weights
     (fp32, frozen, eval). Clear errors when the file and the config disagree."""
@@ -261,7 +201,7 @@ def load_bfl_transformer(checkpoint: dict[str, torch.Tensor], folder: str, sourc
         )
         model = FluxTransformer2DModel.from_config(config)
         inner = model.config.num_attention_heads * model.config.attention_head_dim
-        state = flux_bfl_to_diffusers(
+        state = _names.read_transformer(
             checkpoint, model.config.num_layers, model.config.num_single_layers, inner
         )
         state = {k: v.to(torch.float32) for k, v in state.items()}
@@ -304,10 +244,17 @@ class Flux:
         ("lycoris",): "ComfyUI, Forge",
     }
 
-    def kohya_original_table(self) -> dict | None:
-        from lorakit.export import bfl
+    single_file_markers = _names.SINGLE_FILE_MARKERS
 
-        return bfl.table(self)
+    def kohya_original_table(self) -> dict | None:
+        return _names.kohya_table(self)
+
+    def to_single_file(self, components: Any) -> dict[str, torch.Tensor]:
+        return _names.to_single_file(components)
+
+    def variant_metadata(self, components: Any) -> dict[str, str]:
+        """FLUX.1 dev / schnell (`modelspec_for`)."""
+        return {"modelspec.architecture": self.modelspec_for(components)}
 
     def named_by(self, architecture: str, version: str) -> bool:
         return architecture.startswith("flux-1") or version.startswith("flux")
@@ -328,6 +275,13 @@ class Flux:
     pixel_multiple = 16
     text_length = 512
     """Bucket sides are multiples of this: VAE factor 8 × 2×2 latent patches."""
+    quantizable = True
+    min_resolution = 512
+    name_hints = ("flux",)
+    plan_arch = PlanArch(
+        latent_channels=16, text_tokens=0, text_dim=4096, pooled_dim=768, cfg_batch=1
+    )
+    """Text tokens = the T5 length; FLUX-dev samples with guidance distillation (no CFG)."""
 
     @staticmethod
     def modelspec_for(components: FluxComponents) -> str:
@@ -354,7 +308,9 @@ class Flux:
         from lorakit.models.quantize import quantized_kwargs
 
         common: dict[str, Any] = {"revision": revision or None}
-        weights = dict(common, variant=variant or None, use_safetensors=not allow_pickle)
+        weights = dict(
+            common, variant=variant or None, use_safetensors=None if allow_pickle else True
+        )
         try:
             tok = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
             tok_2 = T5TokenizerFast.from_pretrained(name, subfolder="tokenizer_2", **common)
@@ -391,7 +347,9 @@ class Flux:
         elif kind == "single_file":
             from lorakit.models.single_file import load_single_file
 
-            comps = load_single_file(self, cfg.name, cfg.single_file_config)
+            comps = load_single_file(
+                self, cfg.name, cfg.single_file_config, allow_pickle=cfg.allow_pickle
+            )
             if cfg.quantize != "none":
                 comps.transformer = quantize_loaded(comps.transformer, cfg.quantize)
         else:
@@ -402,7 +360,7 @@ class Flux:
                 allow_pickle=cfg.allow_pickle,
                 quantize=cfg.quantize,
             )
-        comps.t5_max_length = cfg.t5_max_length or self.text_length
+        comps.t5_max_length = cfg.text_length(self.text_length)
         return comps
 
     def single_file_configs(self) -> dict[str, dict[str, Any]]:
@@ -413,13 +371,15 @@ class Flux:
         self, checkpoint: dict[str, torch.Tensor], folder: str, source: str
     ) -> FluxComponents:
         """Transformer from the BFL layout (`double_blocks.*`, `single_blocks.*`, optionally
-        under `model.diffusion_model.`; `flux_bfl_to_diffusers`), VAE from `first_stage_model.*`
-        or `vae.*` when present, else from `folder`; CLIP-L, T5, tokenizers and scheduler from
-        `folder` (model.single_file_config)."""
+        under `model.diffusion_model.`; `names.transformer_from_original`), VAE from
+        `first_stage_model.*` or `vae.*` when present, else from `folder`; CLIP-L, T5, tokenizers
+        and scheduler from `folder` (model.single_file_config)."""
         from diffusers import AutoencoderKL
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+        from lorakit.models import ldm_names
         from lorakit.models import single_file as sf
+        from lorakit.models.naming import from_original
 
         def folder_part(cls, sub, **kw):
             return sf.load_from_folder(cls, folder, sub, source, **kw)
@@ -429,8 +389,9 @@ class Flux:
         tok = folder_part(CLIPTokenizer, "tokenizer", tokenizer=True)
         tok_2 = folder_part(T5TokenizerFast, "tokenizer_2", tokenizer=True)
         transformer = load_bfl_transformer(checkpoint, folder, source)
-        if sf.has_prefix(checkpoint, "first_stage_model."):
-            vae = sf.load_component(AutoencoderKL, dict(checkpoint), folder, "vae", source)
+        if sf.has_prefix(checkpoint, ldm_names.VAE_PREFIX):
+            read_vae = from_original(ldm_names.VAE_PREFIX, ldm_names.vae_from_ldm)
+            vae = sf.load_converted(AutoencoderKL, checkpoint, folder, "vae", source, read_vae)
         else:
             vae = folder_part(AutoencoderKL, "vae")
         sched = sf.load_scheduler(
@@ -455,6 +416,35 @@ class Flux:
             "text_encoder": components.text_encoder,
             "text_encoder_2": components.text_encoder_2,
         }
+
+    # -- the real model, for `lorakit plan` (meta device) --------------------------------------
+
+    def build_real_denoiser(self) -> torch.nn.Module:
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+
+    def build_real_frozen(self, drop_t5: bool = False) -> dict[str, torch.nn.Module]:
+        """CLIP-L, T5-XXL and the 16-channel VAE; `drop_t5` does not apply (FLUX's text
+        conditioning is the T5 sequence)."""
+        from diffusers import AutoencoderKL
+
+        t5 = t5_from_config(T5_XXL)
+        vae = AutoencoderKL.from_config(FLOW_VAE)
+        return {
+            "vae": vae,
+            "text_encoder": clip_from_config(CLIP_L_TEXT, False),
+            "text_encoder_2": t5,
+        }
+
+    def planner_inputs(self, batch: int, h: int, w: int, dtype: torch.dtype, text_len: int):
+        """`[B, 16, h, w]`, sigmas `[B]` (0.5), `encoder_hidden_states` `[B, text_len, 4096]`,
+        `pooled_projections` `[B, 768]`."""
+        a = self.plan_arch
+        tokens = a.text_tokens + text_len
+        return flow.meta_inputs(
+            batch, h, w, dtype, a.latent_channels, tokens, a.text_dim, a.pooled_dim
+        )
 
     # -- encoding ------------------------------------------------------------------------------
 

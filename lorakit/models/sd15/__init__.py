@@ -20,13 +20,22 @@ from functools import cache
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from lorakit.config import TrainConfig
+from lorakit.config import ModelConfig, TrainConfig
 from lorakit.errors import LorakitError
-from lorakit.models.base import AdapterTarget
-
-UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+from lorakit.models.base import ATTENTION_PROJECTIONS, AdapterTarget, PlanArch
+from lorakit.models.ddpm import (
+    SCALED_LINEAR_SCHEDULER,
+    ddpm_loss,
+    ddpm_noise_and_timesteps,
+    load_scheduler,
+    meta_inputs,
+    preview_scheduler,
+)
+from lorakit.models.loading import first_line, load_unconfigured
+from lorakit.models.sd15 import names as _names
+from lorakit.models.text_encoders import CLIP_L_TEXT, TINY_CLIP, clip_from_config, clip_l_modules
+from lorakit.models.vae import SD_VAE, TINY_VAE
 
 
 @dataclass
@@ -77,16 +86,6 @@ def sd15_unet_modules() -> frozenset[str]:
     return frozenset(names)
 
 
-@cache
-def clip_l_modules(layers: int = 12) -> frozenset[str]:
-    """CLIP ViT-L/14 text encoder projections, with the `text_model.` level all formats use."""
-    leaves = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
-    leaves += ("mlp.fc1", "mlp.fc2")
-    return frozenset(
-        f"text_model.encoder.layers.{i}.{leaf}" for i in range(layers) for leaf in leaves
-    )
-
-
 # --- tiny offline configs ----------------------------------------------------------------------
 # Same block types and naming as SD1.5 (a strict subset of its module names), small widths.
 
@@ -102,40 +101,9 @@ TINY_UNET = dict(
     attention_head_dim=8,
     norm_num_groups=8,
 )
-TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(16, 16, 32, 32),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=8,
-    sample_size=64,
-    scaling_factor=0.18215,
-)
-TINY_CLIP = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=32,
-    attention_dropout=0.0,
-    dropout=0.0,
-)
+# (TINY_VAE: `models/vae.py`; TINY_CLIP: `models/text_encoders.py`.)
 # The real SD1.5 scheduler config (PNDM, scaled-linear betas, epsilon target).
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    skip_prk_steps=True,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
+SD15_SCHEDULER = SCALED_LINEAR_SCHEDULER
 
 # --- the real SD1.5 component configs (stable-diffusion-v1-5), for single-file checkpoints -----
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -159,48 +127,8 @@ SD15_UNET = dict(
     sample_size=64,
     up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
 )
-SD15_VAE = dict(
-    _class_name="AutoencoderKL",
-    act_fn="silu",
-    block_out_channels=[128, 256, 512, 512],
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    in_channels=3,
-    latent_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    out_channels=3,
-    sample_size=512,
-    scaling_factor=0.18215,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-)
-# OpenAI CLIP ViT-L/14 text tower. bos/eos/pad ids as in the SD repos: eos_token_id = 2 selects
-# transformers' legacy pooling (argmax of the ids = the end token), which these models expect.
-CLIP_L_TEXT = dict(
-    architectures=["CLIPTextModel"],
-    model_type="clip_text_model",
-    attention_dropout=0.0,
-    bos_token_id=0,
-    dropout=0.0,
-    eos_token_id=2,
-    hidden_act="quick_gelu",
-    hidden_size=768,
-    initializer_factor=1.0,
-    initializer_range=0.02,
-    intermediate_size=3072,
-    layer_norm_eps=1e-05,
-    max_position_embeddings=77,
-    num_attention_heads=12,
-    num_hidden_layers=12,
-    pad_token_id=1,
-    projection_dim=768,
-    vocab_size=49408,
-)
-
-_SAMPLERS = {
-    "euler": "EulerDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-}
+SD15_VAE = SD_VAE
+"""The KL-f8 VAE (`models/vae.py`); the text encoder is CLIP-L (`text_encoders.CLIP_L_TEXT`)."""
 
 
 class SD15:
@@ -227,21 +155,33 @@ class SD15:
     """Who loads which exported file at the trained strength, by (format[, kohya naming]), where
     it differs from the format's default (`export.EXPORTERS[...].loads_in`)."""
 
+    single_file_markers = _names.SINGLE_FILE_MARKERS
+
     def kohya_original_table(self) -> dict | None:
         """Kohya names ↔ diffusers modules for the `original` naming; None = identity."""
-        return None
+        return _names.kohya_table(self)
+
+    def to_single_file(self, components: Any) -> dict[str, torch.Tensor]:
+        return _names.to_single_file(components)
+
+    def variant_metadata(self, components: Any) -> dict[str, str]:
+        return {}
 
     def named_by(self, architecture: str, version: str) -> bool:
         """Whether a file's `modelspec.architecture` / `ss_base_model_version` name this family."""
         return architecture.startswith("stable-diffusion-v1") or version == "sd_v1"
 
     """`lorakit export` default: the format ComfyUI and A1111 load for this family."""
-    default_targets = UNET_ATTENTION
+    default_targets = ATTENTION_PROJECTIONS
     targets = (
         AdapterTarget("unet", "lora_unet_"),
         AdapterTarget("text_encoder", "lora_te_", canonical_prefix="text_model."),
     )
     tiny_resolution = 64
+    quantizable = False
+    min_resolution = 256
+    name_hints = ("v1-5", "sd15", "1.5")
+    plan_arch = PlanArch(latent_channels=4, text_tokens=77, text_dim=768, pooled_dim=0, cfg_batch=2)
 
     # -- building and loading ------------------------------------------------------------------
 
@@ -249,7 +189,7 @@ class SD15:
         from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from lorakit.models.tiny_tokenizer import tiny_clip_tokenizer
+        from lorakit.models.text_encoders import tiny_clip_tokenizer
 
         tokenizer = tiny_clip_tokenizer()
         torch.manual_seed(seed)
@@ -275,23 +215,25 @@ class SD15:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         common: dict[str, Any] = {"revision": revision or None}
-        weights = dict(common, variant=variant or None, use_safetensors=not allow_pickle)
+        weights = dict(
+            common, variant=variant or None, use_safetensors=None if allow_pickle else True
+        )
         try:
             tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
             text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **weights)
             vae = AutoencoderKL.from_pretrained(name, subfolder="vae", **weights)
             unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **weights)
-            scheduler = _load_scheduler(name, common)
+            scheduler = load_scheduler(name, common)
         except (OSError, ValueError) as e:
             hint = (
                 " The folder or repo has only pickled weights (.bin/.ckpt): convert them to "
-                "safetensors, or allow unpickling with --set model.allow_pickle=true if you "
+                "safetensors, or allow unpickling with --allow-pickle if you "
                 "trust the source."
                 if "safetensors" in str(e).lower() and not allow_pickle
                 else ""
             )
             raise LorakitError(
-                f"Could not load the SD1.5 model '{name}': {_first_line(e)}.{hint} "
+                f"Could not load the SD1.5 model '{name}': {first_line(e)}.{hint} "
                 "model.name must be a diffusers folder (with model_index.json, unet/, vae/, "
                 "text_encoder/, tokenizer/, scheduler/) or a hub id you can reach."
             ) from None
@@ -316,12 +258,15 @@ class SD15:
 
         from lorakit.models import single_file as sf
 
+        def part(cls, sub):  # converted by the names.py tables
+            return sf.load_converted(
+                cls, checkpoint, folder, sub, source, _names.FROM_SINGLE_FILE[sub]
+            )
+
         comps = SD15Components(
-            unet=sf.load_component(UNet2DConditionModel, checkpoint, folder, "unet", source),
-            vae=sf.load_component(AutoencoderKL, checkpoint, folder, "vae", source),
-            text_encoder=sf.load_component(
-                CLIPTextModel, checkpoint, folder, "text_encoder", source
-            ),
+            unet=part(UNet2DConditionModel, "unet"),
+            vae=part(AutoencoderKL, "vae"),
+            text_encoder=part(CLIPTextModel, "text_encoder"),
             tokenizer=sf.load_tokenizer(folder, "tokenizer", SD15_HUB_ID, source),
             scheduler=sf.load_scheduler(
                 folder, self.single_file_configs()["scheduler"], checkpoint
@@ -338,6 +283,30 @@ class SD15:
 
     def frozen_modules(self, components: SD15Components) -> dict[str, torch.nn.Module]:
         return {"vae": components.vae, "text_encoder": components.text_encoder}
+
+    def load_configured(self, cfg: ModelConfig, kind: str) -> SD15Components:
+        """No `model.*` loading options apply: `build_tiny`, the single-file reader or `load`."""
+        return load_unconfigured(self, cfg, kind)
+
+    # -- the real model, for `lorakit plan` (meta device) --------------------------------------
+
+    def build_real_denoiser(self) -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_config(SD15_UNET)
+
+    def build_real_frozen(self, drop_t5: bool = False) -> dict[str, torch.nn.Module]:
+        from diffusers import AutoencoderKL
+
+        return {
+            "vae": AutoencoderKL.from_config(SD_VAE),
+            "text_encoder": clip_from_config(CLIP_L_TEXT, False),
+        }
+
+    def planner_inputs(self, batch: int, h: int, w: int, dtype: torch.dtype, text_len: int):
+        """`[B, 4, h, w]`, steps `[B]` (500), `encoder_hidden_states` `[B, 77, 768]`."""
+        a = self.plan_arch
+        return meta_inputs(batch, h, w, dtype, a.latent_channels, a.text_tokens, a.text_dim)
 
     # -- encoding ------------------------------------------------------------------------------
 
@@ -424,103 +393,8 @@ class SD15:
         return pipe
 
 
-# --- shared by the UNet (DDPM-trained) families: sd15, sdxl -----------------------------------
-
-
-def ddpm_noise_and_timesteps(
-    components: Any, latents: torch.Tensor, generator: torch.Generator, train: TrainConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise `[B, C, H, W]` (+ noise offset `[B, C, 1, 1]`) and integer timesteps `[B]`, seeded."""
-    b, ch = latents.shape[:2]
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    if train.noise_offset:
-        noise += train.noise_offset * torch.randn((b, ch, 1, 1), generator=generator)
-    steps = components.scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (b,), generator=generator)
-    return noise, timesteps
-
-
-def ddpm_loss(
-    predict,
-    components: Any,
-    denoiser: torch.nn.Module,
-    latents: torch.Tensor,
-    cond: dict[str, torch.Tensor],
-    noise: torch.Tensor,
-    timesteps: torch.Tensor,
-    train: TrainConfig,
-) -> torch.Tensor:
-    """Epsilon / v-prediction MSE (from the scheduler config), optionally min-SNR-γ weighted.
-    `predict(denoiser, noisy, timesteps, cond)` is the family's denoiser call."""
-    sched = _training_scheduler(components)
-    noise = noise.to(latents.device, latents.dtype)
-    timesteps = timesteps.to(latents.device)
-    noisy = sched.add_noise(latents, noise, timesteps)
-    kind = sched.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = sched.get_velocity(latents, noise, timesteps)
-    else:
-        raise LorakitError(
-            f"The model's scheduler has prediction_type '{kind}'; lorakit trains SD1.5/SDXL "
-            "models with 'epsilon' or 'v_prediction' targets."
-        )
-    pred = predict(denoiser, noisy, timesteps, cond)
-    if not train.min_snr_gamma:
-        return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(
-        dim=tuple(range(1, pred.dim()))
-    )
-    return (per_sample * min_snr_weights(sched, timesteps, train.min_snr_gamma, kind)).mean()
-
-
-def preview_scheduler(scheduler, name: str):
-    """The model's own scheduler (`default`) or a sampler built from its config."""
-    if name == "default":
-        return scheduler
-    import diffusers
-
-    return getattr(diffusers, _SAMPLERS[name]).from_config(scheduler.config)
-
-
 def _freeze(c: SD15Components) -> None:
     # Modules built from configs start in train mode; frozen parts must not run dropout.
     for m in (c.unet, c.vae, c.text_encoder):
         m.requires_grad_(False)
         m.eval()
-
-
-def min_snr_weights(sched, timesteps: torch.Tensor, gamma: float, kind: str) -> torch.Tensor:
-    """Min-SNR-γ weights (Hang et al. 2023) for a DDPM schedule, per sample."""
-    alphas = sched.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alphas / (1 - alphas)
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if kind == "v_prediction" else clipped / snr
-
-
-def _training_scheduler(c: SD15Components):
-    """DDPM noise schedule from the model's scheduler config (the sampler may differ)."""
-    cached = getattr(c, "_ddpm", None)
-    if cached is None:
-        from diffusers import DDPMScheduler
-
-        cached = DDPMScheduler.from_config(c.scheduler.config)
-        c._ddpm = cached  # type: ignore[attr-defined]
-    return cached
-
-
-def _load_scheduler(name: str, common: dict[str, Any]):
-    """The scheduler class the model names in its config (PNDM for SD1.5), DDPM otherwise."""
-    import diffusers
-
-    config = diffusers.DDPMScheduler.load_config(name, subfolder="scheduler", **common)
-    cls = getattr(diffusers, str(config.get("_class_name", "")), None)
-    if cls is None or not hasattr(cls, "from_config"):
-        cls = diffusers.DDPMScheduler
-    return cls.from_config(config)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0].rstrip(".") if text else type(e).__name__

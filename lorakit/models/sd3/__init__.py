@@ -16,7 +16,7 @@ Tensor conventions:
 - noisy = (1 - σ) · x0 + σ · noise, target = noise - x0, optional σ loss weighting.
 - LoRA goes into `transformer` (diffusers prefix `transformer.`); optionally CLIP-L
   (`text_encoder.`, with the `text_model.` level). kohya files use kohya's SD3 names
-  (`lora_unet_joint_blocks_…`, fused qkv; export/sd3_names.py: ComfyUI, Forge), or with naming
+  (`lora_unet_joint_blocks_…`, fused qkv; names.py: ComfyUI, Forge), or with naming
   `diffusers` `lora_transformer_` + diffusers paths (ComfyUI); CLIP-L is `lora_te1_`. The
   default export is the diffusers-format file (diffusers, ComfyUI; alpha/rank folded into
   lora_B), which diffusers needs: it cannot read SD3 kohya files.
@@ -24,9 +24,7 @@ Tensor conventions:
 
 from __future__ import annotations
 
-import math
 import re
-import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -35,11 +33,24 @@ from typing import Any
 import torch
 
 from lorakit.config import ModelConfig, TrainConfig
-from lorakit.errors import LorakitError
 from lorakit.models import flow
-from lorakit.models.base import AdapterTarget
-from lorakit.models.sd15 import TINY_CLIP, clip_l_modules
-from lorakit.models.sdxl import openclip_bigg_modules
+from lorakit.models.base import AdapterTarget, PlanArch
+from lorakit.models.flow import check_flow_sampler, encode_flow_latents, shift_mu
+from lorakit.models.loading import freeze, load_error
+from lorakit.models.sd3 import names as _names
+from lorakit.models.text_encoders import (
+    CLIP_L_TEXT,
+    OPENCLIP_BIGG_TEXT,
+    T5_XXL,
+    TINY_CLIP,
+    clip_from_config,
+    clip_l_modules,
+    openclip_bigg_modules,
+    t5_from_config,
+    tiny_clip,
+    tiny_t5_config,
+)
+from lorakit.models.vae import FLOW_VAE, tiny_flow_vae
 
 
 @dataclass
@@ -122,112 +133,16 @@ TINY_SD3_TRANSFORMER = dict(
 )
 
 
-def tiny_flow_vae(shift_factor: float, scaling_factor: float) -> dict[str, Any]:
-    """A 16-channel VAE config (SD3/FLUX layout: no quant convs, shift + scale)."""
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-
-
-def tiny_t5_config(vocab_size: int, d_model: int):
-    from transformers import T5Config
-
-    return T5Config(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=2 * d_model,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,  # frozen parts must be deterministic (T5's default is 0.1)
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-
-
-def tiny_clip(tokenizer, with_projection: bool = True, seed: int = 0):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_CLIP,
-    )
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
-
-
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 
+# --- the real SD3.5 large transformer, for `lorakit plan` (meta device) ------------------------
 
-# --- shared by the flow families -----------------------------------------------------------------
-
-
-def encode_flow_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """`[B, 3, H, W]` → `(mean - shift_factor) * scaling_factor`, `[B, 16, H/8, W/8]`."""
-    pixels = pixels.to(vae.device, vae.dtype)
-    mean = vae.encode(pixels).latent_dist.mean
-    return (mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
-
-
-def freeze(*modules) -> None:
-    # Modules built from configs start in train mode; frozen parts must not run dropout.
-    for m in modules:
-        if m is not None:
-            m.requires_grad_(False)
-            m.eval()
-
-
-def shift_mu(train: TrainConfig, default_shift: float) -> float:
-    """μ = ln(shift) of the `shift` sampler: `train.flow_shift` when set, else the default."""
-    return math.log(train.flow_shift or default_shift)
-
-
-def check_flow_sampler(scheduler: str, family: str) -> None:
-    if scheduler not in ("default", "euler"):
-        raise LorakitError(
-            f"sample.scheduler = '{scheduler}' does not apply to {family} (a flow-matching model "
-            "sampled with its FlowMatchEuler scheduler). Set sample.scheduler = 'default'."
-        )
-
-
-def load_error(family: str, name: str, e: BaseException, allow_pickle: bool, parts: str):
-    text = str(e).strip().splitlines()
-    first = text[0].rstrip(".") if text else type(e).__name__
-    hint = (
-        " The folder or repo has only pickled weights (.bin/.ckpt): convert them to safetensors, "
-        "or allow unpickling with --set model.allow_pickle=true if you trust the source."
-        if "safetensors" in first.lower() and not allow_pickle
-        else ""
-    )
-    return LorakitError(
-        f"Could not load the {family} model '{name}': {first}.{hint} model.name must be a "
-        f"diffusers folder (with model_index.json, {parts}) or a hub id you can reach."
-    )
-
-
-def save_for_quantization(module) -> str:
-    """Write an in-process module to a temp folder so it can be re-loaded quantized."""
-    folder = tempfile.mkdtemp(prefix="lorakit-quant-")
-    module.save_pretrained(folder, safe_serialization=True)
-    return folder
+SD35_LARGE_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm",
+)  # fmt: skip
+"""stabilityai/stable-diffusion-3.5-large `transformer/config.json` (8.1 B params)."""
 
 
 class SD3:
@@ -253,10 +168,17 @@ class SD3:
         ("lycoris",): "ComfyUI",
     }
 
-    def kohya_original_table(self) -> dict | None:
-        from lorakit.export import sd3_names
+    single_file_markers = _names.SINGLE_FILE_MARKERS
 
-        return sd3_names.table(self)
+    def kohya_original_table(self) -> dict | None:
+        return _names.kohya_table(self)
+
+    def to_single_file(self, components: Any) -> dict[str, torch.Tensor]:
+        return _names.to_single_file(components)
+
+    def variant_metadata(self, components: Any) -> dict[str, str]:
+        """SD3 medium / SD3.5 medium / SD3.5 large, from the transformer's config."""
+        return _names.variant_metadata(components)
 
     def named_by(self, architecture: str, version: str) -> bool:
         # kohya writes `medium`, `large`, `3`, `sd3`, `5-large`, `5-medium`, …
@@ -281,6 +203,13 @@ class SD3:
     pixel_multiple = 16
     text_length = 256
     """Bucket sides are multiples of this: VAE factor 8 × 2×2 latent patches."""
+    quantizable = True
+    min_resolution = 512
+    name_hints = ("stable-diffusion-3", "sd3")
+    plan_arch = PlanArch(
+        latent_channels=16, text_tokens=77, text_dim=4096, pooled_dim=2048, cfg_batch=2
+    )
+    """Text tokens = 77 CLIP + the T5 length."""
 
     # -- building and loading ------------------------------------------------------------------
 
@@ -288,8 +217,7 @@ class SD3:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import T5EncoderModel
 
-        from lorakit.models.tiny_t5 import tiny_t5_tokenizer
-        from lorakit.models.tiny_tokenizer import tiny_clip_tokenizer
+        from lorakit.models.text_encoders import tiny_clip_tokenizer, tiny_t5_tokenizer
 
         tok, tok_2, tok_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(), tiny_t5_tokenizer()
         torch.manual_seed(seed)
@@ -326,7 +254,9 @@ class SD3:
         from lorakit.models.quantize import quantized_kwargs
 
         common: dict[str, Any] = {"revision": revision or None}
-        weights = dict(common, variant=variant or None, use_safetensors=not allow_pickle)
+        weights = dict(
+            common, variant=variant or None, use_safetensors=None if allow_pickle else True
+        )
         try:
             tok = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
             tok_2 = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **common)
@@ -368,7 +298,9 @@ class SD3:
         elif kind == "single_file":
             from lorakit.models.single_file import load_single_file
 
-            comps = load_single_file(self, cfg.name, cfg.single_file_config)
+            comps = load_single_file(
+                self, cfg.name, cfg.single_file_config, allow_pickle=cfg.allow_pickle
+            )
             if cfg.drop_t5:
                 comps.text_encoder_3 = comps.tokenizer_3 = None
             if cfg.quantize != "none":
@@ -382,7 +314,7 @@ class SD3:
                 drop_t5=cfg.drop_t5,
                 quantize=cfg.quantize,
             )
-        comps.t5_max_length = cfg.t5_max_length or self.text_length
+        comps.t5_max_length = cfg.text_length(self.text_length)
         return comps
 
     def single_file_configs(self) -> dict[str, dict[str, Any]]:
@@ -392,8 +324,9 @@ class SD3:
     def from_single_file(
         self, checkpoint: dict[str, torch.Tensor], folder: str, source: str
     ) -> SD3Components:
-        """MMDiT from `joint_blocks.*` (diffusers' converter: fused q/k/v split, adaLN
-        (shift, scale) → (scale, shift)), VAE from `first_stage_model.*` when present; CLIP-L,
+        """MMDiT from `joint_blocks.*` (`names.transformer_from_original`: fused q/k/v split,
+        adaLN (shift, scale) → (scale, shift)), VAE from `first_stage_model.*` when present
+        (`ldm_names.vae_from_ldm`); CLIP-L,
         CLIP-G, T5 (if `folder` has text_encoder_3/), tokenizers and scheduler from `folder`.
         The text encoders embedded in some SD3 files (`text_encoders.*`) are not read: diffusers
         replaces CLIP-L's projection by an identity when converting them."""
@@ -405,11 +338,14 @@ class SD3:
             T5TokenizerFast,
         )
 
+        from lorakit.models import ldm_names
         from lorakit.models import single_file as sf
+        from lorakit.models.naming import from_original
 
         def folder_part(cls, sub, **kw):
             return sf.load_from_folder(cls, folder, sub, source, **kw)
 
+        read_vae = from_original(ldm_names.VAE_PREFIX, ldm_names.vae_from_ldm)
         te = folder_part(CLIPTextModelWithProjection, "text_encoder")
         te_2 = folder_part(CLIPTextModelWithProjection, "text_encoder_2")
         tok = folder_part(CLIPTokenizer, "tokenizer", tokenizer=True)
@@ -418,12 +354,16 @@ class SD3:
         if (Path(folder) / "text_encoder_3").is_dir():
             te_3 = folder_part(T5EncoderModel, "text_encoder_3")
             tok_3 = folder_part(T5TokenizerFast, "tokenizer_3", tokenizer=True)
-        # diffusers' converter pops keys: give it its own dict (same tensors).
-        transformer = sf.load_component(
-            SD3Transformer2DModel, dict(checkpoint), folder, "transformer", source
+        transformer = sf.load_converted(
+            SD3Transformer2DModel,
+            checkpoint,
+            folder,
+            "transformer",
+            source,
+            _names.read_transformer,
         )
-        if sf.has_prefix(checkpoint, "first_stage_model."):
-            vae = sf.load_component(AutoencoderKL, dict(checkpoint), folder, "vae", source)
+        if sf.has_prefix(checkpoint, ldm_names.VAE_PREFIX):
+            vae = sf.load_converted(AutoencoderKL, checkpoint, folder, "vae", source, read_vae)
         else:
             vae = folder_part(AutoencoderKL, "vae")
         sched = sf.load_scheduler(
@@ -453,6 +393,36 @@ class SD3:
         if components.text_encoder_3 is not None:
             out["text_encoder_3"] = components.text_encoder_3
         return out
+
+    # -- the real model, for `lorakit plan` (meta device) --------------------------------------
+
+    def build_real_denoiser(self) -> torch.nn.Module:
+        from diffusers import SD3Transformer2DModel
+
+        return SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER)
+
+    def build_real_frozen(self, drop_t5: bool = False) -> dict[str, torch.nn.Module]:
+        """CLIP-L, CLIP-G and (unless `drop_t5`) T5-XXL with projection, the 16-channel VAE."""
+        from diffusers import AutoencoderKL
+
+        t5 = t5_from_config(T5_XXL)
+        out = {
+            "vae": AutoencoderKL.from_config(FLOW_VAE),
+            "text_encoder": clip_from_config(CLIP_L_TEXT, True),
+            "text_encoder_2": clip_from_config(OPENCLIP_BIGG_TEXT, True),
+        }
+        if not drop_t5:
+            out["text_encoder_3"] = t5
+        return out
+
+    def planner_inputs(self, batch: int, h: int, w: int, dtype: torch.dtype, text_len: int):
+        """`[B, 16, h, w]`, sigmas `[B]` (0.5), `encoder_hidden_states` `[B, 77 + text_len,
+        4096]`, `pooled_projections` `[B, 2048]`."""
+        a = self.plan_arch
+        tokens = a.text_tokens + text_len
+        return flow.meta_inputs(
+            batch, h, w, dtype, a.latent_channels, tokens, a.text_dim, a.pooled_dim
+        )
 
     # -- encoding ------------------------------------------------------------------------------
 

@@ -27,23 +27,28 @@ from typing import Any
 
 import torch
 
-from lorakit.config import TrainConfig
+from lorakit.config import ModelConfig, TrainConfig
 from lorakit.errors import LorakitError
-from lorakit.models.base import AdapterTarget
-from lorakit.models.sd15 import (
-    CLIP_L_TEXT,
-    SD15_SCHEDULER,
-    SD15_VAE,
-    TINY_CLIP,
-    TINY_VAE,
-    UNET_ATTENTION,
-    _first_line,
-    _load_scheduler,
-    clip_l_modules,
+from lorakit.models.base import ATTENTION_PROJECTIONS, AdapterTarget, PlanArch
+from lorakit.models.ddpm import (
+    SCALED_LINEAR_SCHEDULER,
     ddpm_loss,
     ddpm_noise_and_timesteps,
+    load_scheduler,
+    meta_inputs,
     preview_scheduler,
 )
+from lorakit.models.loading import first_line, load_unconfigured
+from lorakit.models.sdxl import names as _names
+from lorakit.models.text_encoders import (
+    CLIP_L_TEXT,
+    OPENCLIP_BIGG_TEXT,
+    TINY_CLIP,
+    clip_from_config,
+    clip_l_modules,
+    openclip_bigg_modules,
+)
+from lorakit.models.vae import SD_VAE, TINY_VAE
 
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 
@@ -106,12 +111,6 @@ def sdxl_unet_modules() -> frozenset[str]:
     return frozenset(names)
 
 
-@cache
-def openclip_bigg_modules(layers: int = 32) -> frozenset[str]:
-    """OpenCLIP ViT-bigG/14 text tower (text_encoder_2): same projection names as CLIP-L."""
-    return clip_l_modules(layers)
-
-
 # --- the real SDXL base 1.0 configs, for single-file checkpoints -------------------------------
 
 SDXL_UNET = dict(
@@ -140,19 +139,9 @@ SDXL_UNET = dict(
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     use_linear_projection=True,
 )
-SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-OPENCLIP_BIGG_TEXT = dict(
-    CLIP_L_TEXT,
-    architectures=["CLIPTextModelWithProjection"],
-    hidden_act="gelu",
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_attention_heads=20,
-    num_hidden_layers=32,
-    projection_dim=1280,
-)
+SDXL_VAE = dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 SDXL_SCHEDULER = dict(
-    SD15_SCHEDULER,
+    SCALED_LINEAR_SCHEDULER,
     _class_name="EulerDiscreteScheduler",
     interpolation_type="linear",
     timestep_spacing="leading",
@@ -204,22 +193,34 @@ class SDXL:
     diffusers_strength = "header"
     loaders: dict = {}  # noqa: RUF012 - read-only
 
-    def kohya_original_table(self) -> dict | None:
-        from lorakit.export import sgm
+    single_file_markers = _names.SINGLE_FILE_MARKERS
 
-        return sgm.table(self)
+    def kohya_original_table(self) -> dict | None:
+        return _names.kohya_table(self)
+
+    def to_single_file(self, components: Any) -> dict[str, torch.Tensor]:
+        return _names.to_single_file(components)
+
+    def variant_metadata(self, components: Any) -> dict[str, str]:
+        return {}
 
     def named_by(self, architecture: str, version: str) -> bool:
         return architecture.startswith("stable-diffusion-xl") or version.startswith("sdxl")
 
     """`lorakit export` default: the format ComfyUI and A1111 load for this family."""
-    default_targets = UNET_ATTENTION
+    default_targets = ATTENTION_PROJECTIONS
     targets = (
         AdapterTarget("unet", "lora_unet_"),
         AdapterTarget("text_encoder", "lora_te1_", canonical_prefix="text_model."),
         AdapterTarget("text_encoder_2", "lora_te2_", canonical_prefix="text_model."),
     )
     tiny_resolution = 64
+    quantizable = False
+    min_resolution = 512
+    name_hints = ("xl",)
+    plan_arch = PlanArch(
+        latent_channels=4, text_tokens=77, text_dim=2048, pooled_dim=1280, cfg_batch=2
+    )
 
     # -- building and loading ------------------------------------------------------------------
 
@@ -227,7 +228,7 @@ class SDXL:
         from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        from lorakit.models.tiny_tokenizer import tiny_clip_tokenizer
+        from lorakit.models.text_encoders import tiny_clip_tokenizer
 
         tokenizer = tiny_clip_tokenizer()
         tokenizer_2 = tiny_clip_tokenizer()
@@ -258,7 +259,9 @@ class SDXL:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         common: dict[str, Any] = {"revision": revision or None}
-        weights = dict(common, variant=variant or None, use_safetensors=not allow_pickle)
+        weights = dict(
+            common, variant=variant or None, use_safetensors=None if allow_pickle else True
+        )
         try:
             comps = SDXLComponents(
                 unet=UNet2DConditionModel.from_pretrained(name, subfolder="unet", **weights),
@@ -271,18 +274,18 @@ class SDXL:
                 ),
                 tokenizer=CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common),
                 tokenizer_2=CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **common),
-                scheduler=_load_scheduler(name, common),
+                scheduler=load_scheduler(name, common),
             )
         except (OSError, ValueError) as e:
             hint = (
                 " The folder or repo has only pickled weights (.bin/.ckpt): convert them to "
-                "safetensors, or allow unpickling with --set model.allow_pickle=true if you "
+                "safetensors, or allow unpickling with --allow-pickle if you "
                 "trust the source."
                 if "safetensors" in str(e).lower() and not allow_pickle
                 else ""
             )
             raise LorakitError(
-                f"Could not load the SDXL model '{name}': {_first_line(e)}.{hint} model.name must "
+                f"Could not load the SDXL model '{name}': {first_line(e)}.{hint} model.name must "
                 "be a diffusers folder (with model_index.json, unet/, vae/, text_encoder/, "
                 "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/), a hub id you can reach, "
                 "or a single-file .safetensors checkpoint."
@@ -310,8 +313,10 @@ class SDXL:
 
         from lorakit.models import single_file as sf
 
-        def part(cls, sub):
-            return sf.load_component(cls, checkpoint, folder, sub, source)
+        def part(cls, sub):  # converted by the names.py tables
+            return sf.load_converted(
+                cls, checkpoint, folder, sub, source, _names.FROM_SINGLE_FILE[sub]
+            )
 
         comps = SDXLComponents(
             unet=part(UNet2DConditionModel, "unet"),
@@ -341,6 +346,35 @@ class SDXL:
             "text_encoder": components.text_encoder,
             "text_encoder_2": components.text_encoder_2,
         }
+
+    def load_configured(self, cfg: ModelConfig, kind: str) -> SDXLComponents:
+        """No `model.*` loading options apply: `build_tiny`, the single-file reader or `load`."""
+        return load_unconfigured(self, cfg, kind)
+
+    # -- the real model, for `lorakit plan` (meta device) --------------------------------------
+
+    def build_real_denoiser(self) -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_config(SDXL_UNET)
+
+    def build_real_frozen(self, drop_t5: bool = False) -> dict[str, torch.nn.Module]:
+        from diffusers import AutoencoderKL
+
+        return {
+            "vae": AutoencoderKL.from_config(SDXL_VAE),
+            "text_encoder": clip_from_config(CLIP_L_TEXT, False),
+            "text_encoder_2": clip_from_config(OPENCLIP_BIGG_TEXT, True),
+        }
+
+    def planner_inputs(self, batch: int, h: int, w: int, dtype: torch.dtype, text_len: int):
+        """`[B, 4, h, w]`, steps `[B]` (500), `encoder_hidden_states` `[B, 77, 2048]`,
+        `text_embeds` `[B, 1280]`, `time_ids` `[B, 6]` (fp32)."""
+        a = self.plan_arch
+        lat, t, cond = meta_inputs(batch, h, w, dtype, a.latent_channels, a.text_tokens, a.text_dim)
+        cond["text_embeds"] = torch.empty(batch, a.pooled_dim, device="meta", dtype=dtype)
+        cond["time_ids"] = torch.empty(batch, 6, device="meta")
+        return lat, t, cond
 
     # -- encoding ------------------------------------------------------------------------------
 

@@ -1,0 +1,62 @@
+"""Loading helpers shared by the families: error messages, freezing, temp saves."""
+
+from __future__ import annotations
+
+import tempfile
+
+from lorakit.errors import LorakitError
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message without its final period (or its type)."""
+    text = str(e).strip().splitlines()
+    return text[0].rstrip(".") if text else type(e).__name__
+
+
+def load_error(family: str, name: str, e: BaseException, allow_pickle: bool, parts: str):
+    """The LorakitError for a failed `from_pretrained` of `name`: the library's first line, a
+    hint when only pickled weights exist, and what a model folder must hold (`parts`)."""
+    text = str(e).strip().splitlines()
+    first = text[0].rstrip(".") if text else type(e).__name__
+    hint = (
+        " The folder or repo has only pickled weights (.bin/.ckpt): convert them to safetensors, "
+        "or allow unpickling with --allow-pickle if you trust the source."
+        if "safetensors" in first.lower() and not allow_pickle
+        else ""
+    )
+    return LorakitError(
+        f"Could not load the {family} model '{name}': {first}.{hint} model.name must be a "
+        f"diffusers folder (with model_index.json, {parts}) or a hub id you can reach."
+    )
+
+
+def freeze(*modules) -> None:
+    """`requires_grad_(False)` + `eval()` on every module given (None skipped)."""
+    # Modules built from configs start in train mode; frozen parts must not run dropout.
+    for m in modules:
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
+
+
+def save_for_quantization(module) -> str:
+    """Write an in-process module to a temp folder so it can be re-loaded quantized."""
+    folder = tempfile.mkdtemp(prefix="lorakit-quant-")
+    module.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def load_unconfigured(family, cfg, kind: str):
+    """`load_configured` of a family without `model.*` loading options: `build_tiny(seed=0)`
+    (`tiny`), the single-file reader (`single_file`) or `load` (`local` / `hub`)."""
+    if kind == "tiny":
+        return family.build_tiny(seed=0)
+    if kind == "single_file":
+        from lorakit.models.single_file import load_single_file
+
+        return load_single_file(
+            family, cfg.name, cfg.single_file_config, allow_pickle=cfg.allow_pickle
+        )
+    return family.load(
+        cfg.name, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle
+    )
