@@ -6,6 +6,9 @@ import os
 
 # Before torch is imported: OpenMP busy-waiting makes 2-core CPU runs erratic.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Tiny models: one intra-op thread is faster than two on a 2-core machine (thread hand-offs cost
+# more than the ops), and subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import contextlib

@@ -135,7 +135,7 @@ def test_sd15_estimate_matches_the_h100_measurement():
     [
         ("sd15", ["train.gradient_checkpointing=false", "train.optimizer='adamw'"], 4.0),
         ("sd15", ["train.batch_size=4", "train.mixed_precision='no'"], 6.0),
-        ("flux-24gb", [], 16.0),
+        pytest.param("flux-24gb", [], 16.0, marks=pytest.mark.slow),  # ~14 s of tracing
     ],
 )
 def test_proposals_fit_the_planners_own_estimate(preset, sets, vram):
@@ -211,6 +211,7 @@ def test_compile_trains_two_steps(tmp_path):
     assert (out / "lorakit.safetensors").is_file()
 
 
+@pytest.mark.slow  # ~12 s of real-width tracing
 def test_offloaded_checkpoint_inputs_leave_the_predicted_peak():
     """`train.offload_activations`: the FLUX plan drops by what the simulated step no longer
     holds on the device (the 57 blocks' inputs, less the one unit brought back per recompute)."""

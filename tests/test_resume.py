@@ -64,6 +64,7 @@ def test_checkpoints_are_complete_and_pruned(straight):
     assert not list((straight / "checkpoints").glob(".*partial"))
 
 
+@pytest.mark.slow  # kill-based, ~15 s; test_real_size.py kills and resumes in the default
 def test_sigkill_then_resume_is_bit_identical(straight, tmp_path):
     out = tmp_path / "run"
     args = [SAMPLES, *RUN, "--out", out, "--steps", 24, "--set", "train.save_every=4",
@@ -83,6 +84,7 @@ def test_sigkill_then_resume_is_bit_identical(straight, tmp_path):
     assert (out / "report.html").is_file()
 
 
+@pytest.mark.slow  # kill-based, ~10 s
 def test_kill_during_checkpoint_write_is_never_resumed_from(straight, tmp_path):
     out = tmp_path / "run"
     args = [SAMPLES, *RUN, "--out", out, "--steps", 24, "--set", "train.save_every=4"]

@@ -130,6 +130,7 @@ def test_fsdp_version_1_is_refused(tmp_path):
     assert r.exit_code != 0 and "fsdp_version: 2" in " ".join(r.output.split()), r.output
 
 
+@pytest.mark.slow  # 2 processes, ~25 s; the FSDP config checks stay in the default
 def test_fsdp_short_run_matches_one_process(tmp_path):
     """Default-run smoke test of the sharded path: 2 steps, final export gathered from shards."""
     config = _cpu_config(tmp_path, "fsdp.yaml")
