@@ -53,8 +53,11 @@ class ModelConfig:
     """SD3/FLUX: T5 tokens per caption; 0 = the pipeline's default (SD3 256, FLUX 512)."""
     drop_t5: bool = False
     """SD3: leave the T5 encoder out (saves ~9 GB; T5 tokens are zeros, weaker prompt following)."""
-    quantize: Literal["none", "nf4", "int8"] = "none"
-    """SD3/FLUX: load the frozen transformer 4-bit NF4 or 8-bit (bitsandbytes, CUDA only)."""
+    quantize: Literal["none", "nf4", "int8", "fp8"] = "none"
+    """`fp8` (every family, CPU too): store the frozen denoiser's Linear/Conv weights as float8
+    e4m3 and compute in the training dtype layer by layer (diffusers' layerwise casting; about
+    half the bf16/fp16 bytes). `nf4` / `int8`, SD3/FLUX: load the frozen transformer 4-bit NF4
+    or 8-bit (bitsandbytes, CUDA only)."""
 
     def text_length(self, family_default: int) -> int:
         """The long text encoder's token length: `t5_max_length`, 0 = the family's default.
@@ -686,7 +689,7 @@ def validate(c: Config) -> None:
             "'model.t5_max_length' must be 0 or more; got "
             f"{c.train.logit_std}, {c.train.flow_shift}, {c.model.t5_max_length}."
         )
-    if c.model.quantize != "none" and c.train.device == "cpu":
+    if c.model.quantize in ("nf4", "int8") and c.train.device == "cpu":  # fp8 works on the CPU
         raise ConfigError(
             f"model.quantize = '{c.model.quantize}' needs a CUDA GPU (bitsandbytes 4/8-bit "
             "weights), but train.device = 'cpu'. Set model.quantize = 'none' to train on the CPU."

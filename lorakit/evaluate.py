@@ -45,8 +45,8 @@ def _preserved_rng():
 
 def _weights_of(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     for name, p in module.named_parameters():
-        # skip LoRA and quantized (uint8) weights: their dtype is not the compute dtype
-        if "lora_" not in name and p.dtype.is_floating_point:
+        # skip LoRA, quantized (uint8) and fp8-stored weights: not the compute dtype
+        if "lora_" not in name and p.dtype.is_floating_point and p.dtype.itemsize > 1:
             return p.device, p.dtype
     return torch.device("cpu"), torch.float32
 
@@ -127,6 +127,12 @@ def score_heldout(
     """Held-out loss of the current adapter on the records `idx` (`eval_subset`), conditioned
     on the cached embeddings (`cached`: a `data.cache.Cached`), or on captions encoded now when
     the run encodes them every step."""
+    lat, cond = heldout_inputs(family, comps, cached, idx, encode_each_step)
+    return heldout_loss(family, comps, denoiser, lat, cond, t, seed, timesteps=timesteps)
+
+
+def heldout_inputs(family, comps, cached, idx: list[int], encode_each_step: bool):
+    """(latents `[k, C, h, w]`, conditioning dict) of the held-out records `idx`."""
     lat = torch.stack([cached.latents[i] for i in idx])
     caps = [cached.captions[i] for i in idx]
     with torch.no_grad():
@@ -136,4 +142,65 @@ def score_heldout(
             cond = {k: torch.stack([v[cap] for cap in caps]) for k, v in cached.cond.items()}
         for k, v in cached.image_cond.items():
             cond[k] = torch.cat([v[i] for i in idx])
-    return heldout_loss(family, comps, denoiser, lat, cond, t, seed, timesteps=timesteps)
+    return lat, cond
+
+
+# -- the baseline score, computed once per content ------------------------------------------------
+
+_NOT_SCORING = {  # train keys that do not change a held-out loss
+    "out", "resume", "resume_changed_data", "overwrite", "steps", "save_every",
+    "save_every_epochs", "keep_last", "log_every", "strict_memory", "compile",
+}  # fmt: skip
+
+
+def _tensor_digest(h, t: torch.Tensor) -> None:
+    t = t.detach()
+    h.update(f"{t.dtype}|{tuple(t.shape)}".encode())
+    flat = t.reshape(-1)
+    n = flat.numel()
+    part = flat if n <= 8192 else torch.cat([flat[:4096], flat[-4096:], flat[:: n // 4096]])
+    part = part.to("cpu").contiguous()
+    h.update(part.view(torch.uint8).numpy().tobytes() if part.numel() else b"")
+
+
+def baseline_key(denoiser, lat, cond, train: TrainConfig, seed: int, timesteps: int) -> str:
+    """Content key of a step-0 held-out score: the denoiser (every tensor's name, dtype, shape
+    and a strided sample of its values — adapter weights included, so an adapter type that is
+    not the identity at step 0 gets its own key), the held-out latents and conditioning, the
+    loss settings, eval seed and timesteps, and the device type (CPU and CUDA kernels round
+    differently). Hashing a sample, not all of a 12-billion-parameter transformer, keeps it a
+    fraction of a second; the sample of every tensor still changes with any other base model."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    h = hashlib.sha256()
+    for name, t in sorted(denoiser.state_dict().items()):
+        h.update(name.encode())
+        if isinstance(t, torch.Tensor):
+            _tensor_digest(h, t)
+    _tensor_digest(h, lat)
+    for k in sorted(cond):
+        h.update(k.encode())
+        _tensor_digest(h, cond[k])
+    scoring = {k: v for k, v in asdict(train).items() if k not in _NOT_SCORING}
+    device = next((t.device.type for t in denoiser.parameters()), "cpu")
+    h.update(json.dumps([scoring, seed, timesteps, device], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def cached_baseline(folder, key: str, compute) -> tuple[float, bool]:
+    """(score, whether it came from `folder`): `compute()` once per key, stored as JSON."""
+    import json
+    from pathlib import Path
+
+    from lorakit.fileio import atomic_write_text
+
+    path = Path(folder) / f"{key}.json"
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["heldout"]), True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    value = compute()
+    atomic_write_text(path, json.dumps({"heldout": value}))
+    return value, False

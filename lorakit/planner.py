@@ -119,10 +119,18 @@ def quantized_linear_bytes(numel: int, out_features: int, mode: str) -> int:
 
 def weight_bytes(module: torch.nn.Module, elem_bytes: int, quantize: str = "none") -> int:
     """Resident bytes of a module's parameters and buffers at `elem_bytes` per element, with
-    every `nn.Linear` weight in bitsandbytes' layout when `quantize` is `nf4`/`int8`."""
+    every `nn.Linear` weight in bitsandbytes' layout when `quantize` is `nf4`/`int8`, and 1 byte
+    per parameter of the layers fp8 storage holds (`quantize.fp8_layers`) when it is `fp8`."""
     quantized: set[int] = set()
     total = 0
-    if quantize != "none":
+    if quantize == "fp8":
+        from lorakit.models.quantize import fp8_layers
+
+        for m in fp8_layers(module):
+            for p in m.parameters(recurse=False):
+                quantized.add(id(p))
+                total += p.numel()  # float8 e4m3: 1 byte
+    elif quantize != "none":
         for m in module.modules():
             if isinstance(m, torch.nn.Linear):
                 quantized.add(id(m.weight))
@@ -305,7 +313,7 @@ def step_activations(
 
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     den = _cast(build_denoiser(family), dtype)
-    if quantize != "none":
+    if quantize in ("nf4", "int8"):  # fp8 storage: compute-dtype layers in the step, as here
         quantize_sim(den, quantize)
     den.requires_grad_(False)
     params = inject_lora(
@@ -932,7 +940,7 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     fam = _family(family)
     spec = build_spec(c, fam)  # the run's decisions, as `train` makes them
     den, frozen = _counts(family, c.model.drop_t5)  # families without T5 to drop ignore it
-    quant = c.model.quantize if fam.quantizable else "none"
+    quant = c.model.quantize if fam.quantizable or c.model.quantize == "fp8" else "none"
     targets = spec.targets
     t5_len = spec.text_length
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
@@ -18,6 +19,43 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+
+
+class Phases:
+    """Wall time of a run's phases, in seconds: what a run spends before its first step (data,
+    model, cache) and around its steps (scoring, previews, checkpoints, export).
+
+        phases = Phases()
+        with phases("cache"):
+            ...
+    Time is added per name (a phase may run many times); nested phases are not subtracted, so
+    time each piece of work under one name only."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.seconds: dict[str, float] = {}
+        self.first_step = 0.0
+        """Seconds from the start of `train()` to the end of its first step (0 = not yet)."""
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - t
+
+    def mark_first_step(self) -> float:
+        if not self.first_step:
+            self.first_step = time.monotonic() - self.started
+        return self.first_step
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in self.seconds.items()}
+
+    def line(self) -> str:
+        """`data 0.4 s · model 2.1 s · …` in the order the phases first ran."""
+        return " · ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
 
 
 def peak_memory_gib(device: torch.device | None = None) -> float:

@@ -44,7 +44,13 @@ from lorakit.distributed import (
     is_sharded,
     unwrapped,
 )
-from lorakit.evaluate import eval_subset, score_heldout
+from lorakit.evaluate import (
+    baseline_key,
+    cached_baseline,
+    eval_subset,
+    heldout_inputs,
+    score_heldout,
+)
 from lorakit.export import EXPORTERS, write_adapter
 from lorakit.export.metadata import training_metadata
 from lorakit.fileio import atomic_write_text
@@ -57,7 +63,7 @@ from lorakit.lora import (
 from lorakit.models import Family, load_model, resolve_family
 from lorakit.optim import build_lr_schedule, build_optimizer, scaled_lr
 from lorakit.palette import extract_palette, palette_distance
-from lorakit.progress import Reporter
+from lorakit.progress import Phases, Reporter
 from lorakit.report import History, write_report
 from lorakit.resume import (
     capture,
@@ -132,10 +138,13 @@ class Run:
     sampled: set[int] = field(default_factory=set)
     """Steps sampled / scored in this session, the same on every rank."""
     scored: set[int] = field(default_factory=set)
+    phases: Phases = field(default_factory=Phases)
+    """Wall time per phase (set by `train`; read by run.json and the report)."""
 
 
 def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None) -> TrainResult:
     c = config
+    phases = Phases()  # where the time goes: run.json, the report, the first-step line
     spec = build_spec(c, resolve_family(c.model)[0])
     accelerator = _accelerator(c, spec)
     sharded = is_sharded(accelerator)  # FSDP: extraction, checkpoints, samples are collectives
@@ -149,7 +158,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     # one run per folder, held until train() returns or raises (a crash releases it too)
     with run_lock(out, data_dir, enabled=accelerator.is_main_process):
         resume_from, state = _resume_point(out, c, accelerator, warnings.append)
-        with accelerator.main_process_first():  # rank 0 prepares and caches, the others then read
+        with accelerator.main_process_first(), phases("data"):  # rank 0 first, the others read
             data = load_training_set(
                 data_dir,
                 spec.data,
@@ -159,19 +168,23 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             )
         if resume_from:
             check_resume_data(resume_from, data.records, c, warnings.append)
-        comps = _load_model(c, spec, accelerator, out)
-        cached, preview_spec, preview_embeds = _cache(c, spec, comps, data, accelerator)
-        _place_for_training(spec, comps, device)
-        denoiser, params, text_encoders = _attach_lora(c, spec, comps, device)
-        denoiser, optimizer, lr_schedule, params = _optimizer(
-            c, denoiser, params, accelerator, sharded
-        )
+        with phases("model"):
+            comps = _load_model(c, spec, accelerator, out)
+        with phases("cache"):
+            cached, preview_spec, preview_embeds = _cache(c, spec, comps, data, accelerator)
+        with phases("model"):
+            _place_for_training(spec, comps, device)
+            denoiser, params, text_encoders = _attach_lora(c, spec, comps, device)
+            denoiser, optimizer, lr_schedule, params = _optimizer(
+                c, denoiser, params, accelerator, sharded
+            )
         world, rank = accelerator.num_processes, accelerator.process_index
         order = BatchOrder(data.records, c.train.batch_size, c.train.seed, world, rank)
         result = TrainResult(out, {}, [], {}, spec.family, comps, c)
         run = Run(c, spec, accelerator, out, data_dir, data, comps, denoiser, params, optimizer,
                   lr_schedule, order, cached, text_encoders, preview_spec, preview_embeds, result,
                   sharded)  # fmt: skip
+        run.phases = phases
         if state is not None:
             _restore(run, state)
         init_trackers(accelerator, c, out)
@@ -213,13 +226,16 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                 epoch_before = order.epoch
                 fault(f"signal-rank{rank}", step)
                 for micro in range(c.train.grad_accum):
-                    loss, grad_norm = _micro_step(run, step, micro, grad_norm)
+                    with phases("steps"):
+                        loss, grad_norm = _micro_step(run, step, micro, grad_norm)
                     window += loss.detach()  # summed on device: no host sync per step
                     window_n += 1
                     agreed, bad_step = consensus.check(stop.requested, loss, step)
                     if bad_step:
                         raise diverged(bad_step, c.train, out)
                     stop_signal = max(stop_signal, agreed)
+                if not phases.first_step:
+                    _first_step(run, phases.mark_first_step())
                 if step % c.train.log_every == 0 or step == c.train.steps:
                     _log(run, step, window, window_n, grad_norm)
                     window.zero_()
@@ -309,6 +325,11 @@ def _load_model(c: Config, spec: RunSpec, accelerator, out: Path):
             denoiser.to("cpu")
     for name, module in family.frozen_modules(comps).items():
         module.to(device, frozen_dtype(name, module, spec.weight_dtype))
+    if c.model.quantize == "fp8":  # fp8 storage from here on, still in host memory; see quantize
+        from lorakit.models.quantize import enable_fp8_storage
+
+        denoiser.to(dtype=spec.weight_dtype)  # the layers it skips (norms, ...) stay in this
+        enable_fp8_storage(denoiser, spec.weight_dtype)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.toml", c.to_toml())
@@ -350,8 +371,10 @@ def _place_for_training(spec: RunSpec, comps, device: torch.device) -> None:
         for module in family.frozen_modules(comps).values():
             module.to("cpu")  # only the denoiser is needed from here on
     denoiser = getattr(comps, family.denoiser_name)
-    if getattr(denoiser, "is_quantized", False):
-        denoiser.to(device)  # bitsandbytes weights keep the dtypes they were quantized to
+    from lorakit.models.quantize import is_fp8_stored
+
+    if getattr(denoiser, "is_quantized", False) or is_fp8_stored(denoiser):
+        denoiser.to(device)  # bitsandbytes / fp8-stored weights keep their storage dtypes
     else:
         denoiser.to(device, spec.weight_dtype)
 
@@ -516,8 +539,18 @@ def _preview_due(run: Run, step: int, epoch_done: bool) -> bool:
     )
 
 
+def _first_step(run: Run, seconds: float) -> None:
+    """One line when the first step is done: what the run spent before it, by phase."""
+    run.reporter.message(f"first step done {seconds:.1f} s into the run ({run.phases.line()})")
+
+
 def _sample(run: Run, step: int) -> None:
     """A preview grid with the current adapter (under FSDP every rank runs the denoiser)."""
+    with run.phases("previews"):
+        _render_sample(run, step)
+
+
+def _render_sample(run: Run, step: int) -> None:
     run.last_sample = time.monotonic()
     run.sampled.add(step)
     acc, spec = run.accelerator, run.spec
@@ -554,21 +587,27 @@ def _sample(run: Run, step: int) -> None:
 
 def _score(run: Run, step: int, path: Path | str = "") -> None:
     """Held-out loss of the current adapter on the fixed validation subset."""
+    with run.phases("scoring"):
+        _score_now(run, step, path)
+
+
+def _score_now(run: Run, step: int, path: Path | str = "") -> None:
     run.scored.add(step)
     acc, c = run.accelerator, run.c
     if not run.eval_idx or not (acc.is_main_process or run.sharded):
         return
-    value = score_heldout(
-        run.spec.family,
-        run.comps,
-        unwrapped(acc, run.denoiser),
-        run.cached,
-        run.eval_idx,
-        run.spec.encode_each_step,
-        c.train,
-        c.eval.seed,
-        c.eval.timesteps,
-    )
+    family, denoiser = run.spec.family, unwrapped(acc, run.denoiser)
+    args = (run.cached, run.eval_idx, run.spec.encode_each_step)
+    score = (family, run.comps, denoiser, *args, c.train, c.eval.seed, c.eval.timesteps)
+    if step == 0 and not run.sharded:
+        # the base model's score: a pure function of model, data and eval settings, computed
+        # once per content and read back by every later run
+        lat, cond = heldout_inputs(family, run.comps, *args)
+        key = baseline_key(denoiser, lat, cond, c.train, c.eval.seed, c.eval.timesteps)
+        folder = run.spec.cache_dir / "scores"
+        value, _ = cached_baseline(folder, key, lambda: score_heldout(*score))
+    else:
+        value = score_heldout(*score)
     if not acc.is_main_process:
         return
     run.history.add_checkpoint(step, path, heldout=value)
@@ -600,6 +639,11 @@ def _export_to(run: Run, folder: Path, adapter) -> dict[str, Path]:
 def _save_checkpoint(run: Run, step: int, adapter: Any = ...) -> None:
     """`adapter`: the one `_extract(run, step)` gave, if the caller already extracted it (under
     FSDP extraction is a collective: every rank extracts here or every rank already did)."""
+    with run.phases("checkpoints"):
+        _write_checkpoint(run, step, adapter)
+
+
+def _write_checkpoint(run: Run, step: int, adapter: Any) -> None:
     c, acc, out, result = run.c, run.accelerator, run.out, run.result
     acc.wait_for_everyone()
     if adapter is ...:
@@ -644,9 +688,10 @@ def _finish(run: Run, step: int) -> None:
     # The adapter before the final checkpoint: a checkpoint that cannot be written must not
     # cost the run its result.
     acc.wait_for_everyone()
-    adapter = _extract(run, steps)
-    if acc.is_main_process:
-        run.result.adapters = _export_to(run, run.out, adapter)
+    with run.phases("export"):
+        adapter = _extract(run, steps)
+        if acc.is_main_process:
+            run.result.adapters = _export_to(run, run.out, adapter)
     if (c.train.save_every or c.train.save_every_epochs) and step > run.start_step:
         # resumable: a finished run can be extended
         _save_checkpoint(run, steps, adapter)
@@ -664,10 +709,11 @@ def _finish(run: Run, step: int) -> None:
 
 def _write_outputs(run: Run) -> None:
     """run.json and the run report (main process)."""
-    _write_summary(run.result, run.started)
+    _write_summary(run.result, run.started, run.phases)
     history = run.history
     summary = {
         "data": f"{run.data_dir}: {run.data.summary()}",
+        "time": f"{run.phases.first_step:.1f} s to the first step; {run.phases.line()}",
         "held-out images": len(run.eval_idx),
         "brand palette": history.brand_palette.hex() if history.brand_palette else "off",
     }
@@ -730,12 +776,15 @@ def _banner(
         )
 
 
-def _write_summary(result: TrainResult, started: float) -> None:
+def _write_summary(result: TrainResult, started: float, phases: Phases) -> None:
     summary = {
         "adapters": {k: str(v) for k, v in result.adapters.items()},
         "samples": [str(p) for p in result.samples],
         "checkpoints": [str(p) for p in result.checkpoints],
         "losses": result.losses,
         "seconds": round(time.time() - started, 2),
+        "seconds_total": round(time.monotonic() - phases.started, 2),  # set-up included
+        "seconds_to_first_step": round(phases.first_step, 2),
+        "phases": phases.to_dict(),
     }
     atomic_write_text(result.out_dir / "run.json", json.dumps(summary, indent=2))

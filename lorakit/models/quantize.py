@@ -1,4 +1,12 @@
-"""Quantized frozen base (QLoRA) for the SD3/FLUX transformers: `model.quantize = nf4 | int8`.
+"""Quantized frozen base: `model.quantize = nf4 | int8` (SD3/FLUX, bitsandbytes) or `fp8` (all).
+
+fp8 (every family, CPU too): the frozen denoiser's Linear/Conv layers are stored as float8 e4m3
+and cast to the run's weight dtype layer by layer around each forward, by diffusers' layerwise
+casting hooks (`enable_fp8_storage`, with the model's default skip patterns: norms, positional /
+patch embeddings, proj_in/proj_out stay in the weight dtype). It is applied when the denoiser is
+placed for training, before the LoRA is injected; the LoRA layers keep their own dtype.
+
+NF4/int8 (bitsandbytes):
 
 The transformer's Linear weights are stored by bitsandbytes as 4-bit NF4 (double-quantized, bf16
 compute) or LLM.int8 through diffusers' `BitsAndBytesConfig` at `from_pretrained` time; peft then
@@ -19,10 +27,24 @@ if TYPE_CHECKING:
     from lorakit.models.base import Family
 
 
+BNB_MODES = ("nf4", "int8")
+"""The `model.quantize` values bitsandbytes implements at load time (SD3/FLUX, CUDA)."""
+FP8 = "fp8"
+
+
 def check_quantize(mode: str, family: Family) -> None:
     """Raise a ConfigError before anything is loaded when `model.quantize` cannot work here
-    (a family whose `quantizable` is false, or no CUDA)."""
+    (fp8: a torch without float8; nf4/int8: a family whose `quantizable` is false, or no CUDA)."""
     if mode == "none":
+        return
+    if mode == FP8:
+        if not hasattr(torch, "float8_e4m3fn"):
+            raise ConfigError(
+                f"model.quantize = 'fp8' stores the frozen weights as torch.float8_e4m3fn, but "
+                f"this torch ({torch.__version__}) has no float8 dtypes. Upgrade torch (2.1 or "
+                "newer has them), or set model.quantize = 'none' (needs more memory); on a CUDA "
+                "GPU with SD3/FLUX, model.quantize = 'nf4' also shrinks the base."
+            )
         return
     if not family.quantizable:
         raise ConfigError(
@@ -54,15 +76,20 @@ def bnb_config(mode: str):
 
 
 def quantized_kwargs(mode: str) -> dict[str, Any]:
-    """Extra `from_pretrained` kwargs for the transformer (empty when not quantizing)."""
-    if mode == "none":
+    """Extra `from_pretrained` kwargs for the transformer (empty unless bitsandbytes quantizes:
+    fp8 storage is applied later, by `enable_fp8_storage`)."""
+    if mode not in BNB_MODES:
         return {}
     return {"quantization_config": bnb_config(mode), "torch_dtype": torch.bfloat16}
 
 
 def quantize_loaded(module, mode: str):
-    """Re-load an in-process diffusers model quantized (via a temp folder)."""
+    """Re-load an in-process diffusers model quantized (via a temp folder); bitsandbytes modes
+    only, anything else (fp8: applied at placement) returns `module` as is."""
     import shutil
+
+    if mode not in BNB_MODES:
+        return module
 
     from lorakit.models.loading import freeze, save_for_quantization
 
@@ -77,3 +104,79 @@ def quantize_loaded(module, mode: str):
 
 def is_quantized(module) -> bool:
     return bool(getattr(module, "is_quantized", False))
+
+
+def enable_fp8_storage(denoiser, compute_dtype: torch.dtype) -> None:
+    """Store `denoiser`'s Linear/Conv weights as float8 e4m3 and compute in `compute_dtype`
+    (diffusers' layerwise casting, default skip patterns); in place, on its current device.
+
+    Call it after the denoiser has been cast to `compute_dtype` (the skipped layers stay there)
+    and before the LoRA is injected. peft gives a new adapter the dtype of its base layer, and
+    takes a base layer's `compute_dtype` attribute over its weight's dtype (its bitsandbytes
+    rule): it is set on each fp8-stored layer, so the LoRA starts exactly as on an unquantized
+    base of `compute_dtype` (not rounded to fp8) and is then trained in its own fp32."""
+    from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK
+
+    storage = torch.float8_e4m3fn
+    denoiser.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute_dtype)
+    for m in denoiser.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        hook = registry.get_hook(_LAYERWISE_CASTING_HOOK) if registry is not None else None
+        if hook is not None:
+            m.compute_dtype = compute_dtype
+            ref = hook.fn_ref  # what the hooked forward calls
+            ref.pre_forward, ref.post_forward = _new_params(ref.pre_forward, ref.post_forward)
+
+
+def _new_params(*casts):
+    """The hook's casts with `module.to(dtype)` giving the layer NEW Parameter objects instead
+    of swapping the dtype of the old ones in place (`param.data = ...`, torch's default): autograd
+    keeps the compute-dtype weight a layer's forward saved for backward (a Conv's weight, a
+    gradient-checkpointed block's) instead of seeing it turn fp8 after the forward (a
+    CheckpointError; a dtype mismatch in a GPU conv backward)."""
+
+    def replacing(cast):
+        def run(*args, **kwargs):
+            before = torch.__future__.get_overwrite_module_params_on_conversion()
+            torch.__future__.set_overwrite_module_params_on_conversion(True)
+            try:
+                return cast(*args, **kwargs)
+            finally:
+                torch.__future__.set_overwrite_module_params_on_conversion(before)
+
+        return run
+
+    return tuple(replacing(cast) for cast in casts)
+
+
+def is_fp8_stored(module) -> bool:
+    """Whether any of `module`'s weights are stored in fp8 (`enable_fp8_storage` ran)."""
+    return any(p.dtype == getattr(torch, "float8_e4m3fn", None) for p in module.parameters())
+
+
+def fp8_layers(denoiser) -> list[torch.nn.Module]:
+    """The layers `enable_fp8_storage` stores in fp8, chosen without touching the model (a meta
+    model works): diffusers' `enable_layerwise_casting` selection (its default skip patterns, the
+    model's `_keep_in_fp32_modules` / `_skip_layerwise_casting_patterns`, the layer types it
+    hooks). For the planner, which counts their parameters at 1 byte."""
+    import re
+
+    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    patterns = list(DEFAULT_SKIP_MODULES_PATTERN)
+    patterns += list(getattr(denoiser, "_keep_in_fp32_modules", None) or ())
+    patterns += list(getattr(denoiser, "_skip_layerwise_casting_patterns", None) or ())
+    out: list[torch.nn.Module] = []
+
+    def visit(module, prefix: str) -> None:
+        if any(re.search(p, prefix) for p in patterns):
+            return
+        if isinstance(module, _GO_LC_SUPPORTED_PYTORCH_LAYERS):
+            out.append(module)
+            return
+        for name, child in module.named_children():
+            visit(child, f"{prefix}.{name}" if prefix else name)
+
+    visit(denoiser, "")
+    return out
