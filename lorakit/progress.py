@@ -28,22 +28,29 @@ class Phases:
         phases = Phases()
         with phases("cache"):
             ...
-    Time is added per name (a phase may run many times); nested phases are not subtracted, so
-    time each piece of work under one name only."""
+    Time is added per name (a phase may run many times). A phase inside another (a held-out
+    score inside a checkpoint) counts for itself only: the outer one is charged the rest, so the
+    phases never add up to more than the run's wall time."""
 
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.seconds: dict[str, float] = {}
         self.first_step = 0.0
         """Seconds from the start of `train()` to the end of its first step (0 = not yet)."""
+        self._inner: list[float] = []  # per open phase: time spent in phases inside it
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         t = time.monotonic()
+        self._inner.append(0.0)
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - t
+            spent = time.monotonic() - t
+            inner = self._inner.pop()
+            self.seconds[name] = self.seconds.get(name, 0.0) + spent - inner
+            if self._inner:
+                self._inner[-1] += spent
 
     def mark_first_step(self) -> float:
         if not self.first_step:

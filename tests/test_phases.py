@@ -74,3 +74,17 @@ def test_the_cli_imports_no_heavy_library_until_a_command_needs_it():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"imported at start-up: {out.stdout.strip()}"
+
+
+def test_nested_phases_are_counted_once():
+    import time
+
+    from lorakit.progress import Phases
+
+    p = Phases()
+    with p("checkpoints"):
+        time.sleep(0.05)
+        with p("scoring"):
+            time.sleep(0.1)
+    assert 0.09 < p.seconds["scoring"] < 0.2
+    assert 0.04 < p.seconds["checkpoints"] < 0.09  # its own time, not the score's
