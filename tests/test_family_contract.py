@@ -4,10 +4,10 @@ Parametrized over `FAMILIES`: registering a family puts it under this test. Per 
 smallest shapes: `prepare` (no model named) then `train` on that set at a resolution whose
 buckets are not all square, 2 steps with text-encoder LoRA and a preview grid, and 2 steps
 without it, whose diffusers file `load_lora_weights` loads into the family's own pipeline to
-reproduce the trained denoiser (≤ 1e-5); every export format written and read back; `inspect`
+reproduce the trained denoiser (≤ 1e-5) and which `merge` fuses into the base (with
+`--single-file` where the family has one); every export format written and read back; `inspect`
 of each file (text encoders through diffusers: `tests/test_text_encoder_lora.py`, also over the
-registry). Slow tier: `plan` and `merge` (and
-`--single-file` where the family has one).
+registry). Slow tier: `plan` (it traces the real architecture).
 """
 
 from __future__ import annotations
@@ -83,6 +83,15 @@ def test_family_trains_without_text_encoder_lora(family, prepared, tmp_path):
     want, got, before = (_denoised(fam, comps) for comps in (expected, loaded, base))
     assert (got - want).abs().max().item() <= 1e-5
     assert (want - before).abs().max().item() > 1e-4, "the trained LoRA changes the output"
+    # `merge` into the base (with `--single-file` where the family has one)
+    single = fam.single_file_configs() is not None
+    merged = tmp_path / "merged"
+    cli(
+        "merge", run / "lorakit.safetensors", "--base", f"tiny:{family}", "--out", merged,
+        *(["--single-file"] if single else []),
+    )  # fmt: skip
+    assert (merged / "model_index.json").is_file()
+    assert not single or (tmp_path / "merged.safetensors").is_file()
 
 
 @torch.no_grad()
@@ -102,20 +111,10 @@ def _denoised(fam, comps) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_plans_and_merges(family, tmp_path):
-    """`plan` (it traces the family's REAL architecture, ~10 s) and `merge` into the base
-    model (with `--single-file` where the family has one)."""
-    cli("plan", "--preset", "tiny-cpu", "--set", f"model.name='tiny:{family}'")
-    run = tmp_path / "run"
-    cli("train", SAMPLES, *FAST, "--model", f"tiny:{family}", "--steps", 1, "--out", run)
-    single = FAMILIES[family].single_file_configs() is not None
-    merged = tmp_path / "merged"
-    cli(
-        "merge", run / "lorakit.safetensors", "--base", f"tiny:{family}", "--out", merged,
-        *(["--single-file"] if single else []),
-    )  # fmt: skip
-    assert (merged / "model_index.json").is_file()
-    assert not single or (tmp_path / "merged.safetensors").is_file()
+def test_family_plans(family):
+    """`plan` traces the family's REAL architecture on the meta device (~10 s per family)."""
+    r = cli("plan", "--preset", "tiny-cpu", "--set", f"model.name='tiny:{family}'")
+    assert "training plan" in r.output
 
 
 # --- the contract, statically: declared members, no family names outside models/, no family
