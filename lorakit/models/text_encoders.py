@@ -296,3 +296,76 @@ def tiny_t5_tokenizer(max_length: int = 512):
         extra_ids=0,
         model_max_length=max_length,
     )
+
+
+# --- tiny offline Qwen tokenizer ---------------------------------------------------------------
+# Qwen2.5-VL (Qwen-Image) and Qwen3 (FLUX.2 klein, Z-Image) share Qwen2's byte-level BPE
+# tokenizer. The tiny one keeps its special tokens, its pre-tokenisation (a word carries its
+# leading space, `Ġword`) and a Qwen3-style chat template, over a small vocabulary: the brand
+# words plus the words of Qwen-Image's system prompt, so that prompt's prefix is 34 tokens long
+# here as in the real tokenizer (`QwenImagePipeline.prompt_template_encode_start_idx` drops
+# exactly that many hidden states).
+
+QWEN_SPECIAL = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>", "<think>", "</think>",
+)  # fmt: skip
+
+_QWEN_EXTRA_WORDS = """
+system user assistant Describe describe image by detailing color shape size texture quantity
+text spatial relationships objects background
+""".split()  # noqa: SIM905
+
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+"""Qwen3's template reduced to what the pipelines use: user turns, the generation prompt, and
+the empty think block `enable_thinking=False` adds."""
+
+
+@lru_cache(maxsize=1)
+def _qwen_vocab_and_merges() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
+    # Trained, not hand-written: BPE applies merges by rank across the whole word, so a
+    # hand-built merge list splits words unpredictably; merges learned on the words themselves
+    # re-assemble every one of them. Deterministic (same corpus, same merges).
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = list(dict.fromkeys(WORDS + _QWEN_EXTRA_WORDS))
+    corpus = [" ".join(words), "\n".join(words), ", : . ! ? - ' \" 0 1 2 3 4 5 6 7 8 9"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096,
+        min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = tuple(tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"])
+    vocab = tuple(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
+    return vocab, merges
+
+
+def tiny_qwen_tokenizer(max_length: int = 1024):
+    """A transformers `Qwen2Tokenizer` (fast), offline: byte-level BPE over the tiny words, the
+    Qwen special tokens (`<|endoftext|>` pads), and `QWEN_CHAT_TEMPLATE`."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _qwen_vocab_and_merges()
+    tok = Qwen2Tokenizer(
+        vocab=dict(vocab),
+        merges=list(merges),
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=max_length,
+    )
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL[1:])})
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
