@@ -11,6 +11,10 @@
 #
 # Steps (H200 seconds measured or estimated):
 #   offload     FLUX.1-dev NF4 + train.offload_activations, 1024 px: peak vs the <= 10 GB target (~110)
+#   block_swap  train.block_swap, same process with/without: real-width Qwen-Image (random bf16
+#               weights) 45 blocks streamed at 1024 px (estimated ~150, not yet measured; skipped
+#               if the family is not registered), then FLUX.1-dev 20 blocks (est. ~100); s/it and
+#               peak allocated, beside musubi-tuner's published 12 GB / 45 blocks
 #   real_size   #17: real-width SD3.5 / SDXL / SD1.5 CLI runs, 8-bit AdamW, checkpoint, resume,
 #               export --format all, inspect (FLUX passed on 2026-12-04; ~100 each)
 #   reference   lorakit vs diffusers' train_text_to_image_lora.py, real SD1.5, 512 px, fp16 (~200)
@@ -39,7 +43,7 @@
 set -u
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1 && shift
-STEPS=${*:-offload real_size reference fsdp deepspeed}
+STEPS=${*:-offload block_swap real_size reference fsdp deepspeed}
 OUT=${OUT:-$PWD/gpu-session-out}
 mkdir -p "$OUT"
 : > "$OUT/summary.txt"
@@ -73,6 +77,20 @@ fi
 # allocated memory against the <= 10 GB target and the planner (gpu_check.json).
 want offload && step offload 150 python3 benchmarks/gpu_check.py "${TINY_FLAG[@]}" --only families \
   --rows=flux+offload
+# train.block_swap: s/it and peak allocated with and without streamed blocks, alternating in one
+# process (benchmarks/block_swap.py); Qwen-Image's row next to musubi-tuner's 12 GB / 45 blocks.
+if want block_swap; then
+  SWAP=(python3 benchmarks/block_swap.py "${TINY_FLAG[@]}")
+  if python3 -c "import sys; from lorakit.models import FAMILIES; sys.exit('qwen-image' not in FAMILIES)" \
+    2>/dev/null; then
+    step block_swap_qwen 240 "${SWAP[@]}" --family qwen-image --blocks "$([ "$DRY" = 1 ] && echo 2 \
+      || echo 45)" --resolution 1024 --steps 3 --json "$OUT/block_swap_qwen.json"
+  else
+    echo "qwen-image is not registered: block_swap_qwen skipped" | tee -a "$OUT/summary.txt"
+  fi
+  step block_swap_flux 150 "${SWAP[@]}" --family flux --blocks "$([ "$DRY" = 1 ] && echo 3 \
+    || echo 20)" --resolution 1024 --steps 3 --json "$OUT/block_swap_flux.json"
+fi
 want families && step families 200 python3 benchmarks/gpu_check.py "${TINY_FLAG[@]}" --only families
 want real_size && step real_size 330 python3 benchmarks/real_size_cli.py "${TINY_FLAG[@]}" \
   --families "$([ "$DRY" = 1 ] && echo sd15 || echo sd3,sdxl,sd15)" --deadline 220

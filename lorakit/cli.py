@@ -811,7 +811,9 @@ def plan_cmd(
         rep["proposal"] = sets
         sys.stdout.write(json.dumps(rep, indent=2) + "\n")
         return
-    out.print(f"[bold]{p.family}[/bold] training plan (real architecture)", highlight=False)
+    out.print(
+        f"[bold]{p.family}[/bold] training plan (real architecture: {p.real})", highlight=False
+    )
     out.print(escape(planner.table(p, target)), highlight=False)
     if sets:
         out.print("to fit, add:", highlight=False)

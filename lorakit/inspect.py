@@ -59,7 +59,7 @@ def _group_name(key: str, target, diffusers: bool) -> str:
 
 
 def inspect_file(path: str | Path, allow_pickle: bool = False) -> dict:
-    from lorakit.export import adapter_from, read_tensors, validate
+    from lorakit.export import read_as, read_tensors, validate
     from lorakit.models import FAMILIES
 
     path = Path(path)
@@ -67,11 +67,15 @@ def inspect_file(path: str | Path, allow_pickle: bool = False) -> dict:
     modules = validate.split_modules(tensors, fmt.name)
     ranking = validate.rank_families(fmt.name, modules, meta)
     family, unmapped = ranking[0]
+    also: list[str] = []
     if not unmapped:
-        # the reader `export` uses, so a file inspect passes is one export can convert
-        adapter_from(tensors, {k: v for k, v in meta.items() if k != "format"}, fmt, path)
+        # the reader `export` uses, so a file inspect passes is one export can convert (and
+        # the family it picks, shapes included, is the one shown)
+        clean = {k: v for k, v in meta.items() if k != "format"}
+        adapter, also = read_as(tensors, clean, fmt, path)
+        family = adapter.family
     hint = validate.family_hint(meta)
-    also = [n for n, left in ranking[1:] if not left] if not unmapped and hint != family else []
+    also = also if hint != family else []
     fam = FAMILIES[family]
     diffusers = validate.layout(fmt.name) == "diffusers"
     packed = json.loads(meta.get("lora_adapter_metadata") or "{}")

@@ -205,7 +205,9 @@ def inject_text_encoder_lora(
     if not targets:
         raise ConfigError(
             f"lora.train_text_encoder = true, but the {family.name} model has no CLIP text "
-            "encoder lorakit can train. Set lora.train_text_encoder = false."
+            "encoder lorakit can train: its text encoders are large T5/LLM models whose LoRA "
+            "neither the family's diffusers pipeline nor the community's LoRA files carry, so "
+            "lorakit trains the denoiser only. Set lora.train_text_encoder = false."
         )
     params: list[torch.nn.Parameter] = []
     for i, target in enumerate(targets):

@@ -25,6 +25,11 @@ nothing is allocated. Then:
   on SD1.5 only; SDXL and FLUX NF4 are independent checks (BENCHMARKS.md: all five recorded H100
   rows within ±5%, `benchmarks/planner_gpu_rows.py`). With `train.offload_activations` the
   units' inputs are held off the device as `lorakit.offload` holds them;
+- block swap (`train.block_swap = N`): the frozen bytes of the last N blocks over the family's
+  `swap_blocks` (as `weight_bytes` counts them) leave the device row and are reported as host
+  memory; the device keeps `blockswap.SLOTS` ring slots of the largest swapped block, each its
+  tensors padded to `blockswap.ALIGN` (exact for unquantized weights; for NF4/int8 an upper
+  bound of one padding per bitsandbytes state tensor). Activations are unchanged;
 - caching and sampling phases: inference passes (VAE encode of `VAE_ENCODE_CHUNK` images, the
   denoiser with CFG, VAE decode) are traced on meta with a dispatch mode that tracks live tensor
   bytes, giving their peak working set;
@@ -91,7 +96,7 @@ def build_denoiser(family: str) -> torch.nn.Module:
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=True):
-        return FAMILIES[family].build_real_denoiser()
+        return _family(family).build_real_denoiser()
 
 
 def build_frozen(family: str, drop_t5: bool = False) -> dict[str, torch.nn.Module]:
@@ -99,7 +104,7 @@ def build_frozen(family: str, drop_t5: bool = False) -> dict[str, torch.nn.Modul
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=True):
-        return FAMILIES[family].build_real_frozen(drop_t5)
+        return _family(family).build_real_frozen(drop_t5)
 
 
 # --- byte counts (exact) -----------------------------------------------------------------------
@@ -265,7 +270,7 @@ def _cast(module: torch.nn.Module, dtype) -> torch.nn.Module:
 
 def _inputs(family: str, batch: int, h: int, w: int, dtype, t5_len: int):
     """Meta-device (latents, timesteps, cond) of one denoiser call (`Family.planner_inputs`)."""
-    return FAMILIES[family].planner_inputs(batch, h, w, dtype, t5_len)
+    return _family(family).planner_inputs(batch, h, w, dtype, t5_len)
 
 
 @functools.lru_cache(maxsize=64)
@@ -341,7 +346,7 @@ def count_saved(den, family: str, lat, t, cond, checkpointing: bool) -> SavedCou
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
     hooks = torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda x: x)
     with hooks, _CudaLikeAttention(), autocast:
-        FAMILIES[family].predict(den, lat, t, cond)
+        _family(family).predict(den, lat, t, cond)
     return counter.count
 
 
@@ -410,11 +415,11 @@ def simulate_step(
     den.train()
     trainable = [p for p in den.parameters() if p.requires_grad]
     target = torch.empty_like(lat) if lat.is_meta else torch.randn_like(lat)
-    meter.track(*den.parameters(), *den.buffers(), lat, t, target, *cond.values())
+    meter.track(*_static(den), lat, t, target, *cond.values())
     static = meter.live
     with meter:
         with context():  # as `lorakit train`: forward + loss under autocast, backward outside
-            pred = FAMILIES[family].predict(den, lat, t, cond)
+            pred = _family(family).predict(den, lat, t, cond)
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
             del pred
         forward = meter.peak
@@ -435,23 +440,34 @@ def step_rows(
     checkpointing: bool,
     optimizer: str = "adamw",
     offload: bool = False,
+    block_swap: int = 0,
 ) -> dict[str, int]:
     """The planner's training-step components for ANY LoRA-injected denoiser (usually on meta),
     in the dtypes its tensors have (no autocast): frozen weights + buffers, LoRA weights, their
     gradients, optimizer state (`optimizer_bytes`), activations (`simulate_step`) and the batch
     (latents, timesteps, conditioning, target). Their sum is the predicted peak of one step
     (forward + backward + optimizer step); `tests/test_planner_calibration.py` and
-    `benchmarks/planner_cpu.py` compare it with a `StorageMeter` measurement on CPU."""
+    `benchmarks/planner_cpu.py` compare it with a `StorageMeter` measurement on CPU. With
+    `block_swap` the last blocks' frozen bytes are replaced by the device ring
+    (`tests/test_block_swap.py` compares that with a step of a swapped model)."""
     trainable = [p for p in den.parameters() if p.requires_grad]
     ids = {id(p) for p in trainable}
     frozen = sum(p.numel() * p.element_size() for p in den.parameters() if id(p) not in ids)
     frozen += sum(b.numel() * b.element_size() for b in den.buffers())
+    ring = 0
+    if block_swap:
+        from lorakit.blockswap import SLOTS, block_bytes, swapped_blocks
+
+        blocks = [b for _, b in swapped_blocks(den, _family(family), block_swap)]
+        frozen -= sum(_frozen_bytes(b) for b in blocks)
+        ring = min(SLOTS, block_swap) * max(block_bytes(b) for b in blocks)
     lora = sum(p.numel() * p.element_size() for p in trainable)
     batch = sum(x.numel() * x.element_size() for x in (lat, t, *cond.values()))
     batch += lat.numel() * lat.element_size()  # the loss target
     peak = simulate_step(den, family, lat, t, cond, checkpointing, offload)
     return {
         "weights": frozen,
+        **({"block swap ring": ring} if block_swap else {}),
         "LoRA weights": lora,
         "LoRA gradients": peak.grads,
         "optimizer state": optimizer_bytes([p.numel() for p in trainable], optimizer),
@@ -479,17 +495,29 @@ def measure_step(
 
     trainable = [p for p in den.parameters() if p.requires_grad]
     opt = build_optimizer(trainable, TrainConfig(optimizer=optimizer), lat.device)
-    before = StorageMeter().track(*den.parameters(), *den.buffers(), lat, t, *cond.values())
+    before = StorageMeter().track(*_static(den), lat, t, *cond.values())
     static = before.live + lat.numel() * lat.element_size()  # + the target simulate_step makes
     step = simulate_step(den, family, lat, t, cond, checkpointing, offload)
     for p in trainable:  # the gradients simulate_step measured and released, back for the step
         p.grad = torch.ones_like(p)
-    meter = StorageMeter().track(*den.parameters(), *den.buffers(), lat, t, *cond.values())
+    meter = StorageMeter().track(*_static(den), lat, t, *cond.values())
     meter.track(*(p.grad for p in trainable))
     with meter:
         opt.step()
         opt.zero_grad(set_to_none=True)
     return max(static + step.backward, meter.peak), step
+
+
+def _static(den: torch.nn.Module) -> list[torch.Tensor]:
+    """The device tensors a step starts with: parameters, buffers and, with block swap, its
+    ring slots (the streamed blocks' host buffers are not device memory)."""
+    swap = getattr(den, "_lorakit_block_swap", None)
+    return [*den.parameters(), *den.buffers(), *(swap.ring if swap is not None else ())]
+
+
+def _frozen_bytes(module: torch.nn.Module) -> int:
+    frozen = sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
+    return frozen + sum(b.numel() * b.element_size() for b in module.buffers())
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -839,7 +867,7 @@ def inference_peak(
             den = _cast(build_denoiser(family), dtype)
             lat, t, cond = _inputs(family, batch, side, side, dtype, t5_len)
             with _LivePeak() as mode:
-                FAMILIES[family].predict(den, lat, t, cond)
+                _family(family).predict(den, lat, t, cond)
             return mode.peak
         vae = build_frozen(family)["vae"]
         if what == "vae_encode":
@@ -864,6 +892,10 @@ class Plan:
     phases: dict[str, int]
     """Phase (`cache`, `train`, `sample`) → predicted `max_memory_allocated` bytes."""
     notes: list[str] = field(default_factory=list)
+    host: dict[str, int] = field(default_factory=dict)
+    """Host memory the run holds in place of device memory (`train.block_swap`), bytes."""
+    real: str = ""
+    """The real model planned (`Family.real_label`)."""
 
     @property
     def peak(self) -> int:
@@ -885,11 +917,13 @@ class Plan:
         gib = lambda n: round(n / GIB, 3)  # noqa: E731
         return {
             "family": self.family,
+            "real_model": self.real,
             "train_components_gib": {k: gib(v) for k, v in self.rows.items()},
             "phases_gib": {k: gib(v) for k, v in self.phases.items()},
             "peak_allocated_gib": gib(self.peak),
             "peak_phase": self.peak_phase,
             "needed_gib": gib(self.needed),
+            "host_gib": {k: gib(v) for k, v in self.host.items()},
             "notes": self.notes,
         }
 
@@ -919,8 +953,26 @@ def family_of(c: Config) -> str:
     )
 
 
-def _family(name: str):
-    return FAMILIES[name]
+_REAL: dict[str, Any] = {}
+"""Planner key ("flux2-klein@FLUX.2 klein 4B") → the `Family.real_model` it stands for."""
+
+
+def _family(key: str):
+    """The family object of a planner key: a registry name, or `name@real_label` for a
+    `real_model` other than the registered one (klein 4B)."""
+    return _REAL.get(key) or FAMILIES[key.partition("@")[0]]
+
+
+def planner_key(c: Config) -> str:
+    """`family_of(c)`, with the real model the name picks (`Family.real_model`): the key every
+    function here caches the real architecture under."""
+    name = family_of(c)
+    real = FAMILIES[name].real_model(c.model.name)
+    if real is FAMILIES[name]:
+        return name
+    key = f"{name}@{real.real_label}"
+    _REAL[key] = real
+    return key
 
 
 @functools.lru_cache(maxsize=16)
@@ -933,7 +985,7 @@ def _counts(family: str, drop_t5: bool):
 def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     """Predicted peak `torch.cuda.max_memory_allocated` of `lorakit train` with config `c`
     (the real architecture of its family; `tiny:` names are planned as the real model)."""
-    family = family_of(c)
+    family = planner_key(c)
     t, lo = c.train, c.lora
     prec = t.mixed_precision
     eb = DTYPE_BYTES[prec]
@@ -945,6 +997,12 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     t5_len = spec.text_length
 
     rows: dict[str, int] = {"denoiser weights": weight_bytes(den, eb, quant)}
+    host: dict[str, int] = {}
+    if spec.block_swap:  # the streamed blocks' frozen weights: host memory + a device ring
+        streamed, slot, slots = swap_bytes(family, spec.block_swap, eb, quant)
+        rows["denoiser weights"] -= streamed
+        rows[f"block swap ring ({slots} blocks)"] = slots * slot
+        host[f"{spec.block_swap} streamed blocks"] = streamed
     frozen_bytes = {}
     for name, m in frozen.items():
         # as train places them, on a GPU with bf16 (what the planner plans for)
@@ -1003,6 +1061,7 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
         sh = c.sample.height or spec.resolution
         sres = max(sw, sh)
         keep = rows["denoiser weights"] + 4 * n_lora + rows[f"optimizer state ({t.optimizer})"]
+        keep += sum(v for k, v in rows.items() if k.startswith("block swap ring"))
         if eb == 2:
             keep += 2 * n_lora
         # Previews are rendered from prompt embeddings encoded once while caching: only the VAE
@@ -1029,11 +1088,60 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
             "The caching phase (VAE and text encoders on the device + VAE encoding of "
             f"{chunk} image(s) at once) is the peak."
         )
-    return Plan(family, rows, phases, notes)
+    if spec.block_swap:
+        notes.append(
+            f"train.block_swap = {spec.block_swap}: those blocks' frozen weights stay in pinned "
+            "host memory and are copied to the device before each block runs (forward and "
+            "backward): slower steps, same results."
+        )
+    real = _family(family)
+    return Plan(real.name, rows, phases, notes, host, real.real_label)
+
+
+@functools.lru_cache(maxsize=16)
+def _real_denoiser(family: str) -> torch.nn.Module:
+    return build_denoiser(family)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_bytes(family: str, eb: int, quant: str) -> tuple[tuple[int, int], ...]:
+    """(frozen bytes as `weight_bytes` counts them, ring slot bytes) of every block of the real
+    denoiser over the family's `swap_blocks`, in run order."""
+    from lorakit.blockswap import ALIGN, block_list, padded
+
+    out = []
+    for _, block in block_list(_real_denoiser(family), _family(family)):
+        held = weight_bytes(block, eb, quant)
+        tensors = [*block.parameters(), *block.buffers()]
+        if quant in ("none", "fp8"):
+            size = lambda t: t.numel() * (eb if t.is_floating_point() else t.element_size())  # noqa: E731
+            slot = sum(padded(size(t)) for t in tensors)
+        else:  # bitsandbytes: codes + absmax + code (+ nested absmax, code, offset) per Linear
+            slot = held + 6 * ALIGN * len(tensors)
+        out.append((held, slot))
+    return tuple(out)
+
+
+def swap_bytes(family: str, n: int, eb: int, quant: str = "none") -> tuple[int, int, int]:
+    """(host bytes of the last `n` blocks' frozen weights, bytes of one ring slot, slots) of the
+    family's REAL denoiser with `train.block_swap = n`; ConfigError if it has fewer blocks."""
+    from lorakit.blockswap import SLOTS, check_family
+    from lorakit.errors import ConfigError
+
+    check_family(_family(family), n)
+    blocks = _block_bytes(family, eb, quant)
+    if n > len(blocks):
+        raise ConfigError(
+            f"Config key 'train.block_swap' is {n}, but the real {family} denoiser has only "
+            f"{len(blocks)} transformer blocks to stream. Set train.block_swap to at most "
+            f"{len(blocks)} (`lorakit plan --vram GIB` proposes the smallest value that fits)."
+        )
+    last = blocks[len(blocks) - n :]
+    return sum(h for h, _ in last), max(s for _, s in last), min(SLOTS, n)
 
 
 def _default_targets(family: str) -> tuple[str, ...]:
-    return tuple(FAMILIES[family].default_targets)
+    return tuple(_family(family).default_targets)
 
 
 # --- proposals ---------------------------------------------------------------------------------
@@ -1055,6 +1163,10 @@ def _steps(c: Config, family: str):
         yield "checkpoint inputs offloaded to CPU", [
             ("train", "gradient_checkpointing", True), ("train", "offload_activations", True)
         ]  # fmt: skip
+    if _family(family).swap_blocks:
+        # costs speed, not results: from here on every candidate also tries the smallest
+        # train.block_swap that fits (`propose`)
+        yield "block swap", [SWAP_SEARCH]
     te = [("lora", "train_text_encoder", False)] if c.lora.train_text_encoder else []
     te += [("data", "shuffle_tags", False)] if c.data.shuffle_tags else []
     if te:
@@ -1080,23 +1192,53 @@ def _steps(c: Config, family: str):
         yield f"resolution {res}", [("data", "resolution", res)]
 
 
+SWAP_SEARCH = ("train", "block_swap", None)
+"""The block-swap step of `_steps`: not one value but the smallest that fits (`propose`)."""
+
+
+def _smallest_swap(c: Config, family: str, vram_gib: float) -> tuple[int, Plan] | None:
+    """The smallest `train.block_swap` above the config's own that makes `c` fit, with its
+    plan; None if even streaming every block does not. Only weight arithmetic changes with N
+    (the step trace is cached), so trying each value is cheap."""
+    eb = DTYPE_BYTES[c.train.mixed_precision]
+    blocks = len(_block_bytes(family, eb, "none"))
+    for n in range(c.train.block_swap + 1, blocks + 1):
+        p = plan(_apply(c, "train", "block_swap", n))
+        if p.fits(vram_gib):
+            return n, p
+    return None
+
+
 def propose(c: Config, vram_gib: float) -> tuple[list[str], Plan]:
     """`--set` lines that make `c` fit `vram_gib` by the planner's own estimate, applied in order
-    of quality loss; ([], plan) when it already fits. Raises LorakitError when nothing fits."""
+    of quality loss; ([], plan) when it already fits. From the block-swap step on (it costs
+    speed, not quality), each candidate is also tried with the smallest `train.block_swap` that
+    fits. Raises LorakitError when nothing fits."""
     from lorakit.errors import LorakitError
 
     current = plan(c)
     if current.fits(vram_gib):
         return [], current
-    family = family_of(c)
+    family = planner_key(c)
     changes: dict[str, Any] = {}
+    swap = False
     for _desc, edits in list(_steps(c, family)):
         for section, key, value in edits:
+            if (section, key, value) == SWAP_SEARCH:
+                swap = True
+                continue
             c = _apply(c, section, key, value)
             changes[f"{section}.{key}"] = value
         current = plan(c)
         if current.fits(vram_gib):
             return [f"{k}={_toml(v)}" for k, v in changes.items()], current
+        found = _smallest_swap(c, family, vram_gib) if swap else None
+        if found is not None:
+            changes["train.block_swap"], current = found
+            return [f"{k}={_toml(v)}" for k, v in changes.items()], current
+    if swap:
+        changes["train.block_swap"] = len(_block_bytes(family, 2, "none"))  # every block
+        current = plan(_apply(c, "train", "block_swap", changes["train.block_swap"]))
     raise LorakitError(
         f"No lorakit setting makes this {family} config fit {vram_gib:g} GiB: even with "
         + ", ".join(f"{k}={_toml(v)}" for k, v in changes.items())
@@ -1159,6 +1301,8 @@ def table(p: Plan, vram_gib: float | None) -> str:
     for k, v in p.phases.items():
         lines.append(f"{'peak allocated, ' + k + ' phase':<44}{v / GIB:>9.2f}")
     lines.append(f"{'needed (+ allocator slack, CUDA context)':<44}{p.needed / GIB:>9.2f}")
+    for k, v in p.host.items():
+        lines.append(f"{'host memory, ' + k:<44}{v / GIB:>9.2f}")
     for n in p.notes:
         lines.append(f"note: {n}")
     if vram_gib is not None:

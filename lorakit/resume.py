@@ -96,6 +96,7 @@ _RESUMABLE_CHANGES = {
     "train.log_every", "train.resume", "train.overwrite", "train.device", "export.title",
     "train.resume_changed_data",
     "export.description",
+    "train.block_swap",  # bitwise the same steps: a resumed run may stream blocks, or stop
 }  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.blockswap import check_family
 from lorakit.config import Config, DataConfig, LoraConfigSection
 from lorakit.data.buckets import auto_step, family_step, make_buckets
 from lorakit.models.base import Family
@@ -91,6 +92,10 @@ class RunSpec:
     """The VAE and text encoders stay on the training device for the whole run (they encode
     every step); otherwise they leave it after caching and return only for previews. Read by
     train and sampling (`render_preview`'s `keep_on_device`)."""
+    block_swap: int
+    """`train.block_swap`: how many of the denoiser's last transformer blocks stream their
+    frozen weights from host memory (0 = off); checked against the family here. Read by train
+    (`_place_for_training`, `blockswap.enable_block_swap`) and the planner."""
     cache_dir: Path
     """Latent and text-encoder caches: `data.cache_dir`, or OUT/cache. Read by train."""
 
@@ -136,6 +141,7 @@ def build_spec(config: Config, family: Family) -> RunSpec:
     te = c.lora.train_text_encoder
     te_lora = text_encoder_section(c.lora) if te else None
     encode_each_step = te or c.data.shuffle_tags
+    check_family(family, c.train.block_swap)  # a UNet family has no blocks to stream
     sampling = bool(c.sample.every or c.sample.every_minutes or c.sample.every_epochs)
     return RunSpec(
         family=family,
@@ -158,6 +164,7 @@ def build_spec(config: Config, family: Family) -> RunSpec:
         sampling=sampling,
         preview_embeds=sampling and not te,
         encoders_stay_on_device=encode_each_step,
+        block_swap=c.train.block_swap,
         cache_dir=Path(c.data.cache_dir) if c.data.cache_dir else Path(c.train.out) / "cache",
     )
 

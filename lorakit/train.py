@@ -316,6 +316,10 @@ def _load_model(c: Config, spec: RunSpec, accelerator, out: Path):
     _, comps = load_model(c.model)
     family, device = spec.family, accelerator.device
     denoiser = getattr(comps, family.denoiser_name)
+    if spec.block_swap:  # more blocks than this model has: refused before minutes of caching
+        from lorakit.blockswap import swapped_blocks
+
+        swapped_blocks(denoiser, family, spec.block_swap)
     if getattr(denoiser, "is_quantized", False) and device.type == "cuda":
         # bitsandbytes put the quantized weights on the GPU while loading; parked in host memory
         # while the encoders cache, so they do not share it (FLUX: T5-XXL 9 GiB + NF4 5.7 GiB).
@@ -373,7 +377,12 @@ def _place_for_training(spec: RunSpec, comps, device: torch.device) -> None:
     denoiser = getattr(comps, family.denoiser_name)
     from lorakit.models.quantize import is_fp8_stored
 
-    if getattr(denoiser, "is_quantized", False) or is_fp8_stored(denoiser):
+    if spec.block_swap:
+        # Cast in host memory; `blockswap.enable_block_swap` moves all but the streamed blocks
+        # to the device once the LoRA is injected (`_attach_lora`).
+        if not getattr(denoiser, "is_quantized", False):
+            denoiser.to(dtype=spec.weight_dtype)
+    elif getattr(denoiser, "is_quantized", False) or is_fp8_stored(denoiser):
         denoiser.to(device)  # bitsandbytes / fp8-stored weights keep their storage dtypes
     else:
         denoiser.to(device, spec.weight_dtype)
@@ -390,6 +399,10 @@ def _attach_lora(c: Config, spec: RunSpec, comps, device: torch.device):
         params += inject_text_encoder_lora(family, comps, spec.text_encoder_lora, c.train.seed)
     for p in params:
         p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
+    if spec.block_swap:
+        from lorakit.blockswap import enable_block_swap
+
+        enable_block_swap(denoiser, family, spec.block_swap, device)
     if c.train.gradient_checkpointing:
         if c.train.offload_activations and device.type == "cuda":
             from lorakit.offload import OffloadedCheckpoint
@@ -455,6 +468,13 @@ def _announce(run: Run, resume_from: Path | None, warnings: list[str]) -> None:
         reporter.message(
             "[yellow]warning:[/yellow] train.device = 'cpu' on a machine with a GPU: accelerate "
             "runs the DeepSpeed config as plain data parallel (DDP) on the CPU."
+        )
+    swap = getattr(unwrapped(accelerator, run.denoiser), "_lorakit_block_swap", None)
+    if swap is not None:
+        reporter.message(
+            f"block swap: the frozen weights of the last {len(swap.blocks)} transformer blocks "
+            f"({swap.host_bytes / 2**30:.2f} GiB, host memory pinned: {swap.pinned}) stream to "
+            f"the device through {len(swap.ring)} slots ({swap.device_bytes / 2**30:.2f} GiB)"
         )
     for warning in warnings:  # the planner's memory check, damaged checkpoints passed over
         reporter.message(f"[yellow]warning:[/yellow] {escape(warning)}")

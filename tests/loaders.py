@@ -219,7 +219,68 @@ def mmdit_map(blocks: int, hidden: int, attn2: bool = True) -> dict[str, Target]
     return out
 
 
+def z_image_map(n_layers: int, n_refiner: int, dim: int) -> dict[str, Target]:
+    """diffusers Z-Image transformer module → original module (comfy/utils.py
+    `z_image_to_diffusers`: fused `attention.qkv` sliced dim rows per q/k/v, `attention.out`,
+    `x_embedder` / `final_layer.*` for diffusers' `all_x_embedder.2-1` / `all_final_layer.2-1.*`;
+    no scale/shift swap anywhere)."""
+    out: dict[str, Target] = {}
+    blocks = [f"layers.{i}" for i in range(n_layers)]
+    blocks += [f"{k}.{i}" for k in ("noise_refiner", "context_refiner") for i in range(n_refiner)]
+    for b in blocks:
+        for j, p in enumerate("qkv"):
+            out[f"{b}.attention.to_{p}"] = Target(f"{b}.attention.qkv", (j * dim, dim))
+        out[f"{b}.attention.to_out.0"] = Target(f"{b}.attention.out")
+        for leaf in ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0"):
+            if not (b.startswith("context_refiner") and leaf.startswith("adaLN")):
+                out[f"{b}.{leaf}"] = Target(f"{b}.{leaf}")
+    for src, dst in {"all_x_embedder.2-1": "x_embedder",
+                     "all_final_layer.2-1.linear": "final_layer.linear",
+                     "all_final_layer.2-1.adaLN_modulation.1": "final_layer.adaLN_modulation.1",
+                     "cap_embedder.1": "cap_embedder.1", "t_embedder.mlp.0": "t_embedder.mlp.0",
+                     "t_embedder.mlp.2": "t_embedder.mlp.2"}.items():  # fmt: skip
+        out[src] = Target(dst)
+    return out
+
+
+def flux2_map(double: int, single: int, hidden: int) -> dict[str, Target]:
+    """diffusers FLUX.2 transformer module → ComfyUI's weight (comfy/ldm/flux/model.py with
+    FLUX.2's params: BFL names, as diffusers' `convert_flux2_transformer_checkpoint_to_diffusers`
+    reads them). Reached only through the generic `lora_unet_<X>` / `diffusion_model.<X>` keys:
+    ComfyUI's `flux_to_diffusers` is FLUX.1's and has no FLUX.2 entries."""
+    out: dict[str, Target] = {}
+    h = hidden
+    for i in range(double):
+        b, d = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for j, p in enumerate("qkv"):
+            out[f"{b}.attn.to_{p}"] = Target(f"{d}.img_attn.qkv", (j * h, h))
+            out[f"{b}.attn.add_{p}_proj"] = Target(f"{d}.txt_attn.qkv", (j * h, h))
+        for src, dst in {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                         "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+                         "ff_context.linear_in": "txt_mlp.0",
+                         "ff_context.linear_out": "txt_mlp.2"}.items():  # fmt: skip
+            out[f"{b}.{src}"] = Target(f"{d}.{dst}")
+    for i in range(single):
+        b, s = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        out[f"{b}.attn.to_qkv_mlp_proj"] = Target(f"{s}.linear1")
+        out[f"{b}.attn.to_out"] = Target(f"{s}.linear2")
+    for src, dst in {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out":
+                     "final_layer.linear",
+                     "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+                     "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+                     "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+                     "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+                     "single_stream_modulation.linear": "single_stream_modulation.lin",
+                     }.items():  # fmt: skip
+        out[src] = Target(dst)
+    out["norm_out.linear"] = Target("final_layer.adaLN_modulation.1", swap=True)
+    return out
+
+
 CLIP_NAMES = {
+    "flux2-klein": {},
+    "z-image": {},
+    "qwen-image": {},
     "sd15": {"text_encoder": "clip_l"},
     "sdxl": {"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
     "sd3": {"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
@@ -250,9 +311,19 @@ class LoaderModel:
 def _denoiser_map(family: str, config: dict) -> dict[str, Target]:
     if family in ("sd15", "sdxl"):
         return {d: Target(f"diffusion_model.{o}") for d, o in unet_map(unet_config(config)).items()}
+    if family == "z-image":
+        m = z_image_map(config["n_layers"], config["n_refiner_layers"], config["dim"])
+        return {d: Target(f"diffusion_model.{t.key}", t.rows, t.swap) for d, t in m.items()}
+    if family == "qwen-image":  # comfy/ldm/qwen_image: the weights have diffusers' names
+        from lorakit.models.qwen_image.names import qwen_image_modules
+
+        modules = qwen_image_modules(config["num_layers"])
+        return {d: Target(f"diffusion_model.{d}") for d in modules}
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     if family == "flux":
         m = flux_map(config["num_layers"], config["num_single_layers"], hidden)
+    elif family == "flux2-klein":
+        m = flux2_map(config["num_layers"], config["num_single_layers"], hidden)
     else:
         m = mmdit_map(config["num_layers"], hidden)
     return {d: Target(f"diffusion_model.{t.key}", t.rows, t.swap) for d, t in m.items()}
@@ -358,6 +429,12 @@ def key_map(model: LoaderModel, loader: str) -> dict[str, Target]:
             legacy = path.replace(".to_", ".processor.to_")
             legacy = legacy[:-2] if legacy.endswith(".to_out.0") else legacy
             out[legacy] = out[f"unet.{legacy}"] = t
+        elif model.family == "z-image" and comfy:  # comfy/lora.py, the Lumina2 branch
+            for key in ("diffusion_model.", "transformer.", "lycoris_", ""):
+                out[key + (_u(path) if key == "lycoris_" else path)] = t
+        elif model.family == "qwen-image" and comfy:  # comfy/lora.py, the QwenImage branch
+            for key in ("transformer.", "lycoris_", ""):
+                out[key + (_u(path) if key == "lycoris_" else path)] = t
         elif model.family == "flux" or (model.family == "sd3" and comfy):
             out[f"transformer.{path}"] = t
             out[f"lycoris_{_u(path)}"] = t

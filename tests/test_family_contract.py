@@ -2,7 +2,8 @@
 
 Parametrized over `FAMILIES`: registering a family puts it under this test. Per family, at the
 smallest shapes: `prepare` (no model named) then `train` on that set at a resolution whose
-buckets are not all square, 2 steps with text-encoder LoRA and a preview grid, and 2 steps
+buckets are not all square, 2 steps with text-encoder LoRA (where the family has CLIP encoders;
+the others must refuse the key in one paragraph) and a preview grid, and 2 steps
 without it, whose diffusers file `load_lora_weights` loads into the family's own pipeline to
 reproduce the trained denoiser (≤ 1e-5) and which `merge` fuses into the base (with
 `--single-file` where the family has one); every export format written and read back; `inspect`
@@ -24,6 +25,7 @@ from conftest import FAST, SAMPLES, cli
 
 from lorakit import config as cfg
 from lorakit.export import read_adapter
+from lorakit.lora import text_encoder_targets
 from lorakit.merge import merge_into
 from lorakit.models import FAMILIES
 from lorakit.models.base import Family
@@ -42,10 +44,21 @@ def prepared(tmp_path_factory):
 def test_family_walks_the_whole_path(family, prepared, tmp_path):
     buckets = json.loads((prepared / "report.json").read_text())["buckets"]
     assert any(w != h for w, h in (b.split("x") for b in buckets)), "needs non-square buckets"
+    fam = FAMILIES[family]
+    # text-encoder LoRA where the family offers one (CLIP encoders); a family whose encoders are
+    # LLMs/T5 (Qwen-Image, FLUX.2, Z-Image) must refuse the key in one paragraph instead
+    te = bool(text_encoder_targets(fam, fam.build_tiny(seed=0)))
     run = tmp_path / "run"
+    if not te:
+        r = cli(
+            "train", prepared, *FAST, "--model", f"tiny:{family}", "--steps", 2,
+            "--out", tmp_path / "refused", "--set", "lora.train_text_encoder=true", expect=2,
+        )  # fmt: skip
+        assert "lora.train_text_encoder = false" in r.output and "Traceback" not in r.output
+        assert not (tmp_path / "refused" / "lorakit.safetensors").exists()
     cli(
         "train", prepared, *FAST, "--model", f"tiny:{family}", "--steps", 2, "--out", run,
-        "--set", "data.resolution=64", "--set", "lora.train_text_encoder=true",
+        "--set", "data.resolution=64", "--set", f"lora.train_text_encoder={str(te).lower()}",
         "--set", "sample.every=2", "--set", "train.batch_size=1",
     )  # fmt: skip
     assert sorted(p.name for p in (run / "samples").glob("*.png")), "preview grids"
@@ -55,9 +68,8 @@ def test_family_walks_the_whole_path(family, prepared, tmp_path):
     for f in files:
         adapter, _ = read_adapter(f)
         assert adapter.family == family, f
-        assert any(comp != FAMILIES[family].denoiser_name for comp, _ in adapter.modules), (
-            f"{f.name}: the text-encoder LoRA is missing"
-        )
+        comps = {comp for comp, _ in adapter.modules}
+        assert (comps != {fam.denoiser_name}) == te, f"{f.name}: text-encoder LoRA {comps}"
         r = cli("inspect", f)
         assert f"family:      {family}" in r.output, r.output
 

@@ -65,7 +65,8 @@ def module_identity(*modules) -> str:
         for name, t in sorted(m.state_dict().items()):
             t = t.detach().to("cpu").contiguous()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            # reshape: a 0-dim buffer (BatchNorm's num_batches_tracked) has no byte view
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:32]
 
 

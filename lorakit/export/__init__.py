@@ -281,15 +281,55 @@ def read_tensors(
     return tensors, meta, source, fmt
 
 
-def adapter_from(
+def _module_ratios(family_name: str) -> dict[tuple[str, str], float]:
+    """out/in features of every Linear/Conv of the family's tiny model, by (component, path).
+
+    Width-free: the tiny models keep their architecture's ratios (FLUX.1's MLP is 4× the width,
+    FLUX.2's gated MLP 2 × 3×), so a file of any width can be compared with them."""
+    from lorakit.models import get_family
+
+    cached = _RATIOS.get(family_name)
+    if cached is None:
+        fam = get_family(family_name)
+        comps = fam.build_tiny(seed=0)
+        cached = {}
+        for target in fam.targets:
+            module = getattr(comps, target.component, None)
+            if module is None:
+                continue
+            for name, m in module.named_modules():
+                w = getattr(m, "weight", None)
+                if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and w is not None:
+                    cached[(target.component, name)] = w.shape[0] / w.shape[1]
+        _RATIOS[family_name] = cached
+    return cached
+
+
+_RATIOS: dict[str, dict[tuple[str, str], float]] = {}
+
+
+def _shape_misfits(adapter: Adapter) -> int:
+    """Modules whose out/in ratio is not the family architecture's (a same-named other family)."""
+    ratios = _module_ratios(adapter.family)
+    bad = 0
+    for key, w in adapter.modules.items():
+        want = ratios.get(key)
+        got = w.up.shape[0] / w.down.shape[1] if w.down.dim() >= 2 else None
+        bad += want is not None and got is not None and abs(want - got) > 1e-6
+    return bad
+
+
+def read_as(
     tensors: dict[str, torch.Tensor],
     meta: dict[str, str],
     fmt: Format,
     path: Path,
     family: str | None = None,
-) -> Adapter:
-    """The Adapter of checked file tensors, read as the family whose tables place every module
-    (the fewest unplaced, then the one the metadata names); one paragraph when none fits."""
+) -> tuple[Adapter, list[str]]:
+    """(the Adapter, the other families that also read it): the family whose tables place every
+    module (the fewest unplaced); among several that do (FLUX.1 and FLUX.2 share kohya's BFL
+    names), the one whose architecture the module shapes fit, then the one the metadata names,
+    then registry order. One paragraph when none fits."""
     from lorakit.export import validate
     from lorakit.models import get_family
 
@@ -301,7 +341,8 @@ def adapter_from(
             validate.unmapped_error(path, fmt.name, best, missing, len(modules), meta)
         )
     first_error = None
-    for name, left in ranking:
+    readable: list[tuple[int, Adapter]] = []
+    for i, (name, left) in enumerate(ranking):
         if left:
             break
         try:
@@ -311,9 +352,28 @@ def adapter_from(
             # fused widths that split only in one architecture); report the best one's error
             first_error = first_error or f"'{path}' ({fmt.name} format, {name}): {e}"
             continue
-        check_ranks(adapter, path)
-        return adapter
-    raise LorakitError(first_error)
+        readable.append((i, adapter))
+    if not readable:
+        raise LorakitError(first_error)
+    if len(readable) > 1:
+        hint = validate.family_hint(meta)
+        readable.sort(
+            key=lambda r: (r[1].family != hint if hint else False, _shape_misfits(r[1]), r[0])
+        )
+    adapter = readable[0][1]
+    check_ranks(adapter, path)
+    return adapter, [a.family for _, a in readable[1:]]
+
+
+def adapter_from(
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, str],
+    fmt: Format,
+    path: Path,
+    family: str | None = None,
+) -> Adapter:
+    """The Adapter of checked file tensors (`read_as`); one paragraph when no family fits."""
+    return read_as(tensors, meta, fmt, path, family)[0]
 
 
 def read_adapter(

@@ -209,7 +209,9 @@ def to_state_dict(
 
 
 def detect(keys: list[str]) -> bool:
-    return bool(keys) and all(k.startswith("lora_") and k.endswith(SUFFIXES) for k in keys)
+    # `lycoris_`: a family's diffusers-name prefix where ComfyUI maps no `lora_…` one (Z-Image)
+    prefixes = ("lora_", "lycoris_")
+    return bool(keys) and all(k.startswith(prefixes) and k.endswith(SUFFIXES) for k in keys)
 
 
 def group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

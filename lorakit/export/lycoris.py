@@ -117,7 +117,8 @@ def to_state_dict(adapter: Adapter, family: Family, **_: object) -> dict[str, to
 
 def detect(keys: list[str]) -> bool:
     """LyCORIS-specific tensors present, every key in the kohya `lora_…` layout."""
-    if not keys or not all(k.startswith("lora_") and _suffix(k) in SUFFIXES for k in keys):
+    prefixes = ("lora_", "lycoris_")  # `lycoris_`: see kohya.detect
+    if not keys or not all(k.startswith(prefixes) and _suffix(k) in SUFFIXES for k in keys):
         return False
     return any(_suffix(k) in SPECIFIC for k in keys)
 

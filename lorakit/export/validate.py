@@ -248,7 +248,8 @@ def check_adapter(adapter, path=None) -> None:
 
 def family_hint(meta: dict[str, str]) -> str | None:
     """The family a file's metadata names, if any: lorakit's own key, else the first family
-    whose `named_by` accepts the SAI model spec / kohya's `ss_base_model_version`."""
+    whose `named_by` accepts the SAI model spec / kohya's `ss_base_model_version`, the later
+    registered first (as for `name_hints`: a later family's names may extend an earlier one's)."""
     from lorakit.models import FAMILIES
 
     name = meta.get("lorakit.family", "")
@@ -256,8 +257,9 @@ def family_hint(meta: dict[str, str]) -> str | None:
         return name
     arch = meta.get("modelspec.architecture", "")
     version = meta.get("ss_base_model_version", "")
+    later_first = reversed(list(FAMILIES.items()))
     return next(
-        (n for n, f in FAMILIES.items() if (arch or version) and f.named_by(arch, version)), None
+        (n for n, f in later_first if (arch or version) and f.named_by(arch, version)), None
     )
 
 

@@ -11,11 +11,17 @@ from lorakit.config import ModelConfig
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.models.base import AdapterTarget, Family
 from lorakit.models.flux import Flux
+from lorakit.models.flux2_klein import Flux2Klein
+from lorakit.models.qwen_image import QwenImage
 from lorakit.models.sd3 import SD3
 from lorakit.models.sd15 import SD15
 from lorakit.models.sdxl import SDXL
+from lorakit.models.z_image import ZImage
 
-FAMILIES: dict[str, Family] = {"sd15": SD15(), "sdxl": SDXL(), "sd3": SD3(), "flux": Flux()}
+FAMILIES: dict[str, Family] = {
+    "sd15": SD15(), "sdxl": SDXL(), "sd3": SD3(), "flux": Flux(), "qwen-image": QwenImage(),
+    "z-image": ZImage(), "flux2-klein": Flux2Klein(),
+}  # fmt: skip
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

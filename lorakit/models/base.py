@@ -103,6 +103,13 @@ class Family(Protocol):
     quantizable: bool
     """Whether `model.quantize` (bitsandbytes NF4/int8 of the denoiser's Linear layers) applies:
     the denoiser is loaded through `quantize.quantized_kwargs` / `quantize_loaded`."""
+    swap_blocks: tuple[str, ...]
+    """Attribute names of the denoiser's `nn.ModuleList`s of repeated transformer blocks, in the
+    order the forward pass runs them (FLUX: `transformer_blocks`, then
+    `single_transformer_blocks`). `train.block_swap = N` streams the frozen weights of the LAST N
+    blocks over these lists, concatenated, from host memory (`lorakit/blockswap.py`); each block
+    must be called as a module (its forward hooks run) once per forward pass. `()`: block swap
+    is not supported (the UNet families, whose blocks differ in shape and nest)."""
     min_resolution: int
     """Smallest `data.resolution` (pixels) `lorakit plan` proposes to make a run fit: below it
     the real model's results degrade (SD1.5 256; models trained at 1024² px 512)."""
@@ -167,10 +174,21 @@ class Family(Protocol):
         applied that the family supports (T5 length, drop_t5, quantize). `load_model` calls it
         after `resolve_family` and `quantize.check_quantize`."""
 
+    real_label: str
+    """The real model `build_real_*` / `plan_arch` describe, as `lorakit plan` names it
+    ("SD3.5 large", "FLUX.2 klein 9B")."""
+
+    def real_model(self, model_name: str) -> Family:
+        """The family object whose real architecture (`plan_arch`, `build_real_*`,
+        `real_label`) is the model `model_name` names, for `lorakit plan`: a family with
+        published sizes of different widths (FLUX.2 klein 4B / 9B) returns the one the name
+        says; `self` otherwise (its largest published variant)."""
+
     def build_real_denoiser(self) -> torch.nn.Module:
         """The REAL denoiser (the largest published variant the planner plans for: SD1.5, SDXL
-        base, SD3.5 large, FLUX.1-dev) built from its config with random weights. Call it under
-        `accelerate.init_empty_weights(include_buffers=True)` for a meta-device model."""
+        base, SD3.5 large, FLUX.1-dev; or the one `real_model` picked) built from its config
+        with random weights. Call it under `accelerate.init_empty_weights(include_buffers=True)`
+        for a meta-device model."""
 
     def build_real_frozen(self, drop_t5: bool = False) -> dict[str, torch.nn.Module]:
         """The REAL VAE and text encoders, named as `frozen_modules` names them (random weights;

@@ -74,12 +74,14 @@ def checkpoint_keys(path: Path) -> list[str]:
 
 
 def detect_family(path: str | Path) -> str | None:
-    """Family name from the checkpoint's key names (the first registered family with a key
-    starting with one of its `single_file_markers`), or None if no family matches."""
+    """Family name from the checkpoint's key names (the LAST registered family with a key
+    starting with one of its `single_file_markers`, as for `name_hints`: a later family may
+    share an earlier one's prefixes — FLUX.2 files have FLUX.1's `double_blocks.` — and adds its
+    own), or None if no family matches."""
     from lorakit.models import FAMILIES
 
     keys = checkpoint_keys(Path(path))
-    for family in FAMILIES.values():
+    for family in reversed(list(FAMILIES.values())):
         if any(k.startswith(family.single_file_markers) for k in keys):
             return family.name
     return None

@@ -276,6 +276,7 @@ class Flux:
     text_length = 512
     """Bucket sides are multiples of this: VAE factor 8 × 2×2 latent patches."""
     quantizable = True
+    swap_blocks = ("transformer_blocks", "single_transformer_blocks")
     min_resolution = 512
     name_hints = ("flux",)
     plan_arch = PlanArch(
@@ -418,6 +419,11 @@ class Flux:
         }
 
     # -- the real model, for `lorakit plan` (meta device) --------------------------------------
+
+    real_label = "FLUX.1-dev"
+
+    def real_model(self, model_name: str):
+        return self  # one published width
 
     def build_real_denoiser(self) -> torch.nn.Module:
         from diffusers import FluxTransformer2DModel

@@ -179,6 +179,7 @@ class SD15:
     )
     tiny_resolution = 64
     quantizable = False
+    swap_blocks = ()
     min_resolution = 256
     name_hints = ("v1-5", "sd15", "1.5")
     plan_arch = PlanArch(latent_channels=4, text_tokens=77, text_dim=768, pooled_dim=0, cfg_batch=2)
@@ -289,6 +290,11 @@ class SD15:
         return load_unconfigured(self, cfg, kind)
 
     # -- the real model, for `lorakit plan` (meta device) --------------------------------------
+
+    real_label = "SD1.5"
+
+    def real_model(self, model_name: str):
+        return self  # one published width
 
     def build_real_denoiser(self) -> torch.nn.Module:
         from diffusers import UNet2DConditionModel

@@ -204,6 +204,7 @@ class SD3:
     text_length = 256
     """Bucket sides are multiples of this: VAE factor 8 × 2×2 latent patches."""
     quantizable = True
+    swap_blocks = ("transformer_blocks",)
     min_resolution = 512
     name_hints = ("stable-diffusion-3", "sd3")
     plan_arch = PlanArch(
@@ -395,6 +396,11 @@ class SD3:
         return out
 
     # -- the real model, for `lorakit plan` (meta device) --------------------------------------
+
+    real_label = "SD3.5 large"
+
+    def real_model(self, model_name: str):
+        return self  # one published width
 
     def build_real_denoiser(self) -> torch.nn.Module:
         from diffusers import SD3Transformer2DModel

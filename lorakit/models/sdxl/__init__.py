@@ -216,6 +216,7 @@ class SDXL:
     )
     tiny_resolution = 64
     quantizable = False
+    swap_blocks = ()
     min_resolution = 512
     name_hints = ("xl",)
     plan_arch = PlanArch(
@@ -352,6 +353,11 @@ class SDXL:
         return load_unconfigured(self, cfg, kind)
 
     # -- the real model, for `lorakit plan` (meta device) --------------------------------------
+
+    real_label = "SDXL base 1.0"
+
+    def real_model(self, model_name: str):
+        return self  # one published width
 
     def build_real_denoiser(self) -> torch.nn.Module:
         from diffusers import UNet2DConditionModel

@@ -1,0 +1,545 @@
+"""Qwen-Image family: every training convention against `QwenImagePipeline`'s own code on the
+same inputs (packing, latent normalisation, prompt encoding and its padding, the denoiser call
+of a sampling step, the schedule's shift), module tables, single-file loading, bad inputs, the
+presets and a CLI run with previews. Slow tier: train a LoRA on one image and sample it back."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from functools import cache
+
+import pytest
+import torch
+from conftest import FAST, SAMPLES, cli
+from safetensors.torch import save_file
+
+from lorakit.config import ModelConfig, TrainConfig
+from lorakit.errors import LorakitError
+from lorakit.models import FAMILIES, load_model
+from lorakit.models import qwen_image as qi
+from lorakit.models.flow import flux_mu, sample_sigmas
+
+FAM = FAMILIES["qwen-image"]
+CAPTIONS = ["tdwl coffee cup", "a teal wave over the sea, flat illustration, bold shapes"]
+
+
+@cache
+def tiny():
+    return FAM.build_tiny(0)
+
+
+def _linear_names(module) -> set[str]:
+    return {n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+# --- conventions against the pipeline's own code -----------------------------------------------
+
+
+def test_pack_unpack_match_the_pipeline():
+    from diffusers import QwenImagePipeline
+
+    x = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(0))
+    packed = qi.pack_latents(x)
+    assert packed.shape == (2, 15, 64)
+    # prepare_latents draws [B, 1, C, h, w] and packs that; unpack returns [B, C, 1, h, w]
+    assert torch.equal(packed, QwenImagePipeline._pack_latents(x[:, None], 2, 16, 6, 10))
+    assert torch.equal(qi.unpack_latents(packed, 6, 10), x)
+    assert torch.equal(QwenImagePipeline._unpack_latents(packed, 48, 80, 8)[:, :, 0], x)
+    assert qi.img_shapes(2, 6, 10) == [[(1, 3, 5)]] * 2
+
+
+def test_latents_are_the_per_channel_normalisation_the_pipeline_decodes():
+    c = tiny()
+    px = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    lat = FAM.encode_images(c, px)
+    assert lat.shape == (1, 16, 8, 6)
+    mean = c.vae.encode(px[:, :, None]).latent_dist.mean
+    # the pipeline's decode input: latents / (1 / std) + mean
+    std = 1.0 / torch.tensor(c.vae.config.latents_std).view(1, 16, 1, 1, 1)
+    mu = torch.tensor(c.vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    assert torch.allclose(lat[:, :, None] / std + mu, mean, atol=1e-5)
+    assert c.vae.config.latents_std[0] == 2.8184  # the released per-channel values
+
+
+def test_prompts_are_the_pipelines_embeddings_padded_to_a_fixed_length():
+    """encode_prompts = QwenImagePipeline.encode_prompt (template, 34 prefix states dropped,
+    last hidden state), padded with zeros/mask 0 to max_sequence_length; each caption's
+    embedding is the same whatever it is batched with (so cached captions stack)."""
+    c = tiny()
+    cond = FAM.encode_prompts(c, CAPTIONS)
+    e, m = cond["encoder_hidden_states"], cond["encoder_hidden_states_mask"]
+    assert e.shape == (2, 512, qi.TINY_TEXT_DIM) and m.shape == (2, 512)
+    pipe = FAM.pipeline(c)
+    ref, ref_mask = pipe.encode_prompt(CAPTIONS, device="cpu", max_sequence_length=512)
+    n = ref.shape[1]
+    assert torch.equal(e[:, :n], ref) and torch.equal(m[:, :n], ref_mask.float())
+    assert not e[:, n:].any() and not m[:, n:].any()
+    # the template prefix: 34 tokens, whose hidden states the pipeline drops
+    template = pipe.prompt_template_encode
+    assert len(c.tokenizer(template.split("{}")[0]).input_ids) == qi.PROMPT_PREFIX_TOKENS
+    ids = c.tokenizer(template.format(CAPTIONS[0]), return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = c.text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+    length = int(m[0].sum())
+    assert length == ids.shape[1] - 34
+    assert torch.allclose(e[0, :length], hidden[34:], atol=1e-5)
+    alone = FAM.encode_prompts(c, CAPTIONS[:1])
+    assert torch.allclose(alone["encoder_hidden_states"], e[:1], atol=1e-5)
+    assert torch.equal(alone["encoder_hidden_states_mask"], m[:1])
+
+
+def test_padding_never_changes_the_prediction():
+    """The padded, stacked cond gives the transformer's output on the pipeline's own (unpadded /
+    pad-to-longest) embeddings; garbage in the padded positions changes nothing either."""
+    c = tiny()
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.3, 0.8])
+    cond = FAM.encode_prompts(c, CAPTIONS)
+    ref, ref_mask = FAM.pipeline(c).encode_prompt(CAPTIONS, device="cpu")
+    with torch.no_grad():
+        ours = FAM.predict(c.transformer, x, t, cond)
+        theirs = c.transformer(
+            hidden_states=qi.pack_latents(x), timestep=t, encoder_hidden_states=ref,
+            encoder_hidden_states_mask=ref_mask, img_shapes=qi.img_shapes(2, 8, 8),
+            return_dict=False,
+        )[0]  # fmt: skip
+        noisy_pad = dict(cond)
+        pad = cond["encoder_hidden_states_mask"] == 0
+        noisy_pad["encoder_hidden_states"] = torch.where(
+            pad[..., None], torch.randn_like(cond["encoder_hidden_states"]),
+            cond["encoder_hidden_states"],
+        )  # fmt: skip
+        garbage = FAM.predict(c.transformer, x, t, noisy_pad)
+        # and a caption alone (its mask all ones: no mask at all, as the pipeline passes it)
+        single = FAM.encode_prompts(c, CAPTIONS[:1])
+        one = FAM.predict(c.transformer, x[:1], t[:1], single)
+    assert (ours - qi.unpack_latents(theirs, 8, 8)).abs().max().item() <= 1e-5
+    assert (garbage - ours).abs().max().item() <= 1e-5
+    assert (one - ours[:1]).abs().max().item() <= 1e-5
+    hidden, mask = qi.trim_text(single["encoder_hidden_states"],
+                                single["encoder_hidden_states_mask"])  # fmt: skip
+    assert mask is None and hidden.shape[1] == int(single["encoder_hidden_states_mask"].sum())
+
+
+def test_noise_and_timesteps_use_qwen_images_dynamic_shift():
+    c = tiny()
+    assert c.scheduler.config.max_image_seq_len == 8192 and c.scheduler.config.max_shift == 0.9
+    lat = torch.zeros(3, 16, 128, 128)  # 1024 px → 4096 tokens → μ = 0.5 + 0.4·3840/7936
+    noise, sig = FAM.noise_and_timesteps(c, lat, torch.Generator().manual_seed(9), TrainConfig())
+    gen = torch.Generator().manual_seed(9)
+    torch.randn(lat.shape, generator=gen)
+    mu = flux_mu(4096, 256, 8192, 0.5, 0.9)
+    assert abs(mu - 0.69355) < 1e-4
+    assert torch.equal(sig, sample_sigmas(3, gen, "shift", 0.0, 1.0, mu))
+    assert noise.shape == lat.shape
+    # the constant `train.flow_shift` replaces it
+    _, fixed = FAM.noise_and_timesteps(
+        c, lat, torch.Generator().manual_seed(9), TrainConfig(flow_shift=3.0)
+    )
+    gen = torch.Generator().manual_seed(9)
+    torch.randn(lat.shape, generator=gen)
+    assert torch.allclose(fixed, sample_sigmas(3, gen, "shift", 0.0, 1.0, math.log(3.0)))
+
+
+def _capture_step(comps, caption: str, res: int, step: int, steps: int):
+    """The transformer call of sampling step `step` in the family's own pipeline (no CFG),
+    and the pipeline."""
+    pipe = FAM.pipeline(comps)
+    calls = []
+
+    def capture(module, args, kwargs):
+        calls.append({k: (v.detach().clone() if torch.is_tensor(v) else v)
+                      for k, v in kwargs.items()})  # fmt: skip
+
+    hook = comps.transformer.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        pipe(prompt=caption, height=res, width=res, num_inference_steps=steps,
+             generator=torch.Generator().manual_seed(0), output_type="latent")  # fmt: skip
+    finally:
+        hook.remove()
+    return calls[step], pipe
+
+
+def one_step_problems(comps, x0, caption, res=64, step=2, steps=4, train=None) -> list[str]:
+    """Reproduce the pipeline's denoiser call of `step` with lorakit's `loss` (the noise that
+    puts the image x0 `[1, 16, h, w]` at that point of the pipeline's schedule) and check that
+    the inputs agree and that the loss is 0 for the output that makes the pipeline's Euler step
+    land on the image's next point; and that the `shift` sampler's median equals the
+    schedule's shift for this size."""
+    train = train or TrainConfig()
+    call, pipe = _capture_step(comps, caption, res, step, steps)
+    h, w = x0.shape[-2:]
+    sched = pipe.scheduler
+    sigma, sigma_next = sched.sigmas[step].item(), sched.sigmas[step + 1].item()
+    x = qi.unpack_latents(call["hidden_states"], h, w)
+    noise = (x - (1 - sigma) * x0) / sigma
+    ideal = ((1 - sigma_next) * x0 + sigma_next * noise - x) / (sigma_next - sigma)
+    seen = []
+
+    def capture(module, args, kwargs):
+        seen.append(kwargs)
+
+    def replace(module, args, kwargs, output):
+        return (qi.pack_latents(ideal).to(output[0].dtype),)
+
+    hooks = [comps.transformer.register_forward_pre_hook(capture, with_kwargs=True),
+             comps.transformer.register_forward_hook(replace, with_kwargs=True)]  # fmt: skip
+    cond = FAM.encode_prompts(comps, [caption])
+    try:
+        with torch.no_grad():
+            loss = FAM.loss(comps, comps.transformer, x0, cond, noise, torch.tensor([sigma]), train)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    ours, problems = seen[0], []
+    for key in ("hidden_states", "timestep", "encoder_hidden_states"):
+        a, b = ours[key].double(), call[key].double()
+        if a.shape != b.shape or (a - b).abs().max() > 1e-4 * max(b.abs().max(), 1e-6):
+            problems.append(f"denoiser input '{key}' differs")
+    if (ours["encoder_hidden_states_mask"] is None) != (call["encoder_hidden_states_mask"] is None):
+        problems.append("only one side passes a text mask")
+    if ours["img_shapes"] != call["img_shapes"]:
+        problems.append(f"img_shapes {ours['img_shapes']} vs {call['img_shapes']}")
+    if ours.get("guidance") is not None or call.get("guidance") is not None:
+        problems.append("guidance passed")
+    if loss.item() > 1e-8 * max(1.0, ideal.pow(2).mean().item()):
+        problems.append(f"training target is not what the sampler steps with ({loss:.3g})")
+    tc = dataclasses.replace(train, timestep_sampling="shift", logit_mean=0.0)
+    _, sig = FAM.noise_and_timesteps(
+        comps, x0.expand(4096, *x0.shape[1:]), torch.Generator().manual_seed(7), tc
+    )
+    m = sig.median().item()
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    sc = sched.config
+    tokens = call["hidden_states"].shape[1]
+    theirs = math.exp(
+        calculate_shift(
+            tokens, sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift
+        )
+    )
+    if abs(math.log(m / (1 - m) / theirs)) > 0.05:
+        problems.append(f"sampler shift {m / (1 - m):.3f}, pipeline's {theirs:.3f}")
+    return problems
+
+
+def test_training_calls_the_denoiser_exactly_as_a_sampling_step_does():
+    c = tiny()
+    x0 = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    assert one_step_problems(c, x0, CAPTIONS[1]) == []
+
+
+# --- module tables, tiny model, loading -----------------------------------------------------------
+
+
+def test_module_table_matches_the_real_structure():
+    from accelerate import init_empty_weights
+    from diffusers import QwenImageTransformer2DModel
+
+    table = FAM.known_modules("transformer")
+    assert len(table) == 6 + 60 * 14
+    with init_empty_weights():  # real widths, 2 blocks: the names of every block are the same
+        real = QwenImageTransformer2DModel(**dict(qi.QWEN_IMAGE_TRANSFORMER, num_layers=2))
+    assert _linear_names(real) == qi._names.qwen_image_modules(2)
+    assert _linear_names(tiny().transformer) < table
+    for suffix in FAM.default_targets:
+        assert sum(n.endswith("." + suffix) for n in table) == 60, suffix
+    assert FAM.swap_blocks == ("transformer_blocks",)
+    assert isinstance(getattr(tiny().transformer, FAM.swap_blocks[0]), torch.nn.ModuleList)
+
+
+def test_local_folder_and_single_files_load_identical_weights(tmp_path):
+    folder = tmp_path / "tiny"
+    cli("tiny-model", "qwen-image", folder)
+    assert (folder / "model_index.json").is_file() and not list(folder.rglob("*.bin"))
+    built = tiny()
+    loaded = FAM.load(str(folder), revision="", variant="", allow_pickle=False)
+    for name in ("transformer", "vae", "text_encoder"):
+        a, b = getattr(loaded, name).state_dict(), getattr(built, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    e1 = FAM.encode_prompts(loaded, CAPTIONS)["encoder_hidden_states"]
+    assert torch.allclose(e1, FAM.encode_prompts(built, CAPTIONS)["encoder_hidden_states"])
+    # ComfyUI's diffusion-model file: diffusers names, bare or under model.diffusion_model.
+    state = FAM.to_single_file(built)
+    for prefix in ("", "model.diffusion_model."):
+        path = tmp_path / f"qwen_image{prefix[:5]}.safetensors"
+        save_file({prefix + k: v for k, v in state.items()}, str(path))
+        fam, comps = load_model(ModelConfig(name=str(path), single_file_config=str(folder)))
+        assert fam is FAM
+        got = comps.transformer.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in state.items()) and got.keys() == state.keys()
+        x, t = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2)), torch.rand(1)
+        cond = FAM.encode_prompts(comps, CAPTIONS[:1])
+        with torch.no_grad():
+            same = FAM.predict(comps.transformer, x, t, cond)
+            diff = (same - FAM.predict(built.transformer, x, t, cond)).abs().max().item()
+            assert diff <= 1e-6, diff
+
+
+def test_bad_inputs_are_one_clear_paragraph(tmp_path):
+    from lorakit.models.single_file import detect_family
+
+    folder = tmp_path / "tiny"
+    FAM.save(tiny(), str(folder))
+    path = tmp_path / "qwen_image_bf16.safetensors"
+    save_file(FAM.to_single_file(tiny()), str(path))
+    assert detect_family(path) == "qwen-image"
+    # the diffusion-model file alone: the text encoder must come from a diffusers folder
+    with pytest.raises(LorakitError, match=r"qwen_image_bf16\.safetensors.*text_encoder/.*"
+                       r"qwen_2\.5_vl_7b.*model\.single_file_config"):  # fmt: skip
+        load_model(ModelConfig(name=str(path)))
+    # another family's checkpoint given as Qwen-Image
+    other = tmp_path / "flux1.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1)}, str(other))
+    with pytest.raises(LorakitError, match=r"flux1\.safetensors' is a flux checkpoint.*'flux'"):
+        load_model(
+            ModelConfig(name=str(other), family="qwen-image", single_file_config=str(folder))
+        )
+    # a file with none of the transformer's keys (a LoRA, say)
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(lora))
+    with pytest.raises(LorakitError, match=r"lora\.safetensors.*transformer weights are missing"):
+        load_model(ModelConfig(name=str(lora), family="qwen-image", single_file_config=str(folder)))
+    # an edit model's folder, recognised (family auto) or named as qwen-image
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(
+        json.dumps(dict(index, _class_name="QwenImageEditPlusPipeline"))
+    )
+    for family in ("auto", "qwen-image"):
+        with pytest.raises(LorakitError, match=r"Qwen-Image-Edit.*not train edit.*Qwen/Qwen-Image"):
+            load_model(ModelConfig(name=str(folder), family=family))
+
+
+# --- export: the files ComfyUI and diffusers read -------------------------------------------------
+
+
+def test_exports_use_musubi_and_comfyui_names_and_reload_in_diffusers(tmp_path):
+    from safetensors import safe_open
+
+    from lorakit.config import LoraConfigSection
+    from lorakit.export import read_adapter, write_adapter
+    from lorakit.lora import extract_adapter, inject_lora
+
+    c = FAM.build_tiny(0)
+    lora = LoraConfigSection(rank=4, alpha=8.0, target_modules=[*FAM.default_targets, "img_mod.1"])
+    params = inject_lora(c.transformer, lora, 0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    adapter = extract_adapter(FAM, c, {"lorakit.family": FAM.name})
+    kohya = write_adapter(adapter, "kohya", tmp_path / "k.safetensors")
+    with safe_open(str(kohya), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight" in keys
+    assert "lora_unet_transformer_blocks_1_txt_mlp_net_0_proj.alpha" in keys
+    assert meta["ss_base_model_version"] == "qwen_image"
+    assert meta["modelspec.architecture"] == "qwen-image/lora"
+    back, _ = read_adapter(kohya)
+    assert back.family == "qwen-image" and back.modules.keys() == adapter.modules.keys()
+    # a musubi-tuner file (same keys, no lorakit metadata) is read as Qwen-Image by its keys
+    musubi = tmp_path / "musubi.safetensors"
+    with safe_open(str(kohya), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in keys}, str(musubi),
+                  {"ss_base_model_version": "qwen_image"})  # fmt: skip
+    assert read_adapter(musubi)[0].family == "qwen-image"
+    # without any metadata, real-depth keys decide (block 59: no SD3/FLUX has it)
+    bare = {}
+    for i in (0, 59):
+        b = f"lora_unet_transformer_blocks_{i}_attn_add_k_proj"
+        bare[f"{b}.lora_down.weight"] = torch.zeros(2, 3072)
+        bare[f"{b}.lora_up.weight"] = torch.zeros(3072, 2)
+        bare[f"{b}.alpha"] = torch.tensor(2.0)
+    save_file(bare, str(tmp_path / "bare.safetensors"))
+    assert read_adapter(tmp_path / "bare.safetensors")[0].family == "qwen-image"
+    # resize keeps the names and the family
+    cli("resize", kohya, "--rank", 2, "--out", tmp_path / "r.safetensors")
+    small, _ = read_adapter(tmp_path / "r.safetensors")
+    assert small.family == "qwen-image" and small.modules.keys() == adapter.modules.keys()
+    assert {w.down.shape[0] for w in small.modules.values()} == {2}
+
+
+MATRIX_TARGETS = [*qi.QwenImage.default_targets, "img_mod.1", "norm_out.linear", "img_in"]
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr"])
+def test_every_format_loads_in_comfyui_at_the_trained_strength(tmp_path, kind):
+    """tests/loaders.py's ComfyUI rules (its QwenImage branch: `lora_unet_`, `diffusion_model.`,
+    `transformer.`, `lycoris_`, bare paths) over every format lorakit writes for Qwen-Image: every
+    key read, every trained ΔW applied at strength 1 (alpha ≠ rank, `to_k` at rank 2); the
+    diffusers file also through diffusers' own `load_lora_weights`. Forge has no Qwen-Image."""
+    import loaders
+    from safetensors.torch import load_file
+    from test_export_matrix import Trained, check_diffusers, check_loader
+
+    from lorakit.config import LoraConfigSection
+    from lorakit.export import loads_in, write_adapter
+    from lorakit.lora import canonical_name, extract_adapter, inject_lora, lora_layers
+
+    comps = FAM.build_tiny(0)
+    weights = {
+        ("transformer", n): m.weight.detach().clone()
+        for n, m in comps.transformer.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+    model = loaders.build_model("qwen-image", weights, dict(comps.transformer.config))
+    targets = [t for t in MATRIX_TARGETS if kind != "dora" or t != "norm_out.linear"]
+    cfg = LoraConfigSection(
+        rank=4, alpha=8.0, target_modules=targets, type="lora" if kind == "dora" else kind,
+        use_dora=kind == "dora", rank_pattern={"to_k": 2}, alpha_pattern={"add_v_proj": 3.0},
+    )  # fmt: skip
+    params = inject_lora(comps.transformer, cfg, 0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.1)
+    adapter = extract_adapter(FAM, comps, {"lorakit.family": FAM.name})
+    delta, magnitude = {}, {}
+    target = FAM.targets[0]
+    for name, layer in lora_layers(comps.transformer):
+        cp = ("transformer", canonical_name(target, name))
+        with torch.no_grad():
+            delta[cp] = layer.get_delta_weight("default").float()
+            if kind == "dora":
+                magnitude[cp] = layer.lora_magnitude_vector["default"].weight.detach().clone()
+    t = Trained(adapter, delta, magnitude)
+    layouts = [("lycoris", "-")]
+    if kind == "lora":
+        layouts += [("kohya", "original"), ("kohya", "diffusers"), ("diffusers", "-")]
+    for fmt, naming in layouts:
+        kwargs = {"naming": naming} if naming != "-" else {}
+        path = write_adapter(adapter, fmt, tmp_path / f"{fmt}-{naming}.safetensors", **kwargs)
+        assert "ComfyUI" in loads_in(fmt, FAM.name, "original" if naming == "-" else naming)
+        check_loader("comfyui", load_file(str(path)), t, model, "fp32")
+        if fmt == "diffusers":
+            check_diffusers(path, t, FAM.name, "fp32")
+
+
+# --- presets and the CLI -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["qwen-image-12gb", "qwen-image-16gb", "qwen-image-24gb"])
+def test_preset_loads_and_its_cpu_settings_train_tiny_qwen_image(tmp_path, preset):
+    from lorakit import config as cfg
+    from lorakit.train import train
+
+    c = cfg.resolve(preset=preset)
+    assert c.model.name == "Qwen/Qwen-Image" and c.model.quantize == "nf4"
+    assert c.train.mixed_precision == "bf16" and c.train.timestep_sampling == "shift"
+    c = cfg.resolve(
+        preset=preset,
+        sets=[
+            "model.name='tiny:qwen-image'", "model.quantize='none'", "model.t5_max_length=32",
+            "data.resolution=64", "train.steps=1", "train.batch_size=1", "train.grad_accum=1",
+            "train.device='cpu'", "train.mixed_precision='no'", "sample.every=0",
+            "train.save_every=0", "train.optimizer_fallback=true",
+            f"train.out='{tmp_path / 'run'}'",
+        ],
+    )  # fmt: skip
+    result = train(c, SAMPLES)
+    assert set(result.adapters) >= {"kohya"}
+    assert all(math.isfinite(v) for v in result.losses.values())
+
+
+def test_cli_trains_with_previews_on_captions_of_different_lengths(tmp_path):
+    out = tmp_path / "run"
+    cli(
+        "train", SAMPLES, *FAST, "--model", "tiny:qwen-image", "--out", out, "--steps", 2,
+        "--set", "sample.every=2", "--set", "sample.seeds=[0]", "--set", "train.batch_size=2",
+        "--set", "model.t5_max_length=64", "--set", "data.resolution=64",
+    )  # fmt: skip
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
+        "step-000000.png",
+        "step-000002.png",
+    ]
+    assert (out / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
+
+
+# --- slow: what lorakit trains is what the pipeline samples -----------------------------------
+
+WIDE = dict(attention_head_dim=32, num_attention_heads=4, axes_dims_rope=(8, 12, 12))
+"""A wider tiny transformer (the default one, 32 wide, has fewer features than a 2×2×16 patch)."""
+ALL_LINEAR = [*qi.QwenImage.default_targets, "img_mod.1", "txt_mod.1", "norm_out.linear",
+              "proj_out", "img_in", "txt_in", "linear_1", "linear_2"]  # fmt: skip
+
+
+def _agreement_components(pixels):
+    """Tiny components with the wide transformer and the VAE's normalisation set so that the
+    training image's latent has mean 0 and RMS 1 (the scale the noise schedule assumes)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from lorakit.models.loading import freeze
+
+    comps = FAM.build_tiny(0)
+    torch.manual_seed(0)
+    comps.transformer = QwenImageTransformer2DModel(**dict(qi.TINY_QWEN_IMAGE_TRANSFORMER, **WIDE))
+    freeze(comps.transformer)
+    with torch.no_grad():
+        raw = comps.vae.encode(pixels[:, :, None]).latent_dist.mean
+    mean, rms = raw.mean().item(), (raw - raw.mean()).pow(2).mean().sqrt().item()
+    comps.vae.register_to_config(latents_mean=[mean] * 16, latents_std=[rms] * 16)
+    return comps
+
+
+@torch.no_grad()
+def _sample(comps, caption, seeds, lora=None):
+    pipe = FAM.pipeline(comps)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    out = []
+    for s in seeds:
+        lat = pipe(prompt=caption, height=64, width=64, num_inference_steps=20,
+                   generator=torch.Generator().manual_seed(s), output_type="latent")[0]  # fmt: skip
+        out.append(qi.unpack_latents(lat, 8, 8))
+    return out
+
+
+@pytest.mark.slow
+def test_trained_lora_samples_its_training_image(tmp_path):
+    """lorakit's training path (noise_and_timesteps + loss, inject_lora, the diffusers export)
+    on one image; a fresh base in QwenImagePipeline loads the file and samples that caption from
+    noise back to the image's latent; one sampling step agrees exactly with the training call."""
+    from test_agreement import similarity, training_image
+
+    from lorakit.config import LoraConfigSection
+    from lorakit.export import write_adapter
+    from lorakit.lora import extract_adapter, inject_lora
+    from lorakit.optim import build_optimizer
+
+    torch.set_num_threads(1)
+    pixels, caption = training_image(64)
+    comps = _agreement_components(pixels)
+    x0 = FAM.encode_images(comps, pixels)
+    cond = FAM.encode_prompts(comps, [caption])
+    tc = TrainConfig(lr=1e-2, optimizer="adamw", weight_decay=0.0, steps=400)
+    lora = LoraConfigSection(rank=16, alpha=16.0, target_modules=ALL_LINEAR)
+    params = inject_lora(comps.transformer, lora, 0)
+    opt = build_optimizer(params, tc, torch.device("cpu"))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, tc.steps) / tc.steps))
+    )
+    lat_b = x0.expand(8, *x0.shape[1:])
+    cond_b = {k: v.expand(8, *v.shape[1:]) for k, v in cond.items()}
+    losses = []
+    comps.transformer.train()
+    for step in range(tc.steps):
+        noise, t = FAM.noise_and_timesteps(comps, lat_b, torch.Generator().manual_seed(step), tc)
+        loss = FAM.loss(comps, comps.transformer, lat_b, cond_b, noise, t, tc)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    comps.transformer.eval()
+    path = write_adapter(extract_adapter(FAM, comps), "diffusers", tmp_path / "a.safetensors")
+    seeds = (0, 1, 2, 3)
+    got = [similarity(x, x0) for x in _sample(_agreement_components(pixels), caption, seeds, path)]
+    base = [similarity(x, x0) for x in _sample(_agreement_components(pixels), caption, seeds)]
+    cos, layout = (sum(g[i] for g in got) / len(got) for i in (0, 1))
+    cos0 = sum(b[0] for b in base) / len(base)
+    summary = (f"cosine {cos:.3f} layout {layout:.3f} untrained {cos0:.3f} loss "
+               f"{sum(losses[:15]) / 15:.3f} → {sum(losses[-15:]) / 15:.3f}")  # fmt: skip
+    print(summary)
+    assert cos > 0.9 and layout > 0.85 and cos - cos0 > 0.4, summary
+    assert one_step_problems(comps, x0, caption, step=5, steps=20) == []
