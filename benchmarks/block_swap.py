@@ -10,11 +10,17 @@ steps after one warm-up step, first without swap, then with `--blocks N` streame
 
     python benchmarks/block_swap.py --family qwen-image --blocks 45 --resolution 1024
     python benchmarks/block_swap.py --family flux --blocks 3 --tiny     # CPU dry run
+    python benchmarks/block_swap.py --family qwen-image --blocks 45 --quantize fp8   # fp8 base
+
+`--quantize fp8` stores the frozen Linear/Conv weights as float8 e4m3 (`model.quantize = 'fp8'`,
+`lorakit.models.quantize.enable_fp8_storage`) before the LoRA is injected, as `lorakit train`
+does: both rounds then run on the fp8 base, and the streamed blocks move fp8 bytes.
 
 Prints one table and the ratios; `--json PATH` writes the rows. musubi-tuner's published
 reference for Qwen-Image (`docs/qwen_image.md`, 1024², batch 1, bf16 mixed precision, gradient
 checkpointing): 42 GB without options, 30 GB with an fp8 base, 24 GB + 16 swapped blocks, 12 GB
-+ 45 swapped blocks; printed beside the measurement (the base here stays bf16).
++ 45 swapped blocks; printed beside the measurement (the base stays bf16 unless
+`--quantize fp8`).
 """
 
 from __future__ import annotations
@@ -117,6 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (dry run)")
+    ap.add_argument("--quantize", choices=("none", "fp8"), default="none",
+                    help="fp8: the frozen base stored as float8 e4m3 (model.quantize)")  # fmt: skip
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
     if a.family not in FAMILIES:
@@ -132,6 +140,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         den = real_denoiser(a.family, device, dtype)
         resolution = a.resolution
+    if a.quantize == "fp8":  # as `train._load_model`: before the LoRA, in the compute dtype
+        from lorakit.models.quantize import enable_fp8_storage
+
+        enable_fp8_storage(den.to(dtype=dtype), dtype)
     lora = LoraConfigSection(rank=16, alpha=16.0, target_modules=list(fam.default_targets))
     params = inject_lora(den, lora, 0)
     for p in params:
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          host_gib=swap.host_bytes / GIB, ring_gib=swap.device_bytes / GIB,
                          h2d_gib_per_step=per_step))  # fmt: skip
         swap.remove()
-    print(f"{a.family}, {resolution} px, {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}), "  # noqa: E501
+    print(f"{a.family}, {resolution} px, base {a.quantize}, {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}), "  # noqa: E501
           f"torch {torch.__version__}")  # fmt: skip
     print("| round | block_swap | s/it | peak allocated GiB | host GiB | ring GiB | H2D GiB/step |")
     print("|---|---|---|---|---|---|---|")
@@ -175,7 +187,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(MUSUBI[a.family])
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"family": a.family, "resolution": resolution, "rows": rows}, f, indent=2)
+            json.dump({"family": a.family, "resolution": resolution, "quantize": a.quantize,
+                       "rows": rows}, f, indent=2)  # fmt: skip
     return rows
 
 

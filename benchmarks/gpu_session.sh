@@ -20,6 +20,7 @@
 #   reference   lorakit vs diffusers' train_text_to_image_lora.py, real SD1.5, 512 px, fp16 (~200)
 #   fsdp        FSDP2 train + resume through presets/accelerate/fsdp.yaml, tiny model (~60 each)
 #   deepspeed   DeepSpeed ZeRO-2 through presets/accelerate/deepspeed-zero2.yaml (~60)
+#   block_swap_fp8  FLUX.1-dev fp8 base, 20 blocks streamed as fp8, with/without (est. ~120)
 #   families    SD1.5 / SDXL / FLUX NF4 rows (done 2026-12-04: BENCHMARKS.md)
 #   pytest_gpu  `pytest -m gpu` (passed 2026-12-04)
 #
@@ -43,7 +44,7 @@
 set -u
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1 && shift
-STEPS=${*:-offload block_swap real_size reference fsdp deepspeed}
+STEPS=${*:-offload block_swap real_size reference fsdp deepspeed block_swap_fp8}
 OUT=${OUT:-$PWD/gpu-session-out}
 mkdir -p "$OUT"
 : > "$OUT/summary.txt"
@@ -128,6 +129,11 @@ elif want deepspeed; then
   echo "deepspeed not importable: step skipped" | tee -a "$OUT/summary.txt"
 fi
 [ -f gpu_check.json ] && cp gpu_check.json "$OUT/" 2>/dev/null
+# fp8 base + block swap (musubi-tuner's --fp8_base --blocks_to_swap): FLUX.1-dev 20 blocks
+# streamed as fp8, with/without, same process (benchmarks/block_swap.py --quantize fp8).
+want block_swap_fp8 && step block_swap_fp8 150 python3 benchmarks/block_swap.py "${TINY_FLAG[@]}" \
+  --family flux --blocks "$([ "$DRY" = 1 ] && echo 3 || echo 20)" --quantize fp8 \
+  --resolution 1024 --steps 3 --json "$OUT/block_swap_fp8.json"
 ls "$OUT"/fsdp-run "$OUT"/deepspeed-run 2>/dev/null | tee -a "$OUT/summary.txt"
 # The device returns at most 8 files: every log and run listing goes into one archive, beside
 # summary.txt and the JSON reports.

@@ -39,8 +39,8 @@ def main() -> None:
     names = sorted(
         p.stem for p in PRESETS.glob("*.toml") if any(p.stem.startswith(x) for x in a.prefixes)
     )
-    print("| preset | real model | budget GiB | need GiB (peak phase) | planner's fix for the budget"
-          " | block_swap N: need GiB |")  # fmt: skip
+    print("| preset | real model | budget GiB | need GiB (peak phase) | planner's fix for the "
+          "budget | block_swap N: need GiB |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for name in names:
         c = cfg.resolve(preset=name)

@@ -1,8 +1,10 @@
 """Planner accuracy on CPU: predicted vs MEASURED peak memory of one training step.
 
-For SD1.5 UNets and FLUX transformers of two sizes (tiny = the test models; mid = wider/deeper),
-with and without gradient checkpointing (and FLUX with `train.offload_activations`), fp32, LoRA
-r4 on the family's default targets, torch AdamW, batch 2:
+For SD1.5 UNets and FLUX transformers of two sizes (tiny = the test models; mid = wider/deeper)
+and the Qwen-Image, Z-Image and FLUX.2 klein tiny transformers (inputs from their own tiny
+encoders at 64 px, every caption position a token as the planner plans), with and without
+gradient checkpointing (and FLUX with `train.offload_activations`), fp32, LoRA r4 on the
+family's default targets, torch AdamW, batch 2:
 
 - measured: `lorakit.planner.measure_step` — a real CPU step (forward + MSE + backward +
   optimizer step) under `planner.StorageMeter`, which counts every live tensor storage
@@ -83,8 +85,52 @@ def batch(family: str, config: dict, side: int, device: str, n: int = 2):
     return r(n, config["in_channels"] // 4, side, side), torch.full((n,), 0.5, device=device), cond
 
 
+FAMILY_TINY = ("qwen-image", "z-image", "flux2-klein")
+"""Families checked at their tiny width through the registry alone (`family_case`): the tiny
+denoiser (`build_tiny`), inputs from the family's own encoders at 64 px."""
+
+
+def family_case(family: str, device: str, side_px: int = 64, n: int = 2):
+    """(denoiser with LoRA r4 on the default targets, latents, timesteps, cond) of the family's
+    tiny model on `device` ("cpu" real, "meta" the same shapes on the meta device)."""
+    fam = FAMILIES[family]
+    comps = fam.build_tiny(seed=0)
+    den = getattr(comps, fam.denoiser_name)
+    if device == "meta":
+        with torch.device("meta"):
+            den = type(den).from_config(den.config)
+    den.requires_grad_(False)
+    targets = list(fam.default_targets)
+    inject_lora(den, LoraConfigSection(rank=4, alpha=4.0, target_modules=targets), 0)
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.rand(n, 3, side_px, side_px, generator=g) * 2 - 1
+    lat = fam.encode_images(comps, pixels)
+    cond = dict(fam.encode_prompts(comps, ["a red logo on a white wall"] * n))
+    cond.update(fam.image_conditioning(comps, (side_px, side_px), (0, 0), (side_px, side_px)))
+    # every caption position a token, as the planner plans (`planner_inputs`: the longest
+    # caption the run allows); the real padded captions would run far fewer tokens
+    cond = {k: torch.ones_like(v) if k.endswith("mask") else v for k, v in cond.items()}
+    t = torch.full((n,), 0.5)
+    if device == "meta":
+        meta = lambda x: torch.empty_like(x, device="meta")  # noqa: E731
+        lat, t, cond = meta(lat), meta(t), {k: meta(v) for k, v in cond.items()}
+    return den, lat, t, cond
+
+
 def compare(name: str, checkpointing: bool, offload: bool = False) -> dict:
     """One row: measured (real CPU step) vs the planner's prediction (meta)."""
+    if name.endswith(" tiny") and name[: -len(" tiny")] in FAMILY_TINY:
+        family = name[: -len(" tiny")]
+        torch.manual_seed(0)
+        real, *inputs = family_case(family, "cpu")
+        t0 = time.perf_counter()
+        measured, step = planner.measure_step(
+            real, family, *inputs, checkpointing, "adamw", offload
+        )
+        seconds = time.perf_counter() - t0
+        meta, *minputs = family_case(family, "meta")
+        rows = planner.step_rows(meta, family, *minputs, checkpointing, "adamw", offload)
+        return _row(name, checkpointing, offload, measured, step, rows, seconds)
     family, config, side = MODELS[name]
     torch.manual_seed(0)
     real = build(family, config, "cpu")
@@ -97,6 +143,10 @@ def compare(name: str, checkpointing: bool, offload: bool = False) -> dict:
         build(family, config, "meta"), family, *batch(family, config, side, "meta"),
         checkpointing, "adamw", offload,
     )  # fmt: skip
+    return _row(name, checkpointing, offload, measured, step, rows, seconds)
+
+
+def _row(name, checkpointing, offload, measured, step, rows, seconds) -> dict:
     predicted = sum(rows.values())
     return {
         "model": name,
@@ -115,7 +165,7 @@ def compare(name: str, checkpointing: bool, offload: bool = False) -> dict:
 def main() -> None:
     torch.set_num_threads(2)
     out = []
-    for name in MODELS:
+    for name in [*MODELS, *(f"{f} tiny" for f in FAMILY_TINY)]:
         for ckpt in (False, True):
             out.append(compare(name, ckpt))
         if name.startswith("flux"):

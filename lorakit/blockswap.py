@@ -43,9 +43,20 @@ Autograd and saved weights:
   Parameter objects themselves, rebound before the block's backward runs.
 Gradients are bitwise those of an unswapped run (tests/test_block_swap.py).
 
+fp8 storage (`model.quantize = 'fp8'`, `quantize.enable_fp8_storage`): a swapped block's
+fp8-stored layers keep their float8 weights in the host buffer and the slots (half the bytes of
+bf16 per copy). diffusers' layerwise-casting hook would, around each call, give the layer a
+compute-dtype copy and then a NEW fp8 Parameter outside the slot (`module.to(dtype)`), which
+the slot binding cannot follow. For the layers of swapped blocks its casts are replaced
+(`_Fp8Casts`): before the layer runs, each fp8 Parameter (bound to its slot view) is set aside
+and the layer gets a new Parameter holding `view.to(compute dtype)`, the value diffusers' cast
+gives; after it runs, the fp8 Parameter (still the slot-bound object) is put back. The compute
+copy lives only while the layer runs, unless autograd saved it: with gradient checkpointing the
+recompute in backward casts again inside the block's bound window; without, the saved-tensor
+hooks replace a saved cast copy (or a view of it) by a token too and re-cast it from the
+block's current slot in backward. Gradients are bitwise those of the unswapped fp8 model.
+
 `torch.compile` is refused (`config.validate`): the per-block hooks would break the graph.
-fp8 storage (`model.quantize = 'fp8'`) is refused: diffusers' layerwise casting replaces the
-layers' Parameters on every call.
 
 On a CPU device the same code runs with `HostStream`, a stand-in for the side stream whose
 copies happen only when the compute side waits for their event: a missing wait reads a stale
@@ -291,6 +302,68 @@ class _Token:
         self.offset, self.size, self.stride = t.storage_offset(), t.shape, t.stride()
 
 
+class _CastToken:
+    """A saved tensor that is (a view of) the compute-dtype copy of an fp8 entry of a block:
+    re-cast from the block's slot in backward."""
+
+    __slots__ = ("block", "compute", "entry", "offset", "size", "stride")
+
+    def __init__(self, block: int, entry: _Entry, compute: torch.dtype, t: torch.Tensor):
+        self.block, self.entry, self.compute = block, entry, compute
+        self.offset, self.size, self.stride = t.storage_offset(), t.shape, t.stride()
+
+
+class _Fp8Casts:
+    """The casts of diffusers' layerwise-casting hook on one fp8-stored layer of swapped block
+    `block`, replaced so that the layer's fp8 Parameters stay the slot-bound objects (see the
+    module doc). `restore` gives the hook back its own casts (`BlockSwap.remove`)."""
+
+    def __init__(self, swap: BlockSwap, block: int, module: torch.nn.Module, hook, entries):
+        self.swap, self.block, self.module, self.hook = swap, block, module, hook
+        self.entries: dict[str, _Entry] = entries
+        self.compute = hook.compute_dtype
+        self.stash: dict[str, torch.nn.Parameter] | None = None
+        ref = hook.fn_ref
+        self.original = (ref.pre_forward, ref.post_forward)
+        ref.pre_forward, ref.post_forward = self.pre_forward, self.post_forward
+
+    def restore(self) -> None:
+        self.hook.fn_ref.pre_forward, self.hook.fn_ref.post_forward = self.original
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.stash is not None:  # a forward that raised never ran post_forward
+            self.post_forward(module, None)
+        params, self.stash = module._parameters, {}
+        for name, e in self.entries.items():
+            p = params[name]
+            w = p.to(self.compute)  # as `module.to(dtype=compute)`: one new tensor per weight
+            if w.numel() and w.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():
+                self.swap._casts[w.untyped_storage().data_ptr()] = (self.block, e, self.compute)
+            self.stash[name] = p
+            params[name] = torch.nn.Parameter(w, requires_grad=False)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        params, stash, self.stash = module._parameters, self.stash or {}, None
+        for name, p in stash.items():
+            self.swap._casts.pop(params[name].untyped_storage().data_ptr(), None)
+            params[name] = p  # the fp8 Parameter, still bound to the slot view
+        return output
+
+
+def _fp8_layers(module: torch.nn.Module):
+    """(layer, its diffusers layerwise-casting hook) of every fp8-stored layer in `module`."""
+    try:
+        from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK
+    except ImportError:  # no diffusers hooks: nothing is fp8-stored
+        return
+    for m in module.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        hook = registry.get_hook(_LAYERWISE_CASTING_HOOK) if registry is not None else None
+        if hook is not None:
+            yield m, hook
+
+
 class BlockSwap:
     """The streaming state of one denoiser (see the module doc). Made by `enable_block_swap`."""
 
@@ -341,6 +414,21 @@ class BlockSwap:
         self.h2d_bytes = 0
         self._graph_task: int | None = None
         self._saved_hooks: contextlib.AbstractContextManager | None = None
+        # fp8 storage: the swapped blocks' layers cast from their slot views (`_Fp8Casts`);
+        # storage pointer of each compute-dtype copy alive now -> (block, entry, dtype)
+        self._casts: dict[int, tuple[int, _Entry, torch.dtype]] = {}
+        self.fp8_casts: list[_Fp8Casts] = []  # by block: `_fp8_casts[i]`
+        self._fp8_casts: list[list[_Fp8Casts]] = [[] for _ in self.blocks]
+        for i, b in enumerate(self.blocks):
+            for m, hook in _fp8_layers(b.module):
+                entries = {
+                    e.name: e
+                    for e in b.entries + [a for a, _ in b.aliases]
+                    if e.owner is m and e.kind == "param" and e.dtype.is_floating_point
+                }
+                if entries:
+                    self._fp8_casts[i].append(_Fp8Casts(self, i, m, hook, entries))
+                    self.fp8_casts.append(self._fp8_casts[i][-1])
         self._handles = [denoiser.register_forward_pre_hook(self._denoiser_start)]
         for i, b in enumerate(self.blocks):
             self._handles.append(b.module.register_forward_pre_hook(self._pre(i)))
@@ -424,6 +512,9 @@ class BlockSwap:
         if self.bound is None:
             return
         b = self.blocks[self.bound]
+        for c in self._fp8_casts[self.bound]:
+            if c.stash is not None:  # a layer's forward raised: its fp8 Parameters back first
+                c.post_forward(c.module, None)
         for e in b.entries + [a for a, _ in b.aliases]:
             e.point(self._placeholder(e.dtype))
         self.bound = None
@@ -491,12 +582,22 @@ class BlockSwap:
 
     def _pack(self, t: torch.Tensor):
         if isinstance(t, torch.Tensor) and t.device == self.device:
-            s = self._slot_ptrs.get(t.untyped_storage().data_ptr())
+            ptr = t.untyped_storage().data_ptr()
+            s = self._slot_ptrs.get(ptr)
             if s is not None:
                 return _Token(self.in_slot[s], t)
+            cast = self._casts.get(ptr)
+            if cast is not None:  # fp8: a compute copy of a slot tensor, re-cast in backward
+                return _CastToken(*cast, t)
         return t
 
     def _unpack(self, x):
+        if isinstance(x, _CastToken):
+            self.bind(x.block)
+            e = x.entry
+            slot = self.ring[self.slot_of(x.block)]
+            w = _view(slot, e.offset, e.dtype, e.shape).to(x.compute)
+            return w.as_strided(x.size, x.stride, x.offset)
         if not isinstance(x, _Token):
             return x
         self.bind(x.block)  # already bound when its backward began; a safe fallback otherwise
@@ -509,6 +610,9 @@ class BlockSwap:
         self.unbind()
         for h in self._handles:
             h.remove()
+        for c in self.fp8_casts:
+            c.restore()
+        self.fp8_casts, self._fp8_casts, self._casts = [], [], {}
         for b in self.blocks:
             dev = b.host.to(self.device)
             for e in b.entries:
@@ -554,20 +658,12 @@ def enable_block_swap(
     pin_memory: bool | None = None,
 ) -> BlockSwap:
     """The run's placement step for `train.block_swap = n`: call it after the LoRA is injected,
-    with the denoiser still in host memory (cast to the run's dtype). Streams the last `n`
+    with the denoiser still in host memory (cast to the run's dtype; fp8-stored layers stay
+    in fp8: they stream as fp8). Streams the last `n`
     blocks' frozen tensors (see the module doc), then moves everything else (the unswapped
     blocks, embeddings, every LoRA weight) to `device`. Returns the `BlockSwap`, also kept as
     `denoiser._lorakit_block_swap`."""
-    from lorakit.models.quantize import is_fp8_stored
-
     blocks = swapped_blocks(denoiser, family, n)
-    if is_fp8_stored(denoiser):
-        raise ConfigError(
-            "train.block_swap cannot stream fp8-stored weights (model.quantize = 'fp8'): "
-            "diffusers' layerwise casting replaces each layer's parameters on every call. Set "
-            "model.quantize = 'none' or, on a CUDA GPU, 'nf4' (streamed with its quant state), "
-            "or train.block_swap = 0."
-        )
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise ConfigError(

@@ -30,6 +30,9 @@ nothing is allocated. Then:
   memory; the device keeps `blockswap.SLOTS` ring slots of the largest swapped block, each its
   tensors padded to `blockswap.ALIGN` (exact for unquantized weights; for NF4/int8 an upper
   bound of one padding per bitsandbytes state tensor). Activations are unchanged;
+- text-encoder streaming (`train.stream_encoders`): in the caching phase each text encoder counts
+  its resident parts plus its largest streamed layer (`encoder_stream.streamed_bytes`: the
+  children of its largest `nn.ModuleList`; one at a time, no prefetch) instead of all its bytes;
 - caching and sampling phases: inference passes (VAE encode of `VAE_ENCODE_CHUNK` images, the
   denoiser with CFG, VAE decode) are traced on meta with a dispatch mode that tracks live tensor
   bytes, giving their peak working set;
@@ -1052,6 +1055,22 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     # The loop brings the denoiser to the device only after caching (a quantized one, which
     # bitsandbytes loads onto the GPU, is parked in host memory meanwhile).
     weights_all = sum(frozen_bytes.values())
+    streamed_note = ""
+    if spec.stream_encoders:  # text encoders: resident parts + one streamed layer (no prefetch)
+        from lorakit.encoder_stream import streamed_bytes
+
+        saved = 0
+        for name, m in frozen.items():
+            if name != "vae":
+                fb = frozen_dtype(name, m, WEIGHT_DTYPES[prec], bf16_supported=True).itemsize
+                units, largest = streamed_bytes(m, fb)
+                saved += units - largest
+        weights_all -= saved
+        streamed_note = (
+            f"train.stream_encoders = true: while caching, the text encoders' layers stream from "
+            f"host memory one at a time ({saved / GIB:.2f} GiB less on the device; slower "
+            "caching, same results)."
+        )
     chunk = min(images, VAE_ENCODE_CHUNK)
     cache_phase = weights_all + inference_peak(family, "vae_encode", spec.resolution, chunk, prec)
     phases = {"cache": cache_phase, "train": train_phase}
@@ -1065,8 +1084,10 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
         if eb == 2:
             keep += 2 * n_lora
         # Previews are rendered from prompt embeddings encoded once while caching: only the VAE
-        # joins the denoiser, unless everything frozen stays resident anyway (encode_each_step).
-        with_previews = sum(frozen_bytes.values()) if resident else frozen_bytes["vae"]
+        # joins the denoiser, unless everything frozen stays resident anyway (encode_each_step)
+        # or the pipeline re-encodes its prompts (`spec.preview_embeds` false).
+        pre = spec.preview_embeds and not resident
+        with_previews = frozen_bytes["vae"] if pre else sum(frozen_bytes.values())
         # The pipeline's own T5 length (its `__call__` default), not the training captions'.
         sample_t5 = fam.text_length
         sample_phase = (
@@ -1081,13 +1102,19 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     if not resident:
         notes.append(
             "VAE and text encoders leave the device after caching; preview grids bring back "
-            "only the VAE (their prompts are encoded once while caching)."
+            + (
+                "only the VAE (their prompts are encoded once while caching)."
+                if spec.preview_embeds or not spec.sampling
+                else "the text encoders too (this family's pipeline re-encodes its prompts)."
+            )
         )
     if phases["cache"] >= max(phases.values()):
         notes.append(
             "The caching phase (VAE and text encoders on the device + VAE encoding of "
             f"{chunk} image(s) at once) is the peak."
         )
+    if streamed_note:
+        notes.append(streamed_note)
     if spec.block_swap:
         notes.append(
             f"train.block_swap = {spec.block_swap}: those blocks' frozen weights stay in pinned "
@@ -1107,16 +1134,35 @@ def _real_denoiser(family: str) -> torch.nn.Module:
 def _block_bytes(family: str, eb: int, quant: str) -> tuple[tuple[int, int], ...]:
     """(frozen bytes as `weight_bytes` counts them, ring slot bytes) of every block of the real
     denoiser over the family's `swap_blocks`, in run order."""
+    return blocks_bytes(_real_denoiser(family), family, eb, quant)
+
+
+def blocks_bytes(den: torch.nn.Module, family: str, eb: int, quant: str = "none"):
+    """`_block_bytes` of any denoiser (meta or real, without LoRA). fp8: the layers fp8 storage
+    holds are chosen over the WHOLE denoiser (`quantize.fp8_layers`: its skip patterns match
+    full names, e.g. a FLUX single block's `proj_out` is fp8) and stream as 1 byte per element,
+    as `blockswap` lays them out."""
     from lorakit.blockswap import ALIGN, block_list, padded
 
+    fp8: set[int] = set()
+    if quant == "fp8":
+        from lorakit.models.quantize import fp8_layers
+
+        fp8 = {id(p) for m in fp8_layers(den) for p in m.parameters(recurse=False)}
     out = []
-    for _, block in block_list(_real_denoiser(family), _family(family)):
-        held = weight_bytes(block, eb, quant)
+    for _, block in block_list(den, _family(family)):
         tensors = [*block.parameters(), *block.buffers()]
         if quant in ("none", "fp8"):
-            size = lambda t: t.numel() * (eb if t.is_floating_point() else t.element_size())  # noqa: E731
+            held = weight_bytes(block, eb)
+            held -= (eb - 1) * sum(p.numel() for p in block.parameters() if id(p) in fp8)
+
+            def size(t: torch.Tensor) -> int:
+                per = 1 if id(t) in fp8 else eb if t.is_floating_point() else t.element_size()
+                return t.numel() * per
+
             slot = sum(padded(size(t)) for t in tensors)
         else:  # bitsandbytes: codes + absmax + code (+ nested absmax, code, offset) per Linear
+            held = weight_bytes(block, eb, quant)
             slot = held + 6 * ALIGN * len(tensors)
         out.append((held, slot))
     return tuple(out)
@@ -1163,14 +1209,19 @@ def _steps(c: Config, family: str):
         yield "checkpoint inputs offloaded to CPU", [
             ("train", "gradient_checkpointing", True), ("train", "offload_activations", True)
         ]  # fmt: skip
+    te = [("lora", "train_text_encoder", False)] if c.lora.train_text_encoder else []
+    te += [("data", "shuffle_tags", False)] if c.data.shuffle_tags else []
+    stream = [("train", "stream_encoders", True)]
+    if not c.train.stream_encoders and not te:  # costs caching speed, not results
+        yield "text encoders streamed while caching", stream
     if _family(family).swap_blocks:
         # costs speed, not results: from here on every candidate also tries the smallest
         # train.block_swap that fits (`propose`)
         yield "block swap", [SWAP_SEARCH]
-    te = [("lora", "train_text_encoder", False)] if c.lora.train_text_encoder else []
-    te += [("data", "shuffle_tags", False)] if c.data.shuffle_tags else []
     if te:
         yield "cached text-encoder outputs (encoders off the device)", te
+        if not c.train.stream_encoders:  # refused while captions are encoded every step
+            yield "text encoders streamed while caching", stream
     # Previews need only the VAE beside the denoiser (prompts pre-encoded); off, no sample phase.
     keys = ("every", "every_minutes", "every_epochs")
     previews = [("sample", k, type(getattr(c.sample, k))(0)) for k in keys if getattr(c.sample, k)]

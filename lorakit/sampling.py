@@ -398,12 +398,21 @@ EMBED_OUTPUTS: dict[str, tuple[str | None, ...]] = {
         "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
     ),
     "FluxPipeline": ("prompt_embeds", "pooled_prompt_embeds", None),
+    # Qwen-Image pads a batch's captions with a mask, which `__call__` takes beside the embeds
+    "QwenImagePipeline": ("prompt_embeds", "prompt_embeds_mask"),
+    "Flux2KleinPipeline": ("prompt_embeds", None),  # (text ids: rebuilt by `__call__`)
 }  # fmt: skip
 
 RowEmbeds = dict[str, torch.Tensor]
 """`__call__` keyword → tensor (batch 1) for one prompt row: `prompt_embeds` [1, L, D], its
 `negative_prompt_embeds` when the row's call would use a negative, and the pooled [1, P] ones for
 SDXL / SD3 / FLUX."""
+
+
+def pre_encodes(family) -> bool:
+    """Whether the family's pipeline (`pipeline_class_names[0]`) takes pre-encoded prompts
+    (`encode_prompt_rows`), so preview grids need no text encoder on the device."""
+    return family.pipeline_class_names[0] in EMBED_OUTPUTS
 
 
 def _embed_outputs(pipe) -> tuple[str | None, ...] | None:
@@ -456,6 +465,12 @@ def encode_prompt_rows(pipe, spec: GridSpec) -> list[RowEmbeds] | None:
         embeds = encode(row.text, None, False)
         if negative is not None and kwargs.get("true_cfg_scale", 1.0) > 1:
             embeds.update(encode(negative, None, False, prefix="negative_"))
+        elif "negative_prompt" not in call and "negative_prompt_embeds" in call:
+            # a pipeline whose CFG negative is always the empty prompt (FLUX.2 klein base;
+            # its distilled models run no CFG): encoded when the call would run CFG
+            scale = kwargs.get("guidance_scale", call["guidance_scale"].default)
+            if scale > 1 and not pipe.config.get("is_distilled", False):
+                embeds.update(encode("", None, False, prefix="negative_"))
         rows.append(embeds)
     return rows
 

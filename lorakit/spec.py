@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lorakit.blockswap import check_family
-from lorakit.config import Config, DataConfig, LoraConfigSection
+from lorakit.config import Config, DataConfig, LoraConfigSection, check_stream_encoders
 from lorakit.data.buckets import auto_step, family_step, make_buckets
 from lorakit.models.base import Family
 
@@ -86,8 +86,9 @@ class RunSpec:
     """Preview grids are rendered during the run (`sample.every`, `every_minutes` or
     `every_epochs` set). Read by train."""
     preview_embeds: bool
-    """Preview prompts are encoded once up front (sampling on and the text encoders frozen), so
-    grids need only the denoiser and the VAE on the device. Read by train."""
+    """Preview prompts are encoded once up front (sampling on, the text encoders frozen, and the
+    family's pipeline takes prompt embeddings: `sampling.pre_encodes`), so grids need only the
+    denoiser and the VAE on the device. Read by train and the planner (sample phase)."""
     encoders_stay_on_device: bool
     """The VAE and text encoders stay on the training device for the whole run (they encode
     every step); otherwise they leave it after caching and return only for previews. Read by
@@ -96,6 +97,11 @@ class RunSpec:
     """`train.block_swap`: how many of the denoiser's last transformer blocks stream their
     frozen weights from host memory (0 = off); checked against the family here. Read by train
     (`_place_for_training`, `blockswap.enable_block_swap`) and the planner."""
+    stream_encoders: bool
+    """`train.stream_encoders`: while caching, the frozen text encoders stay in host memory and
+    their repeated layers' weights are streamed to the device as they run
+    (`lorakit/encoder_stream.py`); refused with `encode_each_step`. Read by train (`_load_model`,
+    `_cache`) and the planner (the caching phase)."""
     cache_dir: Path
     """Latent and text-encoder caches: `data.cache_dir`, or OUT/cache. Read by train."""
 
@@ -142,7 +148,10 @@ def build_spec(config: Config, family: Family) -> RunSpec:
     te_lora = text_encoder_section(c.lora) if te else None
     encode_each_step = te or c.data.shuffle_tags
     check_family(family, c.train.block_swap)  # a UNet family has no blocks to stream
+    check_stream_encoders(c)  # captions encoded every step need the encoders resident
     sampling = bool(c.sample.every or c.sample.every_minutes or c.sample.every_epochs)
+    from lorakit.sampling import pre_encodes  # (lazy: sampling imports the image stack)
+
     return RunSpec(
         family=family,
         targets=tuple(c.lora.target_modules or family.default_targets),
@@ -162,9 +171,10 @@ def build_spec(config: Config, family: Family) -> RunSpec:
         encode_each_step=encode_each_step,
         cache_empty_caption=c.data.caption_dropout > 0,
         sampling=sampling,
-        preview_embeds=sampling and not te,
+        preview_embeds=sampling and not te and pre_encodes(family),
         encoders_stay_on_device=encode_each_step,
         block_swap=c.train.block_swap,
+        stream_encoders=c.train.stream_encoders,
         cache_dir=Path(c.data.cache_dir) if c.data.cache_dir else Path(c.train.out) / "cache",
     )
 

@@ -328,7 +328,11 @@ def _load_model(c: Config, spec: RunSpec, accelerator, out: Path):
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             denoiser.to("cpu")
     for name, module in family.frozen_modules(comps).items():
-        module.to(device, frozen_dtype(name, module, spec.weight_dtype))
+        dtype = frozen_dtype(name, module, spec.weight_dtype)
+        if spec.stream_encoders and name != "vae":
+            module.to(dtype=dtype)  # host memory; `_cache` streams it (`encoder_stream`)
+        else:
+            module.to(device, dtype)
     if c.model.quantize == "fp8":  # fp8 storage from here on, still in host memory; see quantize
         from lorakit.models.quantize import enable_fp8_storage
 
@@ -345,7 +349,22 @@ def _cache(c: Config, spec: RunSpec, comps, data: TrainingSet, accelerator):
 
     The preview prompts are fixed: encoded once while the encoders are on the device, grids then
     need only the denoiser and the VAE there (FLUX/SD3: not T5-XXL's 9 GiB). Text-encoder LoRA
-    changes the embeddings every step: those grids encode the strings each time."""
+    changes the embeddings every step: those grids encode the strings each time.
+
+    `train.stream_encoders`: the text encoders run from host memory, their layers' weights
+    streamed to the device as they run (`encoder_stream.streamed`); on leaving, their resident
+    parts are on the device as a resident encoder is, and leave it in `_place_for_training`."""
+    stream = contextlib.nullcontext()
+    if spec.stream_encoders:
+        from lorakit.encoder_stream import streamed
+
+        encoders = {n: m for n, m in spec.family.frozen_modules(comps).items() if n != "vae"}
+        stream = streamed(encoders, accelerator.device)
+    with stream:
+        return _encode_all(c, spec, comps, data, accelerator)
+
+
+def _encode_all(c: Config, spec: RunSpec, comps, data: TrainingSet, accelerator):
     family, cache_dir = spec.family, spec.cache_dir
     captions = [r.caption for r in data.records]
     with accelerator.main_process_first():
@@ -379,8 +398,9 @@ def _place_for_training(spec: RunSpec, comps, device: torch.device) -> None:
 
     if spec.block_swap:
         # Cast in host memory; `blockswap.enable_block_swap` moves all but the streamed blocks
-        # to the device once the LoRA is injected (`_attach_lora`).
-        if not getattr(denoiser, "is_quantized", False):
+        # to the device once the LoRA is injected (`_attach_lora`). fp8-stored layers stay fp8
+        # (the rest is in the weight dtype already): they stream as fp8.
+        if not getattr(denoiser, "is_quantized", False) and not is_fp8_stored(denoiser):
             denoiser.to(dtype=spec.weight_dtype)
     elif getattr(denoiser, "is_quantized", False) or is_fp8_stored(denoiser):
         denoiser.to(device)  # bitsandbytes / fp8-stored weights keep their storage dtypes

@@ -1,10 +1,13 @@
 """`train.block_swap` (lorakit/blockswap.py): streamed blocks give bitwise the gradients of an
-unswapped run, LoRA state never moves, frozen weights only go host→device, bad input is refused.
+unswapped run (also on an fp8-stored base: the unswapped fp8 model's), LoRA state never moves,
+frozen weights only go host→device, bad input is refused.
 
 On the CPU the CUDA code path runs with `HostStream` standing in for the side stream: its copies
 happen only when the compute side waits for their event, so a missing wait reads a stale slot."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -24,7 +27,8 @@ from lorakit.models import FAMILIES
 CASES = [("flux", 4, 2), ("flux", 4, 3), ("sd3", 2, 1)]
 
 
-def _model(family: str, quantize: str = ""):
+def _tiny(family: str):
+    """(family, components, denoiser) of the tiny model, without LoRA."""
     fam = FAMILIES[family]
     comps = fam.build_tiny(0)
     if family == "flux":
@@ -35,8 +39,16 @@ def _model(family: str, quantize: str = ""):
         torch.manual_seed(0)
         config = dict(TINY_FLUX_TRANSFORMER, num_single_layers=4)
         comps.transformer = FluxTransformer2DModel(**config).requires_grad_(False)
-    den = getattr(comps, fam.denoiser_name)
-    if quantize:
+    return fam, comps, getattr(comps, fam.denoiser_name)
+
+
+def _model(family: str, quantize: str = ""):
+    fam, comps, den = _tiny(family)
+    if quantize == "fp8":  # as `train._load_model` does it: before the LoRA, in host memory
+        from lorakit.models.quantize import enable_fp8_storage
+
+        enable_fp8_storage(den, torch.float32)
+    elif quantize:
         _quantize(den, quantize)
     targets = list(fam.default_targets)
     params = inject_lora(den, LoraConfigSection(rank=4, alpha=4.0, target_modules=targets), 0)
@@ -98,10 +110,10 @@ def _same(a, b) -> bool:
 _BASE: dict = {}
 
 
-def _baseline(family, checkpointing):
-    key = (family, checkpointing)
+def _baseline(family, checkpointing, quantize=""):
+    key = (family, checkpointing, quantize)
     if key not in _BASE:
-        _BASE[key] = _train(family, checkpointing=checkpointing)
+        _BASE[key] = _train(family, checkpointing=checkpointing, quantize=quantize)
     return _BASE[key]
 
 
@@ -187,6 +199,155 @@ def test_the_comparison_catches_saved_weights_without_the_saved_tensor_hooks():
 
     base = _baseline("flux", False)
     assert not _same(base, _train("flux", 4, 3, False, swap_hook=hook, between=_other_slots))
+
+
+# --- fp8 storage (model.quantize = 'fp8') --------------------------------------------------------
+
+FP8 = torch.float8_e4m3fn
+FP8_CASES = [("flux", 4, 2), ("z-image", 4, 3)]  # z-image: noise/context refiners + 2 layers
+
+
+def _fp8_entries(swap: BlockSwap):
+    """The host-buffer entries of the swapped blocks' layers that fp8 storage holds (chosen by
+    name over the whole denoiser, as `enable_fp8_storage` picks them)."""
+    from lorakit.models.quantize import fp8_layers
+
+    layers = {id(m) for m in fp8_layers(swap.denoiser)}
+    return [e for b in swap.blocks for e in b.entries if id(e.owner) in layers]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize(("family", "n", "slots"), FP8_CASES)
+def test_fp8_swapped_gradients_are_bitwise_the_unswapped_fp8_model(family, n, slots, checkpointing):
+    """fp8 storage + block swap: bitwise the fp8 model without streaming, and the swapped
+    layers' weights are float8 in the host buffer (1 byte per element: half of bf16)."""
+    base = _baseline(family, checkpointing, "fp8")
+    swapped = _train(family, n, slots, checkpointing, quantize="fp8")
+    assert _same(base, swapped)
+    assert any(g.abs().sum() > 0 for g in base[1][0])
+    swap = swapped[3]
+    assert swap.h2d_copies == slots + 2 * 2 * (n - slots)
+    assert swap.bound is None and not swap._casts
+    fp8 = _fp8_entries(swap)
+    assert fp8 and all(e.dtype == FP8 for e in fp8)
+    for b in swap.blocks:
+        for e in b.entries:
+            if e.dtype == FP8:  # the bytes in the host buffer ARE the fp8 codes
+                view = blockswap._view(b.host, e.offset, e.dtype, e.shape)
+                assert view.nbytes == view.numel()
+    # the same blocks unquantized (fp32 here) lay out the same tensors: the fp8 layers take a
+    # quarter of their bytes, every other tensor the same
+    fam, _, ref = _tiny(family)
+    plain = sum(blockswap.block_bytes(m) for _, m in blockswap.swapped_blocks(ref, fam, n))
+    pad = blockswap.padded
+    saved = sum(pad(4 * math.prod(e.shape)) - pad(math.prod(e.shape)) for e in fp8)
+    assert saved > 0 and swap.host_bytes == plain - saved
+
+
+def test_fp8_swapped_layers_compute_from_their_slot_and_keep_no_copy():
+    """The bug fp8 + block swap had with diffusers' own layerwise-casting hook: after each call
+    it gives the layer a NEW fp8 Parameter (a device copy outside the slot), and without
+    gradient checkpointing autograd keeps every swapped layer's compute-dtype copy until
+    backward (all the streamed weights on the device again, at compute precision). Here: after
+    each swapped fp8 layer runs its weight is still the slot view, no compute copy of a swapped
+    weight outlives the forward, and no fp8 copy is made; gradients bitwise as unswapped even
+    when backward re-casts from another slot than forward used."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    fam, comps, den, _ = _model("flux", "fp8")
+    swap = enable_block_swap(den, fam, 4, "cpu", slots=3)
+    fp8 = _fp8_entries(swap)
+    in_slot = []
+
+    def after(module, args, output):
+        ptr = module.weight.untyped_storage().data_ptr()
+        in_slot.append(module.weight.dtype == FP8 and ptr in swap._slot_ptrs)
+
+    handles = [m.register_forward_hook(after) for m in {id(e.owner): e.owner for e in fp8}.values()]
+    alive: set[int] = set()
+    stored = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and swap.bound is not None:
+                if args[0].dtype == FP8 and out.dtype != FP8:  # a swapped weight's cast
+                    key = id(out.untyped_storage())
+                    alive.add(key)
+                    weakref.finalize(out.untyped_storage(), alive.discard, key)
+                elif out.dtype == FP8:
+                    stored.append(out.shape)
+            return out
+
+    den.train()
+    cond = fam.encode_prompts(comps, ["tdwl cup", "a dog"])
+    lat = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with Casts():
+        loss = fam.predict(den, lat, torch.full((2,), 0.5), cond).float().square().mean()
+    left = in_slot.count(False)
+    assert (left, len(stored), len(alive)) == (0, 0, 0), (
+        f"{left} of {len(in_slot)} swapped fp8 layer calls left the layer's weight outside its "
+        f"slot; {len(stored)} fp8 copies of swapped weights were made; {len(alive)} "
+        "compute-dtype copies of swapped weights are kept for backward"
+    )
+    assert len(in_slot) == len({id(e.owner) for e in fp8}) > 0  # each layer ran once
+    loss.backward()
+    for h in handles:
+        h.remove()
+    base = _baseline("flux", False, "fp8")
+    assert _same(base, _train("flux", 4, 3, False, quantize="fp8", between=_other_slots))
+
+
+def test_planner_counts_fp8_streamed_blocks_as_the_host_buffer_holds_them():
+    """`planner.blocks_bytes` (what `swap_bytes` / `_block_bytes` compute on the real model) on
+    the tiny denoisers against the real fp8 host buffer and ring slot: within 10 % (the tiny
+    tensors' 256-byte padding is the difference), and fp8 counts below the plain bytes."""
+    from lorakit import planner
+
+    for family, n, slots in FP8_CASES:
+        fam, _, den, _ = _model(family, "fp8")
+        swap = enable_block_swap(den, fam, n, "cpu", slots=slots)
+        _, _, plain = _tiny(family)  # as the planner's real model: no LoRA
+        rows = planner.blocks_bytes(plain, family, 4, "fp8")[-n:]
+        host, slot = sum(h for h, _ in rows), max(s for _, s in rows)
+        assert abs(host - swap.host_bytes) <= 0.1 * swap.host_bytes, (family, host, swap)
+        assert abs(slot - swap.slot_bytes) <= 0.1 * swap.slot_bytes, (family, slot)
+        none = planner.blocks_bytes(plain, family, 4, "none")[-n:]
+        assert sum(h for h, _ in none) > 2 * host
+
+
+def test_cli_run_with_fp8_and_block_swap_writes_the_identical_adapter(tmp_path, monkeypatch):
+    """`--set model.quantize='fp8' --set train.block_swap=2`: the adapter and the preview grids
+    of the run without block swap, and the run's host buffer holds the fp8 layers as fp8 (the
+    placement step does not upcast the fp8-stored denoiser before streaming)."""
+    common = ("train", SAMPLES, *FAST, "--model", "tiny:flux", "--steps", 2,
+              "--set", "train.batch_size=1", "--set", "model.t5_max_length=16",
+              "--set", "model.quantize='fp8'",
+              "--set", "sample.every=2", "--set", "sample.seeds=[0]")  # fmt: skip
+    cli(*common, "--out", tmp_path / "plain")
+    swaps = []
+    enable = blockswap.enable_block_swap
+
+    def keep(*args, **kwargs):
+        swaps.append(enable(*args, **kwargs))
+        return swaps[-1]
+
+    monkeypatch.setattr(blockswap, "enable_block_swap", keep)
+    out = cli(*common, "--out", tmp_path / "swap", "--set", "train.block_swap=2").output
+    assert "block swap: the frozen weights of the last 2 transformer blocks" in out
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "plain" / "lorakit.safetensors")
+    b = load_file(tmp_path / "swap" / "lorakit.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    (swap,) = swaps
+    fp8 = _fp8_entries(swap)
+    assert fp8 and all(e.dtype == FP8 for e in fp8), "the run streams fp8 layers upcast"
+    for grid in ("step-000000.png", "step-000002.png"):  # previews run the streamed blocks too
+        plain = (tmp_path / "plain" / "samples" / grid).read_bytes()
+        assert plain == (tmp_path / "swap" / "samples" / grid).read_bytes()
 
 
 def test_lora_state_stays_put_and_weights_only_go_host_to_device():
@@ -296,7 +457,6 @@ def test_cli_run_with_block_swap_writes_the_identical_adapter(tmp_path):
     [
         (["train.block_swap=-1"], "must be 0 \\(off\\) or more"),
         (["train.block_swap=2", "train.compile=true"], "train.compile = false"),
-        (["train.block_swap=2", "model.quantize='fp8'"], "fp8-stored"),
     ],
 )
 def test_bad_block_swap_config_is_one_paragraph(sets, match):
@@ -304,6 +464,14 @@ def test_bad_block_swap_config_is_one_paragraph(sets, match):
 
     with pytest.raises(ConfigError, match=match):
         resolve(preset="tiny-cpu", sets=sets)
+
+
+@pytest.mark.parametrize("preset", ["tiny-cpu", "z-image-16gb", "flux2-klein-24gb"])
+def test_fp8_presets_take_block_swap(preset):
+    from lorakit.config import resolve
+
+    c = resolve(preset=preset, sets=["model.quantize='fp8'", "train.block_swap=2"])
+    assert c.model.quantize == "fp8" and c.train.block_swap == 2
 
 
 def test_unet_family_and_too_many_blocks_are_refused():

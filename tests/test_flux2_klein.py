@@ -609,3 +609,22 @@ def test_variant_metadata_names_the_klein_size_and_names_the_family():
     for meta in FAM.variant_metadata(comps(8)).items():
         assert family_hint(dict([meta])) == FAM.name, meta
     assert family_hint({"ss_base_model_version": "flux1"}) == "flux"
+
+
+def test_plan_tells_klein_4b_from_9b_by_the_model_name():
+    """`lorakit plan` plans the published width the name says (`Family.real_model`)."""
+    from lorakit import config as cfg
+    from lorakit import planner
+
+    keys = {
+        name: planner.planner_key(cfg.resolve(preset=name))
+        for name in ("flux2-klein-16gb", "flux2-klein-24gb")
+    }
+    assert planner._family(keys["flux2-klein-16gb"]).real_label == "FLUX.2 klein 4B"
+    assert keys["flux2-klein-24gb"] == "flux2-klein"  # 9B: the registered default
+    n = {k: sum(p.numel() for p in planner.build_denoiser(v).parameters()) for k, v in keys.items()}
+    assert 3.5e9 < n["flux2-klein-16gb"] < 4.5e9 and 8.5e9 < n["flux2-klein-24gb"] < 9.5e9, n
+    d4 = planner.build_frozen(keys["flux2-klein-16gb"])["text_encoder"].config.hidden_size
+    assert d4 == 2560 and planner._family(keys["flux2-klein-16gb"]).plan_arch.text_dim == 3 * d4
+    c = cfg.resolve(sets=["model.name='/models/FLUX.2-klein-base-4B'"])
+    assert planner.planner_key(c).endswith("@FLUX.2 klein 4B")

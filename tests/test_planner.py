@@ -147,6 +147,7 @@ def test_proposals_fit_the_planners_own_estimate(preset, sets, vram):
     assert planner.plan(fixed).fits(vram)
 
 
+@pytest.mark.slow  # ~7 s: plans every proposal step of an impossible target
 def test_impossible_target_is_a_clear_error():
     from lorakit.errors import LorakitError
 
@@ -175,6 +176,7 @@ def test_no_check_on_cpu_training():
     assert planner.check_before_training(c, torch.device("cpu"), strict=True) is None
 
 
+@pytest.mark.slow  # ~7 s: graph capture; `train.compile` validation stays in the default tier
 def test_compile_graph_capture_trains_two_steps(tmp_path):
     """`--set train.compile=true` through dynamo's graph capture of the real training step
     (backend eager: no code generation, ~20 s here; aot_eager ~100 s, inductor minutes — the
@@ -238,11 +240,72 @@ def test_offload_needs_checkpointing():
         cfg.resolve(sets=["train.offload_activations=true", "train.gradient_checkpointing=false"])
 
 
-@pytest.mark.slow  # ~90 s: one plan per preset
-@pytest.mark.parametrize(
-    ("preset", "vram"),
-    [("sd15", 10), ("sd15-8gb", 8), ("sd15-lowvram", 6), ("sdxl-12gb", 12), ("sdxl-24gb", 24),
-     ("sd35-16gb", 16), ("flux-16gb", 16), ("flux-24gb", 24)],
-)  # fmt: skip
+def _budgeted_presets() -> list[tuple[str, int]]:
+    """Every shipped preset whose name ends in `-<N>gb`, with N; plus the two whose names carry
+    no number (their budgets are stated in their headers)."""
+    import re
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "presets"
+    named = [
+        (p.stem, int(m.group(1)))
+        for p in sorted(folder.glob("*.toml"))
+        if (m := re.search(r"-(\d+)gb$", p.stem))
+    ]
+    return [*named, ("sd15", 10), ("sd15-lowvram", 6)]
+
+
+@pytest.mark.slow  # a few minutes: one plan per preset (real-width traces)
+@pytest.mark.parametrize(("preset", "vram"), _budgeted_presets())
 def test_every_preset_fits_the_budget_its_name_promises(preset, vram):
-    assert planner.plan(cfg.resolve(preset=preset)).fits(vram)
+    p = planner.plan(cfg.resolve(preset=preset))
+    assert p.fits(vram), f"{preset}: needs {p.needed / planner.GIB:.2f} GiB ({p.peak_phase})"
+
+
+def test_presets_are_discovered_by_name():
+    found = dict(_budgeted_presets())
+    assert found["qwen-image-12gb"] == 12 and found["z-image-16gb"] == 16
+    assert found["flux2-klein-24gb"] == 24 and "tiny-cpu" not in found
+
+
+@pytest.mark.parametrize("preset", ["sd15", "z-image-12gb"])
+def test_streamed_encoders_drop_the_cache_phase_by_all_but_one_layer(preset):
+    """`train.stream_encoders`: the caching phase keeps each text encoder's resident parts and
+    ONE layer of its largest ModuleList; the other phases are unchanged."""
+    from lorakit.spec import WEIGHT_DTYPES, frozen_dtype
+
+    base = cfg.resolve(preset=preset, sets=["train.stream_encoders=false"])
+    streamed = cfg.resolve(preset=preset, sets=["train.stream_encoders=true"])
+    a, b = planner.plan(base), planner.plan(streamed)
+    _, frozen = planner._counts(planner.planner_key(base), base.model.drop_t5)
+    dtype = WEIGHT_DTYPES[base.train.mixed_precision]
+    drop = 0
+    for name, m in frozen.items():
+        if name == "vae":
+            continue
+        eb = frozen_dtype(name, m, dtype, bf16_supported=True).itemsize
+        layers = max(
+            (x for x in m.modules() if isinstance(x, torch.nn.ModuleList)),
+            key=lambda x: planner.weight_bytes(x, eb),
+        )
+        sizes = [planner.weight_bytes(layer, eb) for layer in layers]
+        assert len(sizes) > 1 and sum(sizes) > planner.weight_bytes(m, eb) / 2
+        drop += sum(sizes) - max(sizes)
+    assert a.phases["cache"] - b.phases["cache"] == drop > 0
+    assert a.phases["train"] == b.phases["train"]
+    assert "train.stream_encoders = true" in planner.table(b, None)
+
+
+@pytest.mark.slow  # ~9 s; the cache-phase count is checked in the default tier above
+def test_plan_proposes_streamed_encoders_right_after_offloading():
+    """Before block swap, batch or resolution: it costs caching speed only."""
+    c = cfg.resolve(preset="qwen-image-16gb", sets=["train.stream_encoders=false"])
+    assert not planner.plan(c).fits(16)
+    sets, fitted = planner.propose(c, 16)
+    assert sets == ["train.stream_encoders=true"] and fitted.fits(16)
+    steps = [d for d, _ in planner._steps(c, planner.planner_key(c))]
+    assert steps.index("text encoders streamed while caching") == 0  # offloading already on
+    c2 = cfg.resolve(preset="sd15", sets=["lora.train_text_encoder=true"])
+    steps = [d for d, _ in planner._steps(c2, planner.planner_key(c2))]
+    after = steps.index("cached text-encoder outputs (encoders off the device)")
+    assert steps[after + 1] == "text encoders streamed while caching"

@@ -101,6 +101,7 @@ rows_bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(rows_bench)
 
 
+@pytest.mark.slow  # ~10 s: five real-architecture traces (the planner's GPU calibration)
 def test_all_recorded_h100_rows_within_10_percent():
     """SD1.5 / SDXL / FLUX NF4 (bf16, checkpointing) and SD1.5 fp16 with/without checkpointing,
     as recorded in benchmarks/gpu_check-h100-*.json (~19 s on 2 cores). The one fitted constant

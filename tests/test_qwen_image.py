@@ -13,7 +13,7 @@ from functools import cache
 import pytest
 import torch
 from conftest import FAST, SAMPLES, cli
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lorakit.config import ModelConfig, TrainConfig
 from lorakit.errors import LorakitError
@@ -312,6 +312,212 @@ def test_bad_inputs_are_one_clear_paragraph(tmp_path):
             load_model(ModelConfig(name=str(folder), family=family))
 
 
+# --- ComfyUI's split text encoder and VAE ---------------------------------------------------------
+# The layouts below are written from ComfyUI's own module trees, not from lorakit's reader:
+# - Qwen2.5-VL: `Qwen25_7BVLI` (comfy/text_encoders/llama.py) holds `self.model = Llama2_(…)`
+#   (embed_tokens, layers.{i}.self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj,
+#   input_layernorm, post_attention_layernorm, norm) and `self.visual =
+#   qwen_vl.Qwen2VLVisionTransformer(…)` (comfy/text_encoders/qwen_vl.py: patch_embed.proj,
+#   blocks.{i}.{norm1,norm2,attn.qkv,attn.proj,mlp.*}, merger.{ln_q,mlp.0,mlp.2}); no LM head
+#   (ComfyUI loads the file non-strictly, so a file may carry the HF checkpoint's lm_head.weight).
+# - VAE: `WanVAE` (comfy/ldm/wan/vae.py): encoder/decoder `conv1`, flat `downsamples` /
+#   `upsamples` Sequentials (decoder: num_res_blocks + 1 ResidualBlocks per level, then a
+#   Resample except after the last), `middle` = [ResidualBlock, AttentionBlock, ResidualBlock],
+#   `head` = [RMS_norm, SiLU, CausalConv3d], ResidualBlock.residual = [RMS_norm, SiLU,
+#   CausalConv3d, RMS_norm, SiLU, Dropout, CausalConv3d] + `shortcut`; top-level conv1 / conv2.
+#   comfy/sd.py picks it by decoder.middle.0.residual.0.gamma.
+
+
+def _comfy_qwen25_vl(te, visual: bool = True, lm_head: bool = True) -> dict:
+    """transformers 5's `Qwen2_5_VLForConditionalGeneration` → ComfyUI's file (see above)."""
+    out = {}
+    for key, value in te.state_dict().items():
+        if key.startswith("model.language_model."):
+            out["model." + key.removeprefix("model.language_model.")] = value
+        elif key.startswith("model.visual.") and visual:
+            out["visual." + key.removeprefix("model.visual.")] = value
+        elif key == "lm_head.weight" and lm_head:
+            out[key] = value
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+_WAN_RESIDUAL = (
+    ("norm1.gamma", "residual.0.gamma"), ("conv1.", "residual.2."),
+    ("norm2.gamma", "residual.3.gamma"), ("conv2.", "residual.6."), ("conv_shortcut.", "shortcut."),
+)  # fmt: skip
+
+
+def _wan_original_name(key: str, num_res_blocks: int) -> str:
+    """One `AutoencoderKLQwenImage` key → its name in ComfyUI's WanVAE (see above)."""
+    import re
+
+    def block(rest):
+        for new, old in _WAN_RESIDUAL:
+            if rest.startswith(new):
+                return old + rest.removeprefix(new)
+        return rest  # resample.1.*, time_conv.*, attention norm/to_qkv/proj
+
+    rules = [
+        (r"quant_conv\.(.*)", lambda m: f"conv1.{m[1]}"),
+        (r"post_quant_conv\.(.*)", lambda m: f"conv2.{m[1]}"),
+        (r"(\w+)\.conv_in\.(.*)", lambda m: f"{m[1]}.conv1.{m[2]}"),
+        (r"(\w+)\.norm_out\.(.*)", lambda m: f"{m[1]}.head.0.{m[2]}"),
+        (r"(\w+)\.conv_out\.(.*)", lambda m: f"{m[1]}.head.2.{m[2]}"),
+        (r"(\w+)\.mid_block\.resnets\.(\d)\.(.*)",
+         lambda m: f"{m[1]}.middle.{2 * int(m[2])}.{block(m[3])}"),
+        (r"(\w+)\.mid_block\.attentions\.0\.(.*)", lambda m: f"{m[1]}.middle.1.{m[2]}"),
+        (r"encoder\.down_blocks\.(\d+)\.(.*)",
+         lambda m: f"encoder.downsamples.{m[1]}.{block(m[2])}"),
+        (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)",
+         lambda m: f"decoder.upsamples.{int(m[1]) * (num_res_blocks + 2) + int(m[2])}."
+                   f"{block(m[3])}"),
+        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.*)",
+         lambda m: f"decoder.upsamples.{int(m[1]) * (num_res_blocks + 2) + num_res_blocks + 1}."
+                   f"{m[2]}"),
+    ]  # fmt: skip
+    for pattern, name in rules:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return name(m)
+    raise AssertionError(key)
+
+
+def _wan_original(vae) -> dict:
+    n = vae.config.num_res_blocks
+    return {_wan_original_name(k, n): v.contiguous() for k, v in vae.state_dict().items()}
+
+
+def test_wan_vae_names_agree_with_diffusers_converter_and_comfyui():
+    """On the released VAE config (meta device), ComfyUI's names (written from comfy's WanVAE)
+    convert back to diffusers' names both by diffusers' own `convert_wan_vae_to_diffusers` and
+    by lorakit's reader; on the tiny one (1 residual block, which diffusers' converter does not
+    handle) by lorakit's reader."""
+    from diffusers import AutoencoderKLQwenImage
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    from lorakit.models.qwen_image import names
+
+    with torch.device("meta"):
+        real = AutoencoderKLQwenImage(**qi.QWEN_IMAGE_VAE)
+    keys = list(real.state_dict())
+    original = {_wan_original_name(k, 2): k for k in keys}  # original name → diffusers name
+    assert len(original) == len(keys) == 194
+    # names ComfyUI's WanVAE has (the 3rd decoder entry is level 0's upsampler; 4 = level 1's
+    # first residual block, the only decoder block with a shortcut)
+    for k in ("conv1.weight", "conv2.bias", "encoder.conv1.weight", "decoder.head.2.weight",
+              "decoder.middle.0.residual.0.gamma", "decoder.middle.1.to_qkv.weight",
+              "encoder.downsamples.2.resample.1.weight", "encoder.downsamples.5.time_conv.weight",
+              "decoder.upsamples.3.time_conv.weight", "decoder.upsamples.4.shortcut.weight",
+              "decoder.upsamples.14.residual.6.weight"):  # fmt: skip
+        assert k in original, k
+    assert convert_wan_vae_to_diffusers(original) == {v: v for v in original.values()}
+    assert names.vae_from_original(original, 2) == {v: v for v in original.values()}
+    tiny_keys = list(tiny().vae.state_dict())
+    tiny_original = {_wan_original_name(k, 1): k for k in tiny_keys}
+    assert names.vae_from_original(tiny_original, 1) == {k: k for k in tiny_keys}
+
+
+def _comfy_split_folder(tmp_path, comps, **te):
+    """ComfyUI's split files (text_encoders/qwen_2.5_vl_7b, vae/qwen_image_vae) each alone in
+    its subfolder of model.single_file_config, with the tokenizer/ lorakit needs besides and the
+    tiny configs (the built-in ones are the real model's); the diffusion-model file beside."""
+    folder = tmp_path / "cfg"
+    for sub in ("text_encoder", "vae"):
+        (folder / sub).mkdir(parents=True)
+    te_file = folder / "text_encoder" / "qwen_2.5_vl_7b.safetensors"
+    save_file(_comfy_qwen25_vl(comps.text_encoder, **te), str(te_file))
+    save_file(_wan_original(comps.vae), str(folder / "vae" / "qwen_image_vae.safetensors"))
+    comps.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    comps.text_encoder.config.save_pretrained(str(folder / "text_encoder"))
+    for sub, model in (("transformer", comps.transformer), ("vae", comps.vae)):
+        model.save_config(str(folder / sub))
+    dm = tmp_path / "qwen_image_bf16.safetensors"
+    save_file(FAM.to_single_file(comps), str(dm))
+    return dm, folder
+
+
+def test_comfyui_split_text_encoder_and_vae_files_load_identical_weights(tmp_path):
+    built = tiny()
+    dm, folder = _comfy_split_folder(tmp_path, built)
+    te_keys = set(load_file(str(folder / "text_encoder" / "qwen_2.5_vl_7b.safetensors")))
+    assert {"model.layers.0.self_attn.k_proj.bias", "model.norm.weight", "lm_head.weight",
+            "visual.blocks.0.attn.qkv.weight", "visual.merger.mlp.2.weight"} <= te_keys  # fmt: skip
+    fam, comps = load_model(ModelConfig(name=str(dm), single_file_config=str(folder)))
+    assert fam is FAM
+    for name in ("transformer", "vae", "text_encoder"):
+        a, b = getattr(comps, name).state_dict(), getattr(built, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    e1, e2 = FAM.encode_prompts(comps, CAPTIONS), FAM.encode_prompts(built, CAPTIONS)
+    assert all(torch.equal(e1[k], e2[k]) for k in e2)
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    assert torch.equal(FAM.encode_images(comps, pixels), FAM.encode_images(built, pixels))
+    # a file with the language model only: the LM head is tied to the embedding, the vision
+    # tower (never run for text-to-image) zeros, and the prompt embeddings stay identical
+    dm, folder = _comfy_split_folder(tmp_path / "lm", built, visual=False, lm_head=False)
+    _, comps = load_model(ModelConfig(name=str(dm), single_file_config=str(folder)))
+    a, b = comps.text_encoder.state_dict(), built.text_encoder.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in b if k.startswith("model.language_model."))
+    assert all(not a[k].any() for k in a if k.startswith("model.visual."))
+    assert torch.equal(a["lm_head.weight"], b["model.language_model.embed_tokens.weight"])
+    te = comps.text_encoder  # tied, not a copy: no second 152064 × 3584 matrix for the real model
+    assert te.lm_head.weight.data_ptr() == te.model.language_model.embed_tokens.weight.data_ptr()
+    assert te.config.tie_word_embeddings  # so save_pretrained writes it once and reloads it tied
+    e1 = FAM.encode_prompts(comps, CAPTIONS)
+    assert all(torch.equal(e1[k], e2[k]) for k in e2)
+
+
+def test_wrong_split_files_and_a_missing_text_encoder_are_one_clear_paragraph(tmp_path):
+    from diffusers import AutoencoderKL
+    from transformers import Qwen3Model
+
+    from lorakit.models import ldm_names
+    from lorakit.models.vae import tiny_flow_vae
+    from lorakit.models.z_image import tiny_qwen3_config
+
+    built = tiny()
+    dm, folder = _comfy_split_folder(tmp_path, built)
+    te_file = folder / "text_encoder" / "qwen_2.5_vl_7b.safetensors"
+    vae_file = folder / "vae" / "qwen_image_vae.safetensors"
+
+    def error() -> str:
+        with pytest.raises(LorakitError) as e:
+            load_model(ModelConfig(name=str(dm), single_file_config=str(folder)))
+        msg = str(e.value)
+        assert "\n" not in msg
+        return msg
+
+    good_te, good_vae = te_file.read_bytes(), vae_file.read_bytes()
+    # a Qwen3 file (ComfyUI's qwen_3_4b.safetensors: `model.` + Qwen3) in text_encoder/
+    qwen3 = Qwen3Model(tiny_qwen3_config(len(built.tokenizer)))
+    save_file({"model." + k: v.contiguous() for k, v in qwen3.state_dict().items()}, str(te_file))
+    msg = error()
+    assert str(te_file) in msg and "Qwen3 text encoder" in msg
+    assert "qwen_2.5_vl_7b.safetensors" in msg and "Qwen/Qwen-Image" in msg
+    te_file.write_bytes(good_te)
+    # FLUX's ae.safetensors (ldm names) in vae/
+    flux_vae = AutoencoderKL(**tiny_flow_vae(0.1159, 0.3611))
+    ae = {k.removeprefix("first_stage_model."): v.contiguous()
+          for k, v in ldm_names.vae_to_ldm(flux_vae).items()}  # fmt: skip
+    save_file(ae, str(vae_file))
+    msg = error()
+    assert str(vae_file) in msg and "FLUX's ae.safetensors" in msg
+    assert "qwen_image_vae.safetensors" in msg
+    vae_file.write_bytes(good_vae)
+    # a scaled-fp8 text encoder (ComfyUI's *_fp8_scaled: float8 weights, `scaled_fp8` marker)
+    fp8 = _comfy_qwen25_vl(built.text_encoder)
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in fp8.items()}
+    fp8["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(fp8, str(te_file))
+    msg = error()
+    assert str(te_file) in msg and "scaled-fp8" in msg and "bf16" in msg
+    # no text encoder: named with the file to put there, nothing else reported missing
+    te_file.unlink()
+    msg = error()
+    assert str(dm) in msg and "text_encoder/" in msg and "qwen_2.5_vl_7b.safetensors" in msg
+    assert "vae/" not in msg.split("Set")[0]
+
+
 # --- export: the files ComfyUI and diffusers read -------------------------------------------------
 
 
@@ -434,6 +640,8 @@ def test_preset_loads_and_its_cpu_settings_train_tiny_qwen_image(tmp_path, prese
             "train.device='cpu'", "train.mixed_precision='no'", "sample.every=0",
             "train.save_every=0", "train.optimizer_fallback=true",
             f"train.out='{tmp_path / 'run'}'",
+            # the preset's streaming settings, at the tiny model's 2 blocks
+            f"train.block_swap={min(c.train.block_swap, 2)}",
         ],
     )  # fmt: skip
     result = train(c, SAMPLES)

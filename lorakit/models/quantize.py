@@ -4,7 +4,10 @@ fp8 (every family, CPU too): the frozen denoiser's Linear/Conv layers are stored
 and cast to the run's weight dtype layer by layer around each forward, by diffusers' layerwise
 casting hooks (`enable_fp8_storage`, with the model's default skip patterns: norms, positional /
 patch embeddings, proj_in/proj_out stay in the weight dtype). It is applied when the denoiser is
-placed for training, before the LoRA is injected; the LoRA layers keep their own dtype.
+placed for training, before the LoRA is injected; the LoRA layers keep their own dtype. With
+`train.block_swap` the streamed blocks keep these weights in fp8 in host memory and in the device
+slots; `lorakit.blockswap` replaces the hook's casts on those layers by ones that read the slot
+(same values, bitwise the same gradients).
 
 NF4/int8 (bitsandbytes):
 

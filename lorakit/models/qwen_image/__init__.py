@@ -55,7 +55,10 @@ Tensor conventions:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -257,7 +260,9 @@ def _image_vae(base: type) -> type:
     return ImageVAE
 
 
-def load_transformer(checkpoint: dict[str, torch.Tensor], folder: str, source: str):
+def load_transformer(
+    checkpoint: dict[str, torch.Tensor], folder: str, source: str, where: str = ""
+):
     """`QwenImageTransformer2DModel` with the config of `folder/transformer` and the file's
     weights (names.read_transformer), frozen, eval. The weights keep the file's dtype (bf16 for
     the released files; fp8 files are widened to bf16): a 20 B model in fp32 would need 82 GB of
@@ -282,7 +287,7 @@ def load_transformer(checkpoint: dict[str, torch.Tensor], folder: str, source: s
         raise LorakitError(
             f"Could not read the Qwen-Image transformer from the checkpoint '{source}': "
             f"{first_line(e)}. The file must be a Qwen-Image diffusion model (ComfyUI's "
-            f"qwen_image_*.safetensors) matching {folder}/transformer; set "
+            f"qwen_image_*.safetensors) matching {where or folder + '/transformer'}; set "
             "model.single_file_config to a local diffusers folder of the model it was made from."
         ) from None
     freeze(model)
@@ -341,6 +346,198 @@ def _pipeline_class(name: str, revision: str) -> str:
         return str(json.loads(path.read_text(encoding="utf-8")).get("_class_name", ""))
     except (OSError, ValueError):
         return ""
+
+
+# --- single files: ComfyUI's split files -------------------------------------------------------
+
+_TE_FILE_HINT = (
+    "ComfyUI's models/text_encoders/qwen_2.5_vl_7b.safetensors (bf16), or the text_encoder/ "
+    "folder of Qwen/Qwen-Image"
+)
+_VAE_FILE_HINT = (
+    "ComfyUI's models/vae/qwen_image_vae.safetensors, or the vae/ folder of Qwen/Qwen-Image"
+)
+_PART_HINTS = {
+    "vae": _VAE_FILE_HINT,
+    "text_encoder": _TE_FILE_HINT,
+    "tokenizer": "the Qwen2 tokenizer files (the tokenizer/ folder of Qwen/Qwen-Image)",
+}
+_TE_LIBRARY = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_VAE_LIBRARY = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@contextlib.contextmanager
+def _config_dir(folder: str, sub: str, builtin: dict[str, Any]) -> Iterator[str]:
+    """`folder` when `folder/sub/config.json` exists, else a temp folder holding `builtin`."""
+    if (Path(folder) / sub / "config.json").is_file():
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="lorakit-qwen-image-") as tmp:
+        (Path(tmp) / sub).mkdir()
+        (Path(tmp) / sub / "config.json").write_text(json.dumps(builtin), encoding="utf-8")
+        yield tmp
+
+
+def _split_file(folder: str, sub: str, library_names: tuple[str, ...]) -> Path | None:
+    """The one ComfyUI-style `.safetensors` in `folder/sub` (None where the folder holds the
+    library's own layout, `library_names`, or nothing)."""
+    where = Path(folder) / sub
+    if not where.is_dir() or any((where / n).exists() for n in library_names):
+        return None
+    files = sorted(where.glob("*.safetensors"))
+    return files[0] if len(files) == 1 else None
+
+
+def _present(folder: str, sub: str) -> bool:
+    where = Path(folder) / sub
+    if sub == "tokenizer":
+        return (where / "tokenizer.json").is_file() or (where / "vocab.json").is_file()
+    return where.is_dir() and any(p.suffix in (".safetensors", ".bin") for p in where.iterdir())
+
+
+def _missing_parts(source: str, folder: str, subs: list[str]) -> Exception | None:
+    """One paragraph naming every part `folder` lacks (checked before the transformer is read),
+    or None."""
+    from lorakit.errors import LorakitError
+
+    missing = [s for s in subs if not _present(folder, s)]
+    if not missing:
+        return None
+    # single_file.config_folder's temp folder of built-in configs: the user gave no folder
+    given = not Path(folder).name.startswith("lorakit-qwen-image-config-")
+    where = f"'{folder}' has no" if given else "model.single_file_config is not set, so there is no"
+    needs = "; ".join(f"{s}/ with {_PART_HINTS[s]}" for s in missing)
+    return LorakitError(
+        f"The Qwen-Image checkpoint '{source}' holds the diffusion model only, and {where} "
+        f"{', '.join(s + '/' for s in missing)} to take the rest from. Set "
+        f"model.single_file_config to a folder with {needs}. A downloaded copy of the "
+        "Qwen/Qwen-Image hub repo has them all and works as model.single_file_config too; "
+        "lorakit downloads nothing for a single-file model."
+    )
+
+
+def _read_split(path: Path, what: str, hint: str) -> dict[str, torch.Tensor]:
+    """The tensors of a split file; scaled-fp8 files (ComfyUI's `*_fp8_scaled`: float8 weights
+    with a `scaled_fp8` marker and per-layer `scale_weight`s) are refused in one paragraph."""
+    from lorakit.errors import LorakitError
+    from lorakit.models import single_file as sf
+
+    ck = sf.read_checkpoint(path)
+    if "scaled_fp8" in ck or any(v.dtype in _FP8 for v in ck.values()):
+        raise LorakitError(
+            f"'{path}' is a float8 (scaled-fp8) {what} file, which lorakit does not read for "
+            f"the frozen parts of Qwen-Image. Put the bf16 file there instead: {hint}."
+        )
+    return ck
+
+
+def _te_looks_like(keys: set[str]) -> str:
+    if any(".self_attn.q_norm." in k for k in keys):
+        return "a Qwen3 text encoder (ComfyUI's qwen_3_*.safetensors, for Z-Image / FLUX.2 klein)"
+    if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        return "a VAE"
+    if any("transformer_blocks." in k or "double_blocks." in k for k in keys):
+        return "a diffusion model"
+    return "no Qwen2.5-VL text encoder"
+
+
+def _split_text_encoder(path: Path, folder: str):
+    """`Qwen2_5_VLForConditionalGeneration` (fp32, frozen) from ComfyUI's Qwen2.5-VL-7B file
+    (names.text_encoder_from_comfy), config from `folder/text_encoder/config.json` when present,
+    else the real model's (`QWEN25_VL_7B`). Parts the file may lack: the LM head (never read
+    for the conditioning: `encode_prompt` takes hidden states) is then tied to the embedding,
+    and the vision tower (never run for text-to-image) is zeros. Everything the file has loads
+    exactly; an unknown or missing language-model key fails."""
+    from accelerate import init_empty_weights
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from lorakit.errors import LorakitError
+    from lorakit.models.loading import first_line
+
+    ck = _read_split(path, "text encoder", _TE_FILE_HINT)
+    keys = set(ck)
+    if any(k.startswith("model.language_model.") for k in keys):
+        state = dict(ck)  # transformers 5's own names in a single file
+    elif _names.TEXT_ENCODER_MARKER in keys:
+        state = _names.text_encoder_from_comfy(ck)
+    else:
+        raise LorakitError(
+            f"'{path}' in text_encoder/ is {_te_looks_like(keys)}, not Qwen-Image's Qwen2.5-VL-7B "
+            f"text encoder (it has no {_names.TEXT_ENCODER_MARKER}). Put {_TE_FILE_HINT} there "
+            "instead."
+        )
+    try:
+        sub = Path(folder) / "text_encoder"
+        if (sub / "config.json").is_file():
+            config = Qwen2_5_VLConfig.from_pretrained(str(sub), local_files_only=True)
+        else:
+            config = Qwen2_5_VLConfig(**QWEN25_VL_7B)
+        embed = "model.language_model.embed_tokens.weight"
+        tied = "lm_head.weight" not in state and embed in state
+        if tied:
+            config.tie_word_embeddings = True
+        with init_empty_weights():
+            te = Qwen2_5_VLForConditionalGeneration(config)
+        expected = te.state_dict()
+        visual = [k for k in expected if k.startswith("model.visual.")]
+        if not any(k in state for k in visual):
+            state.update({k: torch.zeros(expected[k].shape) for k in visual})
+        state = {k: v.float() for k, v in state.items()}
+        if tied:
+            state["lm_head.weight"] = state[embed]
+        te.load_state_dict(state, strict=True, assign=True)
+        te.tie_weights()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise LorakitError(
+            f"Could not read the Qwen2.5-VL text encoder from '{path}': {first_line(e)}. lorakit "
+            f"reads {_TE_FILE_HINT}; a text_encoder/config.json next to the file must describe "
+            "the same model (remove it to use Qwen2.5-VL-7B's)."
+        ) from None
+    te.requires_grad_(False)
+    te.eval()
+    return te
+
+
+def _vae_looks_like(keys: set[str]) -> str:
+    if _names.WAN22_VAE_MARKER in keys:
+        return "Wan 2.2's 48-channel VAE (wan2.2_vae.safetensors)"
+    if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.conv_in.")) for k in keys):
+        return "a 2-D VAE of another family (FLUX's ae.safetensors or an SD/SDXL VAE)"
+    if any(".self_attn." in k for k in keys):
+        return "a text encoder"
+    return "no Wan VAE"
+
+
+def _split_vae(path: Path, folder: str):
+    """`AutoencoderKLQwenImage` (fp32, frozen) from ComfyUI's `qwen_image_vae.safetensors`
+    (Wan 2.1's original layout, names.vae_from_original; a file already in diffusers' names
+    loads as it is), config from `folder/vae/config.json` when present, else Qwen-Image's."""
+    from diffusers import AutoencoderKLQwenImage
+
+    from lorakit.errors import LorakitError
+    from lorakit.models import single_file as sf
+
+    ck = _read_split(path, "VAE", _VAE_FILE_HINT)
+    keys = set(ck)
+    if _names.VAE_MARKER in keys and _names.WAN22_VAE_MARKER not in keys:
+
+        def convert(model, checkpoint):
+            return _names.vae_from_original(checkpoint, model.config.num_res_blocks)
+
+    elif "decoder.mid_block.resnets.0.norm1.gamma" in keys:
+
+        def convert(model, checkpoint):
+            return dict(checkpoint)
+
+    else:
+        raise LorakitError(
+            f"'{path}' in vae/ is {_vae_looks_like(keys)}, not Qwen-Image's Wan-2.1-style VAE "
+            f"(it has no {_names.VAE_MARKER}). Put {_VAE_FILE_HINT} there instead."
+        )
+    vae_config = dict(QWEN_IMAGE_VAE, _class_name="AutoencoderKLQwenImage")
+    with _config_dir(folder, "vae", vae_config) as d:
+        return sf.load_converted(AutoencoderKLQwenImage, ck, d, "vae", str(path), convert)
 
 
 class QwenImage:
@@ -504,8 +701,9 @@ class QwenImage:
 
     def single_file_configs(self) -> dict[str, dict[str, Any]]:
         """The real transformer config and scheduler; the VAE, Qwen2.5-VL and tokenizer come
-        from a diffusers folder (model.single_file_config): ComfyUI ships them as separate
-        files in other layouts, which lorakit does not read."""
+        from model.single_file_config (see `from_single_file`: ComfyUI's split files or
+        diffusers subfolders; the split files load with the real VAE / Qwen2.5-VL-7B configs
+        built in here)."""
         return {
             "transformer": dict(QWEN_IMAGE_TRANSFORMER, _class_name="QwenImageTransformer2DModel"),
             "scheduler": dict(QWEN_IMAGE_SCHEDULER, _class_name="FlowMatchEulerDiscreteScheduler"),
@@ -516,34 +714,45 @@ class QwenImage:
     ) -> QwenImageComponents:
         """The transformer from a diffusion-model file (ComfyUI's `qwen_image_*.safetensors`, or
         diffusers' `diffusion_pytorch_model.safetensors`: diffusers key names, bare or under
-        `model.diffusion_model.`; `load_transformer`) with the config of `folder/transformer`;
-        VAE, Qwen2.5-VL, tokenizer and scheduler from `folder`
-        (model.single_file_config). Fails with one paragraph when the folder lacks the text
-        encoder, naming the file and what to pass."""
+        `model.diffusion_model.`; `load_transformer`) with the config of `folder/transformer`
+        (else the real one). From `folder` (model.single_file_config): `text_encoder/` and
+        `vae/` each either the library layout or ComfyUI's split file alone in it
+        (`qwen_2.5_vl_7b.safetensors`: `_split_text_encoder`; `qwen_image_vae.safetensors`, Wan
+        2.1's original layout: `_split_vae`; configs from a config.json beside the file, else
+        the real ones), `tokenizer/` from the diffusers repo, the scheduler from `scheduler/`
+        or the built-in one. One paragraph naming every missing part (before the transformer is
+        read) and each wrong file."""
         from diffusers import AutoencoderKLQwenImage
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
         from lorakit.errors import LorakitError
         from lorakit.models import single_file as sf
 
-        if not (Path(folder) / "text_encoder").is_dir():
-            raise LorakitError(
-                f"The Qwen-Image checkpoint '{source}' holds the transformer only, and the text "
-                f"encoder must come from a diffusers folder, but '{folder}' has no "
-                "text_encoder/. lorakit does not read ComfyUI's separate "
-                "qwen_2.5_vl_7b*.safetensors or qwen_image_vae.safetensors files: set "
-                "model.single_file_config to a local diffusers folder of Qwen/Qwen-Image (with "
-                "text_encoder/, tokenizer/, vae/ and scheduler/), e.g. a downloaded copy of the "
-                "hub repo, or pass that folder itself as model.name."
-            )
+        error = _missing_parts(source, folder, ["vae", "text_encoder", "tokenizer"])
+        if error is not None:
+            raise error
         if (Path(folder) / "model_index.json").is_file():
             cls = _pipeline_class(folder, "")
             if cls in EDIT_PIPELINES:
                 raise LorakitError(_edit_refusal(f"model.single_file_config '{folder}'", cls))
-        transformer = load_transformer(checkpoint, folder, source)
-        te = sf.load_from_folder(Qwen2_5_VLForConditionalGeneration, folder, "text_encoder", source)
+        transformer_config = self.single_file_configs()["transformer"]
+        sub = Path(folder) / "transformer"
+        where = str(sub) if (sub / "config.json").is_file() else "Qwen-Image's transformer config"
+        with _config_dir(folder, "transformer", transformer_config) as d:
+            transformer = load_transformer(checkpoint, d, source, where)
+        split = _split_file(folder, "text_encoder", _TE_LIBRARY)
+        if split is not None:
+            te = _split_text_encoder(split, folder)
+        else:
+            te = sf.load_from_folder(
+                Qwen2_5_VLForConditionalGeneration, folder, "text_encoder", source
+            )
         tok = sf.load_from_folder(Qwen2Tokenizer, folder, "tokenizer", source, tokenizer=True)
-        vae = sf.load_from_folder(AutoencoderKLQwenImage, folder, "vae", source)
+        split = _split_file(folder, "vae", _VAE_LIBRARY)
+        if split is not None:
+            vae = _split_vae(split, folder)
+        else:
+            vae = sf.load_from_folder(AutoencoderKLQwenImage, folder, "vae", source)
         sched = sf.load_scheduler(
             folder, dict(QWEN_IMAGE_SCHEDULER, _class_name="FlowMatchEulerDiscreteScheduler"), {}
         )

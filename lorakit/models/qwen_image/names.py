@@ -15,6 +15,26 @@ all use the same module names, so "original" and "diffusers" names coincide:
 
 The table (`transformer_table`) is built from the FIXED module table of the real architecture
 (`qwen_image_modules`), never from an installed model's `named_modules()`.
+
+ComfyUI's two other split files are NOT in diffusers/transformers names (read with
+`text_encoder_from_comfy` and `vae_from_original`):
+
+- `text_encoders/qwen_2.5_vl_7b.safetensors`: the module tree of ComfyUI's `Qwen25_7BVLI`
+  (`comfy/text_encoders/llama.py`): `model.` = `Llama2_` (`embed_tokens`, `layers.{i}.self_attn.
+  {q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`, `input_layernorm`, `post_attention_layernorm`,
+  `norm`) and `visual.` = `Qwen2VLVisionTransformer` (`comfy/text_encoders/qwen_vl.py`:
+  `patch_embed.proj`, `blocks.{i}.{norm1,norm2,attn.qkv,attn.proj,mlp.*}`, `merger.{ln_q,mlp.0,
+  mlp.2}`), plus an optional `lm_head.weight` (ComfyUI loads non-strictly and has no LM head).
+  transformers 5's `Qwen2_5_VLForConditionalGeneration` names the same tensors
+  `model.language_model.*`, `model.visual.*`, `lm_head.weight`. ComfyUI recognises the file by
+  `model.layers.0.self_attn.k_proj.bias` (`comfy/sd.py`, `detect_te_model`: Qwen2.5 has q/k/v
+  biases, 512 wide for 7B; Qwen3 has none and has `q_norm`).
+- `vae/qwen_image_vae.safetensors`: Wan 2.1's ORIGINAL VAE layout (`comfy/ldm/wan/vae.py`,
+  `WanVAE`, which `comfy/sd.py` picks by `decoder.middle.0.residual.0.gamma`): flat
+  `encoder.downsamples.{k}` / `decoder.upsamples.{k}` Sequentials, `ResidualBlock.residual` =
+  [RMS_norm, SiLU, CausalConv3d, RMS_norm, SiLU, Dropout, CausalConv3d] + `shortcut`,
+  `middle` = [residual, attention, residual], `head` = [RMS_norm, SiLU, CausalConv3d], and the
+  top-level `conv1` / `conv2` (diffusers' `quant_conv` / `post_quant_conv`).
 """
 
 from __future__ import annotations
@@ -24,6 +44,13 @@ from functools import cache
 import torch
 
 from lorakit.models.naming import Entry, detached, read_under
+
+TEXT_ENCODER_MARKER = "model.layers.0.self_attn.k_proj.bias"
+"""The key ComfyUI recognises a Qwen2.5 text-encoder file by (`comfy/sd.py`, detect_te_model)."""
+VAE_MARKER = "decoder.middle.0.residual.0.gamma"
+"""The key of Wan's original VAE layout (ComfyUI's and diffusers' `wan_vae` detection)."""
+WAN22_VAE_MARKER = "decoder.upsamples.0.upsamples.0.residual.2.weight"
+"""Wan 2.2's 48-channel VAE (nested upsample blocks): not Qwen-Image's."""
 
 SINGLE_FILE_MARKERS = (
     "transformer_blocks.0.img_mod.",
@@ -106,5 +133,73 @@ def read_transformer(checkpoint: dict[str, torch.Tensor], expected: set[str]):
 def to_single_file(components) -> dict[str, torch.Tensor]:
     """The transformer alone under its (diffusers = original) names, as ComfyUI's
     `diffusion_models/qwen_image_*.safetensors` ship it; the VAE and Qwen2.5-VL are separate
-    files in ComfyUI's layout and come from a diffusers folder when loading."""
+    files (ComfyUI's layouts above, or diffusers subfolders) in model.single_file_config."""
     return detached(components.transformer.state_dict())
+
+
+def text_encoder_from_comfy(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's Qwen2.5-VL file (module docstring) → transformers 5 names: `model.<x>` →
+    `model.language_model.<x>`, `visual.<x>` → `model.visual.<x>`, `lm_head.weight` kept. A key
+    under none of them: KeyError naming it (another model's file)."""
+    out = {}
+    for key, value in checkpoint.items():
+        if key.startswith("model."):
+            out["model.language_model." + key.removeprefix("model.")] = value
+        elif key.startswith("visual."):
+            out["model.visual." + key.removeprefix("visual.")] = value
+        elif key == "lm_head.weight":
+            out[key] = value
+        else:
+            raise KeyError(f"'{key}' is no Qwen2.5-VL weight")
+    return out
+
+
+_RESIDUAL = {
+    "residual.0.gamma": "norm1.gamma",
+    "residual.2.weight": "conv1.weight",
+    "residual.2.bias": "conv1.bias",
+    "residual.3.gamma": "norm2.gamma",
+    "residual.6.weight": "conv2.weight",
+    "residual.6.bias": "conv2.bias",
+    "shortcut.weight": "conv_shortcut.weight",
+    "shortcut.bias": "conv_shortcut.bias",
+}
+_MIDDLE = {"0": "mid_block.resnets.0", "1": "mid_block.attentions.0", "2": "mid_block.resnets.1"}
+_HEAD = {"0.gamma": "norm_out.gamma", "2.weight": "conv_out.weight", "2.bias": "conv_out.bias"}
+_VAE_TOP = {"conv1.": "quant_conv.", "conv2.": "post_quant_conv."}
+
+
+def _vae_name(key: str, num_res_blocks: int) -> str:
+    """One original Wan VAE key → `AutoencoderKLQwenImage`'s (KeyError for an unknown one)."""
+    for old, new in _VAE_TOP.items():
+        if key.startswith(old):
+            return new + key.removeprefix(old)
+    side, _, rest = key.partition(".")
+    if side not in ("encoder", "decoder"):
+        raise KeyError(f"'{key}' is no Wan VAE weight")
+    if rest.startswith("conv1."):
+        return f"{side}.conv_in.{rest.removeprefix('conv1.')}"
+    if rest.startswith("head."):
+        return f"{side}.{_HEAD[rest.removeprefix('head.')]}"
+    part, index, leaf = rest.split(".", 2)
+    if part == "middle":
+        return f"{side}.{_MIDDLE[index]}.{_RESIDUAL.get(leaf, leaf)}"
+    if part == "downsamples" and side == "encoder":
+        # the encoder's flat Sequential keeps its indices in diffusers (`down_blocks`)
+        return f"encoder.down_blocks.{index}.{_RESIDUAL.get(leaf, leaf)}"
+    if part == "upsamples" and side == "decoder":
+        # per level: num_res_blocks + 1 residual blocks, then one upsampler (not after the last)
+        level, j = divmod(int(index), num_res_blocks + 2)
+        if j <= num_res_blocks:
+            return f"decoder.up_blocks.{level}.resnets.{j}.{_RESIDUAL[leaf]}"
+        return f"decoder.up_blocks.{level}.upsamplers.0.{leaf}"
+    raise KeyError(f"'{key}' is no Wan VAE weight")
+
+
+def vae_from_original(
+    checkpoint: dict[str, torch.Tensor], num_res_blocks: int
+) -> dict[str, torch.Tensor]:
+    """Wan 2.1's original VAE state dict (ComfyUI's `qwen_image_vae.safetensors`) →
+    `AutoencoderKLQwenImage` names, for any `num_res_blocks` (diffusers'
+    `convert_wan_vae_to_diffusers` hard-codes the released 2; tests check both agree on it)."""
+    return {_vae_name(k, num_res_blocks): v for k, v in checkpoint.items()}
