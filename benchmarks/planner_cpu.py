@@ -1,7 +1,8 @@
 """Planner accuracy on CPU: predicted vs MEASURED peak memory of one training step.
 
 For SD1.5 UNets and FLUX transformers of two sizes (tiny = the test models; mid = wider/deeper)
-and the Qwen-Image, Z-Image and FLUX.2 klein tiny transformers (inputs from their own tiny
+and the Qwen-Image, Z-Image and FLUX.2 klein tiny transformers and wider/deeper "mid" variants
+(`FAMILY_MID`; inputs from their own tiny
 encoders at 64 px, every caption position a token as the planner plans), with and without
 gradient checkpointing (and FLUX with `train.offload_activations`), fp32, LoRA r4 on the
 family's default targets, torch AdamW, batch 2:
@@ -90,15 +91,29 @@ FAMILY_TINY = ("qwen-image", "z-image", "flux2-klein")
 denoiser (`build_tiny`), inputs from the family's own encoders at 64 px."""
 
 
-def family_case(family: str, device: str, side_px: int = 64, n: int = 2):
+FAMILY_MID = {
+    "qwen-image": dict(
+        num_layers=4, num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 12, 12)
+    ),
+    "z-image": dict(dim=128, n_heads=4, n_kv_heads=4, n_layers=4, axes_dims=[8, 12, 12]),
+    "flux2-klein": dict(num_layers=2, num_single_layers=4, num_attention_heads=8),
+}
+"""Wider/deeper variants of those tiny transformers (`"<family> mid"`): same text width, so the
+tiny encoders still feed them."""
+
+
+def family_case(family: str, device: str, side_px: int = 64, n: int = 2, mid: bool = False):
     """(denoiser with LoRA r4 on the default targets, latents, timesteps, cond) of the family's
-    tiny model on `device` ("cpu" real, "meta" the same shapes on the meta device)."""
+    tiny model (`mid`: its `FAMILY_MID` variant) on `device` ("cpu" real, "meta" the same shapes
+    on the meta device)."""
     fam = FAMILIES[family]
     comps = fam.build_tiny(seed=0)
     den = getattr(comps, fam.denoiser_name)
-    if device == "meta":
-        with torch.device("meta"):
-            den = type(den).from_config(den.config)
+    config = {**den.config, **(FAMILY_MID[family] if mid else {})}
+    if device == "meta" or mid:
+        torch.manual_seed(0)
+        with torch.device(device):
+            den = type(den).from_config(config)
     den.requires_grad_(False)
     targets = list(fam.default_targets)
     inject_lora(den, LoraConfigSection(rank=4, alpha=4.0, target_modules=targets), 0)
@@ -119,16 +134,17 @@ def family_case(family: str, device: str, side_px: int = 64, n: int = 2):
 
 def compare(name: str, checkpointing: bool, offload: bool = False) -> dict:
     """One row: measured (real CPU step) vs the planner's prediction (meta)."""
-    if name.endswith(" tiny") and name[: -len(" tiny")] in FAMILY_TINY:
-        family = name[: -len(" tiny")]
+    family, _, size = name.rpartition(" ")
+    if family in FAMILY_TINY:
+        mid = size == "mid"
         torch.manual_seed(0)
-        real, *inputs = family_case(family, "cpu")
+        real, *inputs = family_case(family, "cpu", mid=mid)
         t0 = time.perf_counter()
         measured, step = planner.measure_step(
             real, family, *inputs, checkpointing, "adamw", offload
         )
         seconds = time.perf_counter() - t0
-        meta, *minputs = family_case(family, "meta")
+        meta, *minputs = family_case(family, "meta", mid=mid)
         rows = planner.step_rows(meta, family, *minputs, checkpointing, "adamw", offload)
         return _row(name, checkpointing, offload, measured, step, rows, seconds)
     family, config, side = MODELS[name]
@@ -165,7 +181,7 @@ def _row(name, checkpointing, offload, measured, step, rows, seconds) -> dict:
 def main() -> None:
     torch.set_num_threads(2)
     out = []
-    for name in [*MODELS, *(f"{f} tiny" for f in FAMILY_TINY)]:
+    for name in [*MODELS, *(f"{f} {size}" for f in FAMILY_TINY for size in ("tiny", "mid"))]:
         for ckpt in (False, True):
             out.append(compare(name, ckpt))
         if name.startswith("flux"):

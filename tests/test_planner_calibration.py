@@ -43,7 +43,8 @@ def test_meter_counts_storages_once_and_frees_them():
     ("name", "checkpointing"),
     [("sd15 tiny", False), ("sd15 tiny", True), ("sd15 mid", False), ("sd15 mid", True),
      ("flux tiny", False), ("flux tiny", True), ("flux mid", True),
-     ("qwen-image tiny", True), ("z-image tiny", False), ("flux2-klein tiny", True)],
+     ("qwen-image tiny", True), ("z-image tiny", False), ("flux2-klein tiny", True),
+     ("qwen-image mid", True), ("z-image mid", True), ("flux2-klein mid", False)],
 )  # fmt: skip
 def test_planner_step_within_15_percent_of_measured_peak(name, checkpointing):
     """Seen here: total −1…+4%, activations −3…+5% (BENCHMARKS.md, planner accuracy table)."""
