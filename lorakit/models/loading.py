@@ -60,3 +60,24 @@ def load_unconfigured(family, cfg, kind: str):
     return family.load(
         cfg.name, revision=cfg.revision, variant=cfg.variant, allow_pickle=cfg.allow_pickle
     )
+
+
+def load_quantizable(family, cfg, kind: str):
+    """`load_configured` of a family whose only loading option is `model.quantize` of its
+    denoiser: tiny models and single files are quantized after loading (`quantize_loaded`:
+    bitsandbytes modes; fp8 is applied at placement), folders and hub ids while loading
+    (`family.load(..., quantize=...)`)."""
+    if kind in ("tiny", "single_file"):
+        from lorakit.models.quantize import quantize_loaded
+
+        comps = load_unconfigured(family, cfg, kind)
+        name = family.denoiser_name
+        setattr(comps, name, quantize_loaded(getattr(comps, name), cfg.quantize))
+        return comps
+    return family.load(
+        cfg.name,
+        revision=cfg.revision,
+        variant=cfg.variant,
+        allow_pickle=cfg.allow_pickle,
+        quantize=cfg.quantize,
+    )

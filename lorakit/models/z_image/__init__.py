@@ -401,31 +401,14 @@ class ZImage:
     def load_configured(self, cfg: ModelConfig, kind: str) -> ZImageComponents:
         """Components with the `model.*` options applied (caption length, quantize)."""
         from lorakit.errors import ConfigError
-        from lorakit.models.quantize import quantize_loaded
+        from lorakit.models.loading import load_quantizable
 
         if cfg.drop_t5:
             raise ConfigError(
                 "model.drop_t5 = true applies to SD3 only: Z-Image's text conditioning IS the "
                 "Qwen3 sequence. Set model.drop_t5 = false."
             )
-        if kind == "tiny":
-            comps = self.build_tiny(seed=0)
-            comps.transformer = quantize_loaded(comps.transformer, cfg.quantize)
-        elif kind == "single_file":
-            from lorakit.models.single_file import load_single_file
-
-            comps = load_single_file(
-                self, cfg.name, cfg.single_file_config, allow_pickle=cfg.allow_pickle
-            )
-            comps.transformer = quantize_loaded(comps.transformer, cfg.quantize)
-        else:
-            comps = self.load(
-                cfg.name,
-                revision=cfg.revision,
-                variant=cfg.variant,
-                allow_pickle=cfg.allow_pickle,
-                quantize=cfg.quantize,
-            )
+        comps = load_quantizable(self, cfg, kind)
         comps.max_sequence_length = cfg.text_length(self.text_length)
         return comps
 
