@@ -9,6 +9,10 @@ placed for training, before the LoRA is injected; the LoRA layers keep their own
 slots; `lorakit.blockswap` replaces the hook's casts on those layers by ones that read the slot
 (same values, bitwise the same gradients).
 
+A float8 single file (ComfyUI's fp8 checkpoints, `fp8_files`) is widened when read; with fp8 the
+denoiser goes back to e4m3 here, bit for bit for a plain e4m3 file. nf4/int8 refuse such a
+file (`check_not_float8`): they would quantize the fp8-rounded weights a second time.
+
 NF4/int8 (bitsandbytes):
 
 The transformer's Linear weights are stored by bitsandbytes as 4-bit NF4 (double-quantized, bf16
@@ -63,6 +67,21 @@ def check_quantize(mode: str, family: Family) -> None:
         )
 
 
+def check_not_float8(module, mode: str) -> None:
+    """Refuse a bitsandbytes mode on a denoiser read from a float8 file (`fp8_files`)."""
+    from lorakit.models.fp8_files import float8_source
+
+    source = float8_source(module)
+    if source and mode in BNB_MODES:
+        raise ConfigError(
+            f"model.name '{source}' is a float8 checkpoint (a ComfyUI fp8 file), and "
+            f"model.quantize = '{mode}' would quantize its already fp8-rounded weights a second "
+            f"time. Set model.quantize = 'fp8' (keeps the frozen denoiser in float8, as the file "
+            "stores it) or model.quantize = 'none' (trains on the weights widened to bf16/fp32); "
+            f"for '{mode}', start from the model's bf16 file instead."
+        )
+
+
 def bnb_config(mode: str):
     from diffusers import BitsAndBytesConfig
 
@@ -93,6 +112,7 @@ def quantize_loaded(module, mode: str):
 
     if mode not in BNB_MODES:
         return module
+    check_not_float8(module, mode)
 
     from lorakit.models.loading import freeze, save_for_quantization
 

@@ -20,6 +20,10 @@ UNet, `first_stage_model.` VAE, text encoders), the transformer families' origin
 layout (usually the transformer alone, plus an optional `first_stage_model.` VAE). Where a file
 holds only the transformer (and maybe the VAE), text encoders, tokenizers and scheduler come from
 `model.single_file_config` (`load_from_folder`).
+
+float8 files (ComfyUI's `*_fp8_e4m3fn` and `*_fp8_scaled` checkpoints) are dequantized right
+when read, for every family (`read_checkpoint(..., dequantize=True)`, `fp8_files`): the family's
+`from_single_file` sees the weights in the file's compute dtype, without scales or markers.
 """
 
 from __future__ import annotations
@@ -87,11 +91,21 @@ def detect_family(path: str | Path) -> str | None:
     return None
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+def read_checkpoint(path: str | Path, dequantize: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a `.safetensors` checkpoint. `dequantize`: float8 tensors (ComfyUI's plain
+    `*_fp8_e4m3fn` and `*_fp8_scaled` files) come back widened to the file's compute dtype, their
+    scales and markers removed (`fp8_files.read_dequantized`), so the family's key mapping reads
+    them like the bf16 file; `load_single_file` sets it for every family's main file."""
     from safetensors.torch import load_file
 
     path = Path(path)
     checkpoint_keys(path)  # suffix and readability checks with clear messages
+    if dequantize:
+        from lorakit.models.fp8_files import read_dequantized
+
+        dequantized = read_dequantized(path)
+        if dequantized is not None:
+            return dequantized
     return load_file(str(path))
 
 
@@ -142,9 +156,15 @@ def _load_single_file(family: Family, path: str | Path, config_source: str) -> A
             f"model.name '{path}' is a {found} checkpoint, but model.family is '{family.name}'. "
             f"Set model.family = '{found}' (or 'auto')."
         )
-    checkpoint = read_checkpoint(path)
+    from lorakit.models import fp8_files
+
+    checkpoint = read_checkpoint(path, dequantize=True)  # checks the file first
+    float8 = bool(fp8_files.float8_keys(fp8_files.read_header(path)[0]))
     with config_folder(family, config_source) as folder:
-        return family.from_single_file(checkpoint, folder, str(path))
+        comps = family.from_single_file(checkpoint, folder, str(path))
+    if float8:  # for quantize_loaded: no second (bitsandbytes) quantization of fp8 weights
+        fp8_files.mark_float8_source(getattr(comps, family.denoiser_name, None), path)
+    return comps
 
 
 # -- helpers for Family.from_single_file -----------------------------------------------------------
