@@ -201,6 +201,11 @@ def test_bitsandbytes_modes_refuse_a_float8_file(tmp_path, monkeypatch, mode):
     cli("tiny-model", name, folder)
     path = _save(plain(fam.to_single_file(fam.build_tiny(seed=0))), tmp_path / "f.safetensors")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def read(*a, **k):
+        raise AssertionError("the refusal must come from the header, before the file is read")
+
+    monkeypatch.setattr(sf, "read_checkpoint", read)
     with pytest.raises(ConfigError) as e:
         load_model(ModelConfig(name=str(path), single_file_config=str(folder), quantize=mode))
     msg = str(e.value)

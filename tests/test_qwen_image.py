@@ -310,6 +310,29 @@ def test_bad_inputs_are_one_clear_paragraph(tmp_path):
     for family in ("auto", "qwen-image"):
         with pytest.raises(LorakitError, match=r"Qwen-Image-Edit.*not train edit.*Qwen/Qwen-Image"):
             load_model(ModelConfig(name=str(folder), family=family))
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def test_edit_single_files_are_refused_by_marker_or_name(tmp_path):
+    """Qwen-Image-Edit transformers have the base model's keys and shapes exactly: ComfyUI's
+    2511 file is told apart by its marker tensor, the others by the name they are published
+    under. A base-model file given under another name (a link) loads."""
+    folder = tmp_path / "tiny"
+    FAM.save(tiny(), str(folder))
+    weights = FAM.to_single_file(tiny())
+    marked = tmp_path / "model_2511_bf16.safetensors"
+    save_file({**weights, "model.diffusion_model.__index_timestep_zero__": torch.tensor([])},
+              str(marked))  # fmt: skip
+    named = tmp_path / "qwen_image_edit_2509_fp8_e4m3fn.safetensors"
+    save_file(weights, str(named))
+    for path, why in ((marked, "__index_timestep_zero__"), (named, "file name")):
+        with pytest.raises(LorakitError, match=rf"(?s){path.name}.*Qwen-Image-Edit.*{why}.*"
+                           r"not train edit.*Qwen/Qwen-Image"):  # fmt: skip
+            load_model(ModelConfig(name=str(path), single_file_config=str(folder)))
+    link = tmp_path / "qwen_image_bf16.safetensors"
+    link.symlink_to(named)
+    _, comps = load_model(ModelConfig(name=str(link), single_file_config=str(folder)))
+    assert torch.equal(comps.transformer.proj_out.weight, tiny().transformer.proj_out.weight)
 
 
 # --- ComfyUI's split text encoder and VAE ---------------------------------------------------------

@@ -68,8 +68,10 @@ def load_quantizable(family, cfg, kind: str):
     bitsandbytes modes; fp8 is applied at placement), folders and hub ids while loading
     (`family.load(..., quantize=...)`)."""
     if kind in ("tiny", "single_file"):
-        from lorakit.models.quantize import quantize_loaded
+        from lorakit.models.quantize import check_file_not_float8, quantize_loaded
 
+        if kind == "single_file":  # before the (possibly 20 GB) file is read
+            check_file_not_float8(cfg.name, cfg.quantize)
         comps = load_unconfigured(family, cfg, kind)
         name = family.denoiser_name
         setattr(comps, name, quantize_loaded(getattr(comps, name), cfg.quantize))

@@ -2,8 +2,9 @@
 
 fp8 (every family, CPU too): the frozen denoiser's Linear/Conv layers are stored as float8 e4m3
 and cast to the run's weight dtype layer by layer around each forward, by diffusers' layerwise
-casting hooks (`enable_fp8_storage`, with the model's default skip patterns: norms, positional /
-patch embeddings, proj_in/proj_out stay in the weight dtype). It is applied when the denoiser is
+casting hooks (`enable_fp8_storage`, with the model's default skip patterns but for the AdaLN
+modulation Linears, see `fp8_skip_patterns`: positional / patch embeddings, proj_in/proj_out, the
+final norm_out stay in the weight dtype). It is applied when the denoiser is
 placed for training, before the LoRA is injected; the LoRA layers keep their own dtype. With
 `train.block_swap` the streamed blocks keep these weights in fp8 in host memory and in the device
 slots; `lorakit.blockswap` replaces the hook's casts on those layers by ones that read the slot
@@ -71,8 +72,15 @@ def check_not_float8(module, mode: str) -> None:
     """Refuse a bitsandbytes mode on a denoiser read from a float8 file (`fp8_files`)."""
     from lorakit.models.fp8_files import float8_source
 
-    source = float8_source(module)
-    if source and mode in BNB_MODES:
+    check_file_not_float8(float8_source(module), mode)
+
+
+def check_file_not_float8(source, mode: str) -> None:
+    """Refuse a bitsandbytes mode on a float8 single file `source` (a path, or "" / None: no
+    file), from its header alone: `load_quantizable` calls it before any weight is read."""
+    from lorakit.models.fp8_files import float8_keys, read_header
+
+    if source and mode in BNB_MODES and float8_keys(read_header(source)[0]):
         raise ConfigError(
             f"model.name '{source}' is a float8 checkpoint (a ComfyUI fp8 file), and "
             f"model.quantize = '{mode}' would quantize its already fp8-rounded weights a second "
@@ -138,10 +146,12 @@ def enable_fp8_storage(denoiser, compute_dtype: torch.dtype) -> None:
     takes a base layer's `compute_dtype` attribute over its weight's dtype (its bitsandbytes
     rule): it is set on each fp8-stored layer, so the LoRA starts exactly as on an unquantized
     base of `compute_dtype` (not rounded to fp8) and is then trained in its own fp32."""
-    from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK
+    from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK, apply_layerwise_casting
 
     storage = torch.float8_e4m3fn
-    denoiser.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute_dtype)
+    # diffusers' own entry point (`enable_layerwise_casting`) always adds the model's "norm"
+    # pattern; `apply_layerwise_casting` takes exactly `fp8_skip_patterns`
+    apply_layerwise_casting(denoiser, storage, compute_dtype, fp8_skip_patterns(denoiser))
     for m in denoiser.modules():
         registry = getattr(m, "_diffusers_hook", None)
         hook = registry.get_hook(_LAYERWISE_CASTING_HOOK) if registry is not None else None
@@ -177,6 +187,26 @@ def is_fp8_stored(module) -> bool:
     return any(p.dtype == getattr(torch, "float8_e4m3fn", None) for p in module.parameters())
 
 
+def fp8_skip_patterns(denoiser) -> tuple[str, ...]:
+    """Module-name regexes whose layers keep the compute dtype under fp8 storage: diffusers'
+    layerwise-casting defaults and the model's own skip patterns, except that "norm" becomes
+    `^norm_out`. The layer types cast are Linear/Conv/Embedding only, so "norm" never
+    touches a normalisation layer itself: what it keeps out of fp8 are the AdaLN modulation
+    Linears that diffusers names `norm1.linear` / `norm1_context.linear` / `norm.linear`, a
+    quarter of FLUX.1's and SD3's block weights (FLUX.1-dev: 3.2 of 11.9 B). kohya's
+    `--fp8_base` and musubi-tuner's fp8 (BFL names `img_mod.lin`, `modulation.lin`) store those in
+    fp8; Qwen-Image, klein and Z-Image name them without "norm" and were stored so already. The
+    final AdaLN (`norm_out.linear`, outside the blocks, as musubi keeps the final layer) stays in
+    the compute dtype."""
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    patterns = [*DEFAULT_SKIP_MODULES_PATTERN]
+    patterns += list(getattr(denoiser, "_keep_in_fp32_modules", None) or ())
+    patterns += list(getattr(denoiser, "_skip_layerwise_casting_patterns", None) or ())
+    out = ["^norm_out" if p == "norm" else p for p in patterns]
+    return tuple(dict.fromkeys(out))
+
+
 def fp8_layers(denoiser) -> list[torch.nn.Module]:
     """The layers `enable_fp8_storage` stores in fp8, chosen without touching the model (a meta
     model works): diffusers' `enable_layerwise_casting` selection (its default skip patterns, the
@@ -185,11 +215,8 @@ def fp8_layers(denoiser) -> list[torch.nn.Module]:
     import re
 
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
-    patterns = list(DEFAULT_SKIP_MODULES_PATTERN)
-    patterns += list(getattr(denoiser, "_keep_in_fp32_modules", None) or ())
-    patterns += list(getattr(denoiser, "_skip_layerwise_casting_patterns", None) or ())
+    patterns = fp8_skip_patterns(denoiser)
     out: list[torch.nn.Module] = []
 
     def visit(module, prefix: str) -> None:

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -307,6 +308,29 @@ def _edit_refusal(where: str, cls: str) -> str:
         "model.name = 'Qwen/Qwen-Image' (or a local diffusers folder of it, or ComfyUI's "
         "qwen_image_*.safetensors diffusion-model file with model.single_file_config)."
     )
+
+
+EDIT_MARKER = "__index_timestep_zero__"
+"""An empty tensor ComfyUI's Qwen-Image-Edit-2511 files carry (ComfyUI registers it as a buffer
+when the model's reference method is `index_timestep_zero`; musubi-tuner reads it as "this is
+the 2511 edit model")."""
+
+
+def _edit_file(checkpoint: dict[str, torch.Tensor], source: str) -> str:
+    """What marks a diffusion-model file as Qwen-Image-Edit, or "". The edit transformers have
+    the base model's keys and shapes exactly, so only two things tell them apart: the 2511
+    marker tensor, and the name every published edit file carries (`qwen_image_edit_*`,
+    `Qwen-Image-Edit-2509…`)."""
+    if any(k.rsplit(".", 1)[-1] == EDIT_MARKER or k == EDIT_MARKER for k in checkpoint):
+        return f"its '{EDIT_MARKER}' marker, Qwen-Image-Edit-2511"
+    name = Path(source).name.lower().replace("-", "_")
+    if "image_edit" in name or re.search(r"(^|_)edit(_|\.|$)", name):
+        return (
+            "its file name; the edit models have the base model's weights' names and shapes, "
+            "so a file of the text-to-image model named '…edit…' must be given under another "
+            "name, e.g. a symbolic link"
+        )
+    return ""
 
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -709,6 +733,9 @@ class QwenImage:
         from lorakit.errors import LorakitError
         from lorakit.models import single_file as sf
 
+        edit = _edit_file(checkpoint, source)
+        if edit:
+            raise LorakitError(_edit_refusal(f"model.name '{source}'", edit))
         error = _missing_parts(source, folder, ["vae", "text_encoder", "tokenizer"])
         if error is not None:
             raise error
@@ -847,6 +874,7 @@ class QwenImage:
             train.logit_mean,
             train.logit_std,
             mu,
+            bias=train.timestep_bias,
         )
         return noise, sigmas
 
