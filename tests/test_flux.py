@@ -226,18 +226,23 @@ def test_cli_trains_tiny_flux_and_writes_grids_and_both_formats(tmp_path):
     assert any(p.startswith("single_transformer_blocks.") for _, p in kohya.modules)
 
 
-@pytest.mark.parametrize("preset", ["flux-16gb", "flux-24gb"])
+@pytest.mark.parametrize("preset", ["flux-12gb", "flux-16gb", "flux-24gb"])
 def test_preset_loads_and_its_cpu_settings_train_tiny_flux(tmp_path, preset):
     from lorakit import config as cfg
     from lorakit.train import train
 
     c = cfg.resolve(preset=preset)
-    assert c.model.quantize in ("nf4", "int8") and c.train.mixed_precision == "bf16"
-    # everything but the CUDA-only quantization, at tiny size
+    assert c.train.mixed_precision == "bf16"
+    if preset == "flux-12gb":  # fp8 runs on the CPU too; the tiny model has 2 blocks to swap
+        assert c.model.quantize == "fp8" and c.train.block_swap > 0 and c.train.stream_encoders
+        keep = ["train.block_swap=1"]
+    else:  # everything but the CUDA-only quantization, at tiny size
+        assert c.model.quantize in ("nf4", "int8")
+        keep = ["model.quantize='none'"]
     c = cfg.resolve(
         preset=preset,
         sets=[
-            "model.name='tiny:flux'", "model.quantize='none'", "model.t5_max_length=16",
+            "model.name='tiny:flux'", *keep, "model.t5_max_length=16",
             "data.resolution=64", "train.steps=2", "train.batch_size=1", "train.device='cpu'",
             "train.mixed_precision='no'",
             "sample.every=0", "train.save_every=0", "train.optimizer_fallback=true",
