@@ -25,7 +25,17 @@ Measured per side, each run in its own process (sides alternate, `--rounds` time
 - whole-command wall time (start-up, data, caching, training, export);
 - peak memory: `ru_maxrss` of the process on CPU; `torch.cuda.max_memory_allocated` on CUDA.
 
-The ratios printed are reference / lorakit (>1: lorakit is faster or leaner). `--arch mid` uses
+The ratios printed are reference / lorakit (>1: lorakit is faster or leaner).
+
+`--steps2 M` splits each side's wall time into a fixed cost and a per-step cost (issue #19):
+every round also runs both sides for M steps, and per side
+
+    per step = (wall(M) - wall(N)) / (M - N),    fixed = wall(N) - N · per step.
+
+lorakit's runs share one content-keyed cache folder per round (`data.cache_dir`): its first
+N-step run starts cold (the "first run" fixed cost); a second N-step run over the same data is
+the "second run" (nothing to encode), and the M-step run is warm too. The reference has no
+cache: each of its runs is a first run. `--arch mid` uses
 a wider UNet (the planner benchmark's mid size); `--arch sd15` the real SD1.5 UNet, VAE and
 CLIP-L with random weights, for a lent GPU: `--arch sd15 --device cuda --mixed-precision fp16
 --resolution 512`.
@@ -123,7 +133,7 @@ def reference_argv(reference: str, model: Path, data: Path, out: Path, a) -> lis
     return argv
 
 
-def lorakit_argv(model: Path, out: Path, a) -> list[str]:
+def lorakit_argv(model: Path, out: Path, a, cache: Path | None = None) -> list[str]:
     device = "cuda" if a.device == "cuda" else "cpu"
     sets = [
         f"model.name='{model}'", f"train.steps={a.steps}", f"train.batch_size={BATCH}",
@@ -135,6 +145,8 @@ def lorakit_argv(model: Path, out: Path, a) -> list[str]:
         "train.save_every=0", "sample.every=0", "eval.images=0", "eval.palette_colors=0",
         "log.tensorboard=false", "train.log_every=1000",
     ]  # fmt: skip
+    if cache is not None:
+        sets.append(f"data.cache_dir='{cache}'")
     argv = ["train", str(ROOT / "samples" / "brand"), "--preset", "tiny-cpu", "--out", str(out)]
     for s in sets:
         argv += ["--set", s]
@@ -278,7 +290,7 @@ def child(side: str, argv: list[str], result: Path) -> None:
 # --- the comparison ----------------------------------------------------------------------------
 
 
-def run_side(side: str, argv: list[str], work: Path, i: int) -> dict:
+def run_side(side: str, argv: list[str], work: Path, i) -> dict:
     result = work / f"{side}-{i}.json"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, __file__, "--child", side, "--result", str(result), "--", *argv]
@@ -302,6 +314,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reference", help="train_text_to_image_lora.py from a diffusers checkout")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps2", type=int, default=0, help="second step count: fixed vs per step")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--resolution", type=int, default=128)
     ap.add_argument("--arch", choices=["tiny", "mid", "sd15"], default="tiny")
@@ -329,6 +342,9 @@ def main() -> None:
     model, data = work / "model", work / "imagefolder"
     write_model(model, a.arch)
     n = write_imagefolder(ROOT / "samples" / "brand", data)
+    if a.steps2:
+        split_costs(a, model, data, work, n)
+        return
     runs: dict[str, list[dict]] = {"reference": [], "lorakit": []}
     for i in range(a.rounds):
         for side in ("reference", "lorakit"):  # alternate against drift on a noisy machine
@@ -378,6 +394,82 @@ def main() -> None:
         print(f"CUDA peak     reference / lorakit: {cuda['reference'] / cuda['lorakit']:.2f}x")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1))
+
+
+def split_costs(a, model: Path, data: Path, work: Path, n: int) -> None:
+    """`--steps2`: fixed cost and per-step cost per side (see the module docstring)."""
+    import copy
+
+    longer = copy.copy(a)
+    longer.steps = a.steps2
+    rows: dict[str, list[dict]] = {}
+    for i in range(a.rounds):
+        cache = work / f"lorakit-cache-{i}"
+        plan = [
+            ("reference", "first", a, None),
+            ("lorakit", "first", a, cache),
+            ("reference", "long", longer, None),
+            ("lorakit", "second", a, cache),
+            ("lorakit", "long", longer, cache),
+        ]
+        for side, kind, args, c in plan:
+            out = work / f"out-{side}-{kind}-{i}"
+            argv = (
+                reference_argv(a.reference, model, data, out, args)
+                if side == "reference"
+                else lorakit_argv(model, out, args, c)
+            )
+            r = run_side(side, argv, work, f"{kind}-{i}")
+            rows.setdefault(f"{side} {kind}", []).append(r)
+            print(
+                f"round {i + 1} {side:>9} {kind:>6} ({args.steps} steps): whole command "
+                f"{r['wall_s']:6.2f} s, first step at {r['stamps'][0]:6.2f} s, peak RSS "
+                f"{r['peak_rss_gib']:.3f} GiB",
+                flush=True,
+            )
+
+    def best(key: str, field: str = "wall_s") -> float:
+        return min(r[field] for r in rows[key])
+
+    dn = a.steps2 - a.steps
+    cost = {}
+    for side in ("reference", "lorakit"):
+        per = (best(f"{side} long") - best(f"{side} first")) / dn
+        cost[side] = {
+            "per_step": per,
+            "fixed_first": best(f"{side} first") - a.steps * per,
+            "fixed_second": (best(f"{side} second") if side == "lorakit" else best(f"{side} first"))
+            - a.steps * per,
+            "rss": min(
+                min(r["peak_rss_gib"] for r in v) for k, v in rows.items() if k.startswith(side)
+            ),
+        }
+    ref, lk = cost["reference"], cost["lorakit"]
+    print(
+        f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {n} images "
+        f"at {a.resolution} px, batch {BATCH}, {a.steps} and {a.steps2} steps, model {a.arch}, "
+        f"checkpointing {'on' if a.checkpointing else 'off'}, {a.device}; best of {a.rounds} "
+        "round(s) per cell"
+    )
+    print(f"{'':24}{'reference':>12}{'lorakit':>12}   target")
+    print(
+        f"{'per step (s)':24}{ref['per_step']:12.2f}{lk['per_step']:12.2f}   "
+        f"lorakit/ref {lk['per_step'] / ref['per_step']:.2f} (<= 0.80)"
+    )
+    print(
+        f"{'fixed, first run (s)':24}{ref['fixed_first']:12.1f}{lk['fixed_first']:12.1f}   "
+        f"lorakit - ref {lk['fixed_first'] - ref['fixed_first']:+.1f} s (<= +5)"
+    )
+    print(
+        f"{'fixed, second run (s)':24}{ref['fixed_second']:12.1f}{lk['fixed_second']:12.1f}   "
+        f"lorakit - ref {lk['fixed_second'] - ref['fixed_second']:+.1f} s (<= 0)"
+    )
+    print(
+        f"{'peak RSS (GiB)':24}{ref['rss']:12.3f}{lk['rss']:12.3f}   "
+        f"lorakit/ref {lk['rss'] / ref['rss']:.2f} (<= 0.85)"
+    )
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "runs": rows, "cost": cost}, indent=1))
 
 
 if __name__ == "__main__":

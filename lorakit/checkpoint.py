@@ -1,7 +1,8 @@
 """Resumable checkpoints that are either complete or invisible.
 
 A checkpoint is a folder `OUT/checkpoints/step-NNNNNN/` holding the exported adapters plus
-`state.safetensors` (every tensor: LoRA parameters, optimizer state, RNG states) and `state.json`
+`state.safetensors` (every tensor: LoRA parameters, optimizer state, RNG states, the EMA of the
+LoRA under `train.ema`) and `state.json`
 (everything else: step, epoch, position in the epoch's batch list, scheduler, grad scaler, python
 and numpy RNG, loss history). It is written as `.step-NNNNNN.partial/`, each file atomically,
 then a `COMPLETE` marker, then the folder is renamed into place — so `--resume latest` can never
@@ -268,6 +269,9 @@ class TrainState:
     scaler: dict[str, Any] | None
     rng: dict[str, Any]
     history: dict[str, Any]
+    ema: dict[str, Any] | None = None
+    """`train.ema`: the EMA shadows (whole fp32 tensors) and update count (`AdapterEMA`);
+    None when off or written before EMA existed."""
 
 
 def save_state(folder: Path, state: TrainState) -> None:
@@ -282,6 +286,7 @@ def save_state(folder: Path, state: TrainState) -> None:
         "scaler": _split(state.scaler, "scaler", tensors),
         "rng": _split(state.rng, "rng", tensors),
         "history": state.history,
+        "ema": _split(state.ema, "ema", tensors),
     }
     save_safetensors(folder / "state.safetensors", tensors.by_key)
     atomic_write_text(folder / "state.json", json.dumps(doc))
@@ -301,6 +306,7 @@ def load_state(folder: Path) -> TrainState:
             scaler=_join(doc["scaler"], tensors),
             rng=_join(doc["rng"], tensors),
             history=doc["history"],
+            ema=_join(doc.get("ema"), tensors),
         )
     except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError) as e:
         what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"

@@ -103,6 +103,14 @@ def _root(
 PresetOpt = Annotated[
     str | None, typer.Option("--preset", "-p", help="Preset name (see `lorakit presets ls`).")
 ]
+RecipeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--recipe",
+        "-r",
+        help="Recipe layered on the preset: style or product (see `lorakit presets ls`).",
+    ),
+]
 ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="TOML config file (same sections as config.toml)."),
@@ -113,10 +121,12 @@ SetOpt = Annotated[
 ]
 
 
-def _resolve(preset, config, sets, **flags):
+def _resolve(preset, config, sets, recipe=None, **flags):
     from lorakit import config as cfg
 
-    return cfg.resolve(preset=preset, config_file=config, sets=sets or [], flags=flags)
+    return cfg.resolve(
+        preset=preset, config_file=config, sets=sets or [], flags=flags, recipe=recipe
+    )
 
 
 PickleOpt = Annotated[
@@ -136,6 +146,7 @@ PickleOpt = Annotated[
 def train(
     data: Annotated[Path, typer.Argument(help="Folder of images with same-name .txt captions.")],
     preset: PresetOpt = None,
+    recipe: RecipeOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     model: Annotated[
@@ -189,6 +200,7 @@ def train(
         preset,
         config,
         set_,
+        recipe=recipe,
         **{
             "model.name": model,
             "train.out": out_dir,
@@ -237,6 +249,7 @@ def prepare(
     ],
     dest: Annotated[Path, typer.Argument(help="Output folder (created or updated atomically).")],
     preset: PresetOpt = None,
+    recipe: RecipeOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     trigger: Annotated[str | None, typer.Option(help="data.trigger: the trigger word.")] = None,
@@ -252,7 +265,8 @@ def prepare(
         int | None, typer.Option("--batch-size", help="train.batch_size: checked against buckets.")
     ] = None,
     reg: Annotated[
-        str | None, typer.Option("--reg", help="data.reg_folder: regularization images.")
+        str | None,
+        typer.Option("--reg", help="data.reg_folder: class images for prior preservation."),
     ] = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Any problem (even a warning) fails, exit 1.")
@@ -271,6 +285,7 @@ def prepare(
         preset,
         config,
         set_,
+        recipe=recipe,
         **{
             "data.trigger": trigger,
             "data.resolution": resolution,
@@ -288,6 +303,128 @@ def prepare(
     print_result(result, dest, out)
     if result.fatal:
         raise LorakitError(result.fatal + " OUT was not changed.")
+
+
+# -- caption --------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly
+def caption(
+    data: Annotated[Path, typer.Argument(help="Folder of images (sub-folders included).")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="data.caption_model: captioner hub id or local folder (BLIP, Florence-2, "
+            "Qwen2-VL/Qwen2.5-VL), or tiny:blip / tiny:florence2 / tiny:qwen2_5_vl (offline).",
+        ),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            help="data.caption_prompt: the instruction (Qwen-VL), task token (Florence-2) or "
+            "prefix (BLIP); default: describe the content, not the style."
+        ),
+    ] = None,
+    trigger: Annotated[
+        str | None, typer.Option(help="data.trigger: put in front of every caption.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing captions too.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Caption and print a table; write nothing."),
+    ] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 4,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Longest caption, in model tokens.")
+    ] = 96,
+    limit: Annotated[int, typer.Option(help="Caption at most N images this run (0 = all).")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available), cuda or cpu.")] = "auto",
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Write a caption file (data.caption_ext, .txt) next to every image that has none, with an
+    image-to-text model; the trigger word goes in front. Existing captions are kept unless
+    --overwrite. Stopped runs resume: run the same command again.
+
+    Example:
+
+      lorakit caption my_brand/ -m Qwen/Qwen2.5-VL-7B-Instruct --trigger mybrnd --dry-run --limit 8
+
+      lorakit caption my_brand/ --model florence-community/Florence-2-large --trigger mybrnd
+    """
+    c = _resolve(
+        preset,
+        config,
+        set_,
+        **{
+            "data.caption_model": model,
+            "data.caption_prompt": prompt,
+            "data.trigger": trigger,
+        },
+    )
+    from rich.table import Table
+    from rich.text import Text
+
+    from lorakit.caption import caption_folder
+
+    try:
+        run = caption_folder(
+            data,
+            c.data,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            batch_size=batch_size,
+            limit=limit,
+            max_new_tokens=max_new_tokens,
+            device=device,
+            allow_pickle=allow_pickle or c.model.allow_pickle,
+            console=err,
+        )
+    except KeyboardInterrupt:
+        err.print(
+            "[bold yellow]stopped:[/bold yellow] every caption written so far is complete and "
+            "kept; run the same command again to caption the rest.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
+    if dry_run:
+        table = Table("image", "existing caption", "proposed caption", "action", show_lines=True)
+        for e in run.entries:
+            existing = "—" if e.existing is None else (e.existing.strip() or "(empty)")
+            table.add_row(Text(e.name), Text(existing), Text(e.proposed or "—"), Text(e.action))
+        out.print(table)
+    counts = {a: run.count(a) for a in ("write", "overwrite", "keep", "done", "later")}
+    done = counts["write"] + counts["overwrite"]
+    parts = [f"{'would write' if dry_run else 'wrote'} {done} caption(s)"]
+    parts += [f"kept {counts['keep']} existing"] if counts["keep"] else []
+    parts += [f"{counts['done']} done by the stopped run"] if counts["done"] else []
+    parts += [f"{counts['later']} left for the next run (--limit)"] if counts["later"] else []
+    label = f"{run.source.name} ({run.source.model_type})"
+    out.print(
+        f"[bold green]{'dry run' if dry_run else 'captioned'}[/bold green] {escape(str(data))}: "
+        f"{', '.join(parts)}; {escape(label)}, {run.seconds:.1f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if run.empty:
+        shown = ", ".join(run.empty[:5]) + (
+            f" and {len(run.empty) - 5} more" if len(run.empty) > 5 else ""
+        )
+        err.print(
+            f"[yellow]warning:[/yellow] the model wrote no text for {len(run.empty)} image(s) "
+            f"({escape(shown)}); their caption is the trigger alone (or empty). Try another "
+            "--prompt or --model.",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _prepare_data(c):
@@ -354,8 +491,9 @@ def _relaunch(c, data: Path, num_processes: int | None, accelerate_config: Path 
 @friendly
 def sample(
     adapter: Annotated[
-        Path, typer.Argument(help="Adapter .safetensors (any lorakit format) or a run folder.")
-    ],
+        Path | None,
+        typer.Argument(help="Adapter .safetensors (any lorakit format) or a run folder."),
+    ] = None,
     base: Annotated[
         str | None, typer.Option(help="Base model; default: the one the adapter was trained on.")
     ] = None,
@@ -378,10 +516,21 @@ def sample(
     ] = None,
     resolution: Annotated[int | None, typer.Option(help="Image size in pixels.")] = None,
     out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Output PNG.")] = None,
+    mix: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            "-a",
+            help="FILE[:WEIGHT] (repeatable): sample several adapters of one family together, "
+            "Σ weight·ΔW, in one grid; ADAPTER, if given, joins them at weight 1, and a run "
+            "folder stands for its final adapter.",
+        ),
+    ] = None,
     allow_pickle: PickleOpt = False,
 ) -> None:
     """Render a preview grid (rows = prompts, columns = seeds) from a saved adapter; for a
-    run folder, one grid per saved checkpoint (and the final adapter) side by side.
+    run folder, one grid per saved checkpoint (and the final adapter) side by side. With
+    --adapter, several adapters mixed with their weights in one grid.
 
     Example:
 
@@ -390,8 +539,22 @@ def sample(
       lorakit sample runs/demo --scales 0,0.5,1    # add a LoRA-strength sweep (0 = base model)
 
       lorakit sample runs/demo/lorakit.safetensors --base tiny:sd15 --prompts samples/prompts.txt
+
+      lorakit sample --adapter style.safetensors:0.8 --adapter product.safetensors:1.0
     """
     from lorakit.sampling import sample_adapter
+
+    mixed = None
+    if mix:
+        from lorakit.mix import parse_spec
+
+        specs = ([str(adapter)] if adapter is not None else []) + list(mix)
+        mixed = [(_adapter_file(p), w) for p, w in (parse_spec(s, "--adapter") for s in specs)]
+    elif adapter is None:
+        raise LorakitError(
+            "Give the adapter to sample: an adapter file or run folder (lorakit sample FILE), or "
+            "several with their weights (--adapter FILE:WEIGHT, repeatable)."
+        )
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -418,8 +581,80 @@ def sample(
         resolution=resolution,
         out_path=out_path,
         allow_pickle=allow_pickle,
+        mix=mixed,
     )
+    if mixed:
+        from lorakit.mix import display_names
+
+        names = display_names([p for p, _ in mixed])
+        labels = [f"{n}:{w:g}" for n, (_, w) in zip(names, mixed, strict=True)]
+        out.print(f"mixed: {' + '.join(labels)}", highlight=False)
     out.print(f"sample grid: {path}", highlight=False)
+
+
+# -- class-images ---------------------------------------------------------------------------------
+
+
+@app.command("class-images")
+@friendly
+def class_images(
+    folder: Annotated[Path, typer.Argument(help="Folder for the class images (data.reg_folder).")],
+    prompt: Annotated[
+        str, typer.Option(help="The class prompt, without the trigger: 'a photo of a mug'.")
+    ],
+    count: Annotated[int, typer.Option(help="How many class images (DreamBooth: 100-200).")] = 200,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[
+        str | None, typer.Option(help="model.name: the base model you will train on.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Image i is rendered from seed SEED + i.")] = 0,
+    steps: Annotated[
+        int | None, typer.Option(help="Denoising steps (default sample.steps).")
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="CFG scale (default sample.guidance).")
+    ] = None,
+    negative: Annotated[
+        str | None, typer.Option(help="Negative prompt (default sample.negative).")
+    ] = None,
+    resolution: Annotated[
+        int | None, typer.Option(help="Square image size in px (default data.resolution).")
+    ] = None,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Render class images for DreamBooth prior preservation with the BASE model (no adapter):
+    FOLDER/class_00000.png + .txt (the prompt), ... . Re-running continues: images already
+    there are kept. Train with them via data.reg_folder.
+
+    Example (the same preset/model as the training run):
+
+      lorakit class-images reg/mug --prompt "a photo of a mug" --count 200 --preset sd15
+
+      lorakit train product/ --preset sd15 --trigger sks --set data.reg_folder=reg/mug
+    """
+    c = _resolve(
+        preset,
+        config,
+        set_,
+        **{"model.name": model, "model.allow_pickle": allow_pickle or None},
+    )
+    from lorakit.data.reg import generate_class_images
+
+    def progress(i: int, n: int) -> None:
+        err.print(f"class image {i}/{n}", highlight=False)
+
+    paths, made = generate_class_images(
+        c, folder, prompt, count, seed=seed, steps=steps, guidance=guidance, negative=negative,
+        resolution=resolution, progress=progress,
+    )  # fmt: skip
+    kept = len(paths) - made
+    out.print(
+        f"class images: {folder} ({made} rendered now, {kept} already there) — train with "
+        f"--set data.reg_folder='{folder}'",
+        highlight=False,
+    )
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -653,6 +888,63 @@ def merge(
         out.print(f"single-file checkpoint (original key names) → {target}", highlight=False)
 
 
+@app.command("merge-loras")
+@friendly
+def merge_loras_cmd(
+    adapters: Annotated[
+        list[str],
+        typer.Argument(help="Adapter files (any format lorakit reads), each FILE[:WEIGHT]."),
+    ],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
+    rank: Annotated[
+        int | None,
+        typer.Option(help="Rank per module of the result (default: the exact sum's full rank)."),
+    ] = None,
+    format_: Annotated[
+        str | None,
+        typer.Option("--format", "-f", help="kohya, diffusers or lycoris (default: the family's)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --out if it exists.")
+    ] = False,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Mix adapters of one family into one LoRA file: Σ weight·ΔW per module, re-factorised by
+    SVD to --rank; prints the retained energy and records the sources in the file's metadata.
+
+    Example:
+
+      lorakit merge-loras style.safetensors:0.7 product.safetensors:0.5 --rank 16 -o m.safetensors
+    """
+    from lorakit.export import loads_in
+    from lorakit.mix import merge_loras, parse_spec
+
+    specs = [parse_spec(s, "merge-loras") for s in adapters]
+    specs = [(_adapter_file(p), w) for p, w in specs]
+    result = merge_loras(
+        specs, out_path, rank=rank, fmt=format_, overwrite=overwrite, allow_pickle=allow_pickle
+    )
+    for s in result.sources:
+        out.print(f"  {s.label} ({s.fmt}, {len(s.adapter.modules)} modules)", highlight=False)
+    for note in result.notes:
+        out.print(f"note: {note}", highlight=False)
+    ranks = sorted({r for r, _ in result.modules.values()})
+    # the modules the truncation cost most (none when every module kept its full rank)
+    cut = [kv for kv in result.modules.items() if kv[1][1] < 1 - 1e-6]
+    lowest = sorted(cut, key=lambda kv: kv[1][1])[:5]
+    if lowest:
+        out.print("lowest retained energy per module:", highlight=False)
+        for name, (r, kept) in lowest:
+            out.print(f"  {name}: rank {r}, energy {kept:.4f}", highlight=False)
+    span = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+    out.print(
+        f"retained energy overall: {result.energy:.6f} (rank {span}, {len(result.modules)} "
+        f"modules) → {result.path} ({result.fmt}; loads in "
+        f"{loads_in(result.fmt, result.adapter.family)})",
+        highlight=False,
+    )
+
+
 def _adapter_file(src: Path) -> Path:
     if src.is_dir():
         from lorakit import config as cfg
@@ -670,6 +962,64 @@ def _adapter_file(src: Path) -> Path:
     return src
 
 
+# -- ema ----------------------------------------------------------------------------------------
+
+
+@app.command("ema")
+@friendly
+def ema_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A lorakit run folder with 2+ checkpoints.")],
+    decay: Annotated[
+        float | None,
+        typer.Option(help="EMA decay per training step, e.g. 0.99 (averages ~100 steps)."),
+    ] = None,
+    sigma_rel: Annotated[
+        float | None,
+        typer.Option(
+            "--sigma-rel",
+            help="Power-function profile width instead (EDM2 / musubi-tuner), e.g. 0.1.",
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Training data folder for the held-out score (default: the run's)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier result with these settings.")
+    ] = False,
+) -> None:
+    """Post-hoc EMA: average the adapters a run saved in its checkpoints, weighted by their
+    steps, into a new adapter RUN/ema/<setting>/; score it with the run's held-out loss and add
+    it to the run's report next to the checkpoints.
+
+    Example:
+
+      lorakit ema runs/demo --decay 0.99
+
+      lorakit ema runs/demo --sigma-rel 0.1
+    """
+    import json
+
+    from lorakit.ema import describe, run_posthoc
+
+    result = run_posthoc(run_dir, decay=decay, sigma_rel=sigma_rel, data=data, overwrite=overwrite)
+    scores = {}
+    try:
+        state = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+        scores = {
+            int(r["step"]): float(r["heldout"])
+            for r in state["history"]["checkpoints"]
+            if r.get("path") and r.get("heldout") is not None and not r.get("label")
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for note in result.notes:
+        err.print(f"[yellow]warning:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
+    out.print(f"post-hoc EMA ({result.tag}) over {len(result.steps)} checkpoints", highlight=False)
+    for line in describe(result, scores):
+        out.print(escape(line), highlight=False, soft_wrap=True)
+
+
 # -- presets, config, tiny-model ------------------------------------------------------------------
 
 
@@ -680,22 +1030,30 @@ def presets_ls() -> None:
 
     Example:  lorakit presets ls
     """
-    from lorakit.config import list_presets, preset_description
+    from lorakit.config import list_presets, list_recipes, preset_description, read_toml
 
     for name in list_presets():
         out.print(f"[bold]{name:<14}[/bold] {escape(preset_description(name))}", highlight=False)
+    recipes = list_recipes()
+    if recipes:
+        out.print("\nrecipes (--recipe NAME, layered on any preset):", highlight=False)
+        for name, path in recipes.items():
+            text = str(read_toml(path, f"recipe '{name}'").get("description", ""))
+            out.print(f"[bold]{name:<14}[/bold] {escape(text)}", highlight=False)
 
 
 @presets_app.command("show")
 @friendly
-def presets_show(name: Annotated[str, typer.Argument(help="Preset name.")]) -> None:
+def presets_show(name: Annotated[str, typer.Argument(help="Preset or recipe name.")]) -> None:
     """Print a preset's TOML.
 
     Example:  lorakit presets show tiny-cpu
     """
-    from lorakit.config import preset_path
+    from lorakit.config import list_recipes, preset_path
 
-    sys.stdout.write(preset_path(name).read_text(encoding="utf-8"))
+    recipes = list_recipes()
+    path = recipes[name] if name in recipes else preset_path(name)
+    sys.stdout.write(path.read_text(encoding="utf-8"))
 
 
 @presets_app.command("cp")
@@ -724,6 +1082,7 @@ def presets_cp(
 @friendly
 def show_config(
     preset: PresetOpt = None,
+    recipe: RecipeOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     keys: Annotated[
@@ -743,7 +1102,7 @@ def show_config(
             value = escape(repr(defaults[section][key]))  # docs hold `[trigger]`: not markup
             out.print(f"[bold]{dotted}[/bold] = {value}\n    {escape(doc)}", highlight=False)
         return
-    sys.stdout.write(_resolve(preset, config, set_).to_toml())
+    sys.stdout.write(_resolve(preset, config, set_, recipe=recipe).to_toml())
 
 
 @app.command("env")
@@ -783,6 +1142,7 @@ def env_cmd(
 @friendly
 def plan_cmd(
     preset: PresetOpt = None,
+    recipe: RecipeOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     vram: Annotated[
@@ -800,7 +1160,7 @@ def plan_cmd(
 
     from lorakit import planner
 
-    c = _resolve(preset, config, set_)
+    c = _resolve(preset, config, set_, recipe=recipe)
     target = vram if vram is not None else planner.detected_vram_gib()
     p = planner.plan(c)
     sets: list[str] = []

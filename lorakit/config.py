@@ -77,14 +77,34 @@ class DataConfig:
     """Trigger word. Replaces `[trigger]`/`{trigger}` in captions, else is prefixed when absent."""
     default_caption: str = ""
     """Caption for images without a caption (trigger applied); `{name}` = the file name's words."""
+    caption_missing: Literal["template", "model"] = "template"
+    """Images without a caption (no caption file, or an empty one): `template` =
+    data.default_caption; `model` = captioned by data.caption_model in prepare/train (cached by
+    image content in the prepared set; nothing is written next to the images)."""
+    caption_model: str = ""
+    """Captioner for data.caption_missing = "model" and the `lorakit caption` default: a hub id
+    (BLIP, Florence-2, Qwen2-VL/Qwen2.5-VL), a local folder with safetensors weights, or
+    `tiny:KIND` (offline random weights, for tests; blip, florence2, qwen2_vl, qwen2_5_vl)."""
+    caption_prompt: str = ""
+    """Captioner prompt; "" = the model's default: Qwen-VL an instruction to describe the content,
+    not the style; Florence-2 `<DETAILED_CAPTION>`; BLIP none (a text here is a prefix)."""
     center_crop: bool = True
     """Center-crop after resizing the short side; off = one random crop per image (seeded)."""
     repeats: int = 1
     """Times each image is seen per epoch; a kohya `N_name` sub-folder sets N for its images."""
     reg_folder: str = ""
-    """Regularization (prior-preservation) images, in any layout prepare reads; "" = none."""
+    """Class images for DreamBooth prior preservation (e.g. 200 photos of mugs for a LoRA of
+    one mug), in any layout prepare reads; "" = none. Every micro-batch of instance images is
+    followed by as many class images, and the loss is instance loss + train.prior_weight × class
+    loss (lorakit/data/reg.py). Class captions never get data.trigger. Make them with the base
+    model: `lorakit class-images DIR --prompt "a photo of a mug" --count 200`. Must not be, hold
+    or lie inside the data folder."""
     reg_repeats: int = 1
-    """Times each regularization image is seen per epoch."""
+    """Times each class image appears in one pass of the class-image order (class batches are
+    drawn in their own seeded order, as many images per step as instance images)."""
+    reg_caption: str = ""
+    """Class prompt for class images without a caption file, e.g. `a photo of a mug`; "" =
+    data.default_caption with the trigger removed. Must not contain data.trigger."""
     image_column: str = "image"
     """Image column of a `datasets` source (save_to_disk folder or hf:SPEC)."""
     caption_column: str = "text"
@@ -109,6 +129,12 @@ class DataConfig:
     """Buckets that cannot fill a batch: stop and say so, merge into the nearest, or drop them."""
     background: str = "white"
     """Colour that transparent images are flattened onto (name or #rrggbb)."""
+    mask_flatten: bool = False
+    """Flatten every image that has a mask FILE (`name.mask.png`, `masks/…`) onto data.background
+    through that mask before resizing, as a transparent PNG's alpha is: nothing outside the mask
+    reaches the model, not even as context (with train.mask_background = 0, two sets that differ
+    only outside their masks train bit-identical adapters). Off: the surroundings stay in the
+    image; train.masked_loss then only stops them being learned (lorakit/data/masks.py)."""
     min_side: int = 0
     """Images with a shorter side are left out; 0 = data.resolution / 2."""
     near_duplicate_distance: int = 4
@@ -214,8 +240,35 @@ class TrainConfig:
     """SD3/FLUX `shift` sampler: constant shift; 0 = family default (SD3 3, FLUX by resolution)."""
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     """SD3/FLUX loss weighting over sigmas (diffusers' `compute_loss_weighting_for_sd3`)."""
+    masked_loss: bool = False
+    """Weight the loss by each image's mask: a mask file (`name.mask.png` next to the image, or
+    `masks/` at the data root mirroring its sub-folders) or the image's alpha channel; white =
+    learned, black = weight train.mask_background. Per image the loss is normalised by the mask's
+    weight, so its scale does not depend on the mask's area (lorakit/data/masks.py)."""
+    mask_background: float = 0.0
+    """With train.masked_loss: the loss weight outside the mask, 0.0 (never learned) to 1.0 (as
+    inside; masks then change nothing)."""
     guidance: float = 1.0
     """FLUX.1-dev: guidance value fed to the guidance embedding while training (schnell: unused)."""
+    timestep_bias: Literal["none", "style", "content"] = "none"
+    """Which noise levels training sees more of: `style` = more high-noise steps (composition,
+    layout, colour), `content` = more low-noise steps (detail, texture), `none` = the sampler
+    as is. DDPM families (SD1.5/SDXL): t = ⌊(1 - u³)·1000⌋ / ⌊u³·1000⌋ instead of uniform; flow
+    families: logit σ moved by +ln 3 / -ln 3 after train.timestep_sampling (models/ddpm.py,
+    models/flow.py). Held-out scores use the unbiased draws."""
+    preserve_weight: float = 0.0
+    """Anti-bleed preservation: for every batch, also predict on the caption with the trigger
+    replaced by train.preserve_prompt, once with the LoRA off (no gradients) and once with it on,
+    and add this weight × the MSE between the two to the loss, so the LoRA changes the output
+    only where the trigger is (lorakit/preserve.py). 0 = off; 1 is common. Costs two more
+    denoiser forwards and one more backward per batch."""
+    preserve_prompt: str = ""
+    """What replaces data.trigger in each caption for train.preserve_weight (a class word, e.g.
+    `logo` or `coffee packaging`); "" = the empty prompt instead of the caption."""
+    prior_weight: float = 1.0
+    """DreamBooth prior preservation λ, used when data.reg_folder is set: loss = instance loss
+    + λ × class loss, each the mean over its own batch (1.0 as in DreamBooth, diffusers and
+    kohya). Costs one more denoiser forward and backward per micro-batch."""
     seed: int = 42
     """Seed for LoRA init, data order, noise and timesteps: same seed, same adapter."""
     gradient_checkpointing: bool = True
@@ -263,6 +316,18 @@ class TrainConfig:
     compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"
     """torch.compile backend for `train.compile`: inductor (fastest steps, needs a C++ compiler
     on CPU / Triton on GPU), aot_eager or eager (no code generation: graph capture only)."""
+    ema: bool = False
+    """Keep an exponential moving average (EMA) of the LoRA weights (`lorakit/ema.py`), updated
+    after every optimizer step: it is the main adapter (`OUT/<name>.safetensors`, and in each
+    checkpoint; the raw weights beside it under `raw/`), previews and held-out scores use it,
+    checkpoints save it and a resume restores it exactly."""
+    ema_decay: float = 0.999
+    """EMA decay per optimizer step, in (0, 1); it averages over about 1 / (1 - decay) steps.
+    Warm-up: step t uses min(train.ema_decay, t / (t + 9)) (diffusers' EMAModel), so a short run
+    is not held near its random start."""
+    ema_device: Literal["device", "cpu"] = "device"
+    """Where the EMA copy lives: `device` beside the LoRA weights (on a GPU: one more copy of the
+    LoRA in GPU memory) or `cpu` (host memory; the weights are copied there after every step)."""
 
 
 @dataclass
@@ -331,7 +396,7 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    """Brand-fidelity numbers for the run report: held-out loss and palette distance."""
+    """Brand-fidelity numbers for the run report: held-out loss, palette ΔE00, Lab EMD, texture."""
 
     every: int = 0
     """Score the held-out loss every N steps; 0 = at every save (and at step 0 and the end)."""
@@ -342,7 +407,24 @@ class EvalConfig:
     seed: int = 1234
     """Seed of the validation noise and timesteps, independent of train.seed."""
     palette_colors: int = 6
-    """Brand-palette size extracted from the training images (k-means in CIELAB; 0 = off)."""
+    """Brand-palette size extracted from the training images (k-means in CIELAB); each sample
+    grid's palette distance to it is reported in CIEDE2000 ΔE00 (0 = off)."""
+    lab_emd: bool = True
+    """Report each sample grid's earth mover's distance between its Lab colour histogram and the
+    training images' (ΔE76: how far the colour mix is from the brand's)."""
+    texture: bool = True
+    """Report each sample grid's texture distance to the training images: Gram statistics of a
+    fixed random conv net, in units of the training images' spread (needs 2+ images)."""
+    bleed: bool = True
+    """Score bleed with every held-out loss (needs data.trigger): the mean squared difference
+    between the adapter's and the base model's predictions on the held-out captions with the
+    trigger removed (0 = the LoRA leaves trigger-less prompts alone). One more denoiser forward
+    per held-out draw and score, plus the base model's once per run."""
+    pick: Literal["heldout", "fidelity"] = "heldout"
+    """Which column recommends the checkpoint in the report: "heldout" (lowest held-out loss;
+    palette ΔE00, Lab EMD, texture break ties) or "fidelity" (lowest palette ΔE00, then Lab EMD,
+    then texture, each at 3 significant digits; held-out loss breaks ties; needs previews:
+    sample.every > 0). `--recipe style` sets "fidelity"."""
 
 
 @dataclass
@@ -366,7 +448,7 @@ class Config:
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
 # Top-level keys a preset or config file may carry besides sections.
-META_KEYS = {"description", "preset"}
+META_KEYS = {"description", "preset", "recipe"}
 
 
 def section_hints(section: str) -> dict[str, Any]:
@@ -569,6 +651,43 @@ def preset_description(name: str) -> str:
     return str(read_toml(preset_path(name), f"preset '{name}'").get("description", ""))
 
 
+def list_recipes() -> dict[str, Path]:
+    """Recipes (`presets/recipes/*.toml`): config layers for a kind of LoRA that combine with any
+    family preset (`--preset sdxl-24gb --recipe product`), applied after the preset and before a
+    config file, `--set` and flags. Each may hold a `[requires]` table: dotted key → what to
+    pass, for keys only the user can give (the trigger, the class-image folder)."""
+    folder = presets_dir() / "recipes"
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))} if folder.is_dir() else {}
+
+
+def recipe_layer(name: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the recipe's config layer, its `[requires]`: dotted key → how to give it)."""
+    available = list_recipes()
+    if name not in available:
+        raise ConfigError(
+            f"Unknown recipe '{name}'. Available recipes: {', '.join(available)}."
+            f"{_suggest(name, list(available))} (`lorakit presets ls` lists them.)"
+        )
+    layer = read_toml(available[name], f"recipe '{name}'")
+    requires = layer.pop("requires", {})
+    return layer, {str(k): str(v) for k, v in requires.items()}
+
+
+def check_requires(c: Config, recipe: str, requires: dict[str, str]) -> None:
+    """ConfigError naming every key the recipe needs that the resolved config leaves empty."""
+    missing = []
+    for dotted, how in requires.items():
+        section, key = dotted.split(".")
+        if not getattr(getattr(c, section), key):
+            missing.append(f"{dotted} ({how})")
+    if missing:
+        raise ConfigError(
+            f"The {recipe} recipe (--recipe {recipe}) needs "
+            + "; ".join(missing)
+            + ". Give each with its flag or --set, or leave the recipe out."
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # resolution
 
@@ -582,10 +701,13 @@ def resolve(
     config_file: str | Path | None = None,
     sets: list[str] | None = None,
     flags: dict[str, Any] | None = None,
+    recipe: str | None = None,
 ) -> Config:
-    """Resolve the layers into one validated `Config`.
+    """Resolve the layers into one validated `Config`: defaults, preset, recipe, config file,
+    `--set`s, flags (later wins).
 
-    `flags` maps dotted keys to values; `None` values (flags not given) are skipped.
+    `flags` maps dotted keys to values; `None` values (flags not given) are skipped. A config
+    file may name its `preset` and `recipe` (top-level keys) where none is passed.
     """
     merged: dict[str, dict[str, Any]] = check_layer(asdict(Config()), "the defaults")
     file_layer: dict[str, Any] = {}
@@ -593,8 +715,14 @@ def resolve(
         file_layer = read_toml(Path(config_file), "Config file")
         if preset is None and "preset" in file_layer:
             preset = str(file_layer["preset"])
+        if recipe is None and "recipe" in file_layer:
+            recipe = str(file_layer["recipe"])
     if preset:
         _merge(merged, check_layer(read_toml(preset_path(preset), "preset"), f"preset '{preset}'"))
+    requires: dict[str, str] = {}
+    if recipe:
+        layer, requires = recipe_layer(recipe)
+        _merge(merged, check_layer(layer, f"recipe '{recipe}'"))
     if config_file is not None:
         _merge(merged, check_layer(file_layer, f"config file '{config_file}'"))
     for item in sets or []:
@@ -605,6 +733,8 @@ def resolve(
         section, key = dotted.split(".")
         _merge(merged, check_layer({section: {key: value}}, f"the --{key} flag"))
     config = build(merged)
+    if recipe:
+        check_requires(config, recipe, requires)
     validate(config)
     return config
 
@@ -666,11 +796,24 @@ def validate(c: Config) -> None:
         "train.save_every_epochs": c.train.save_every_epochs,
         "train.keep_last": c.train.keep_last,
         "train.weight_decay": c.train.weight_decay,
+        "train.preserve_weight": c.train.preserve_weight,
     }.items():
         if value < 0:
             raise ConfigError(f"Config key '{key}' must be 0 or more, got {value}.")
     if not c.train.lr > 0:
         raise ConfigError(f"Config key 'train.lr' must be greater than 0, got {c.train.lr}.")
+    if not 0.0 <= c.train.mask_background <= 1.0:
+        raise ConfigError(
+            f"Config key 'train.mask_background' is the loss weight outside an image's mask and "
+            f"must be in [0, 1], got {c.train.mask_background}: 0 never learns the background, 1 "
+            "learns it as much as the masked part. Set it with --set train.mask_background=0.1."
+        )
+    if not 0.0 < c.train.ema_decay < 1.0:
+        raise ConfigError(
+            f"Config key 'train.ema_decay' must be in (0, 1), got {c.train.ema_decay}: the "
+            "weight the EMA keeps per step (0.999 averages over about 1000 steps, 0.99 over "
+            "about 100). Set it with --set train.ema_decay=0.999."
+        )
     if c.train.offload_activations and not c.train.gradient_checkpointing:
         raise ConfigError(
             "Config key 'train.offload_activations' = true moves the inputs that gradient "
@@ -689,6 +832,12 @@ def validate(c: Config) -> None:
             "cannot trace. Set train.compile = false, or train.block_swap = 0."
         )
     check_stream_encoders(c)
+    from lorakit.preserve import check_preservation  # local: preserve imports torch
+
+    check_preservation(c)
+    from lorakit.data.reg import check_prior  # local: data imports torch
+
+    check_prior(c)
     if c.data.resolution % 8:
         raise ConfigError(
             f"Config key 'data.resolution' must be a multiple of 8 (the VAE downsamples by 8), "

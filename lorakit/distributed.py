@@ -177,6 +177,19 @@ def distributed_problem(
         )
     if c.train.compile:
         problems.append(f"train.compile = true (untested under {name}); set it to false")
+    if c.train.preserve_weight:
+        problems.append(
+            "train.preserve_weight > 0 (anti-bleed preservation runs a second backward pass per "
+            "micro-batch: accelerate's DeepSpeed wrapper steps the optimizer at each backward, "
+            "and it is untested under FSDP); set train.preserve_weight = 0"
+        )
+    if c.data.reg_folder:
+        problems.append(
+            "data.reg_folder (prior preservation runs a second backward pass per micro-batch, for "
+            "the class images: accelerate's DeepSpeed wrapper steps the optimizer at each "
+            "backward, and it is untested under FSDP); use DDP (presets/accelerate/ddp.yaml) or "
+            "set data.reg_folder = ''"
+        )
     if name == "DeepSpeed" and zero_stage not in (None, 0, 1, 2):
         problems.append(
             f"zero_stage = {zero_stage} in the accelerate config (ZeRO-3 partitions the weights, "

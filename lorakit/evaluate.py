@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,25 @@ def _weights_of(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+def heldout_draws(
+    family: Any,
+    components: Any,
+    latents: torch.Tensor,
+    train_cfg: TrainConfig,
+    seed: int,
+    timesteps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents `[N·timesteps, ...]` (each image `timesteps` times in a row, fp32 CPU), noise,
+    timesteps) of the held-out scores: drawn for all (image, repeat) pairs at once from a
+    generator seeded by `seed`, so fixed for a seed and the subset's shape. Without
+    `train.timestep_bias`, so runs that bias training differently are scored alike."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    rep = latents.float().cpu().repeat_interleave(timesteps, dim=0)
+    unbiased = replace(train_cfg, timestep_bias="none")
+    noise, steps = family.noise_and_timesteps(components, rep, gen, unbiased)
+    return rep, noise, steps
+
+
 @torch.no_grad()
 def heldout_loss(
     family: Any,
@@ -69,10 +89,7 @@ def heldout_loss(
     n = latents.shape[0]
     if n == 0:
         raise ValueError("heldout_loss needs at least one latent")
-    gen = torch.Generator("cpu").manual_seed(seed)
-    # Draws for all (image, repeat) pairs at once: fixed for a seed and the subset's shape.
-    rep = latents.float().cpu().repeat_interleave(timesteps, dim=0)
-    noise, steps = family.noise_and_timesteps(components, rep, gen, train_cfg)
+    rep, noise, steps = heldout_draws(family, components, latents, train_cfg, seed, timesteps)
     device, dtype = _weights_of(denoiser)
     autocast = (
         torch.autocast(device.type, dtype=dtype)
@@ -131,10 +148,12 @@ def score_heldout(
     return heldout_loss(family, comps, denoiser, lat, cond, t, seed, timesteps=timesteps)
 
 
-def heldout_inputs(family, comps, cached, idx: list[int], encode_each_step: bool):
-    """(latents `[k, C, h, w]`, conditioning dict) of the held-out records `idx`."""
+def heldout_inputs(family, comps, cached, idx: list[int], encode_each_step: bool, edit=None):
+    """(latents `[k, C, h, w]`, conditioning dict) of the held-out records `idx`; `edit` maps
+    each caption to the one conditioned on (the bleed score: the caption without the trigger,
+    whose embedding the text cache holds too)."""
     lat = torch.stack([cached.latents[i] for i in idx])
-    caps = [cached.captions[i] for i in idx]
+    caps = [(edit or str)(cached.captions[i]) for i in idx]
     with torch.no_grad():
         if encode_each_step:
             cond = family.encode_prompts(comps, caps)
@@ -150,6 +169,7 @@ def heldout_inputs(family, comps, cached, idx: list[int], encode_each_step: bool
 _NOT_SCORING = {  # train keys that do not change a held-out loss
     "out", "resume", "resume_changed_data", "overwrite", "steps", "save_every",
     "save_every_epochs", "keep_last", "log_every", "strict_memory", "compile",
+    "timestep_bias", "preserve_weight", "preserve_prompt",  # unbiased draws, plain loss
 }  # fmt: skip
 
 

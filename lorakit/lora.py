@@ -68,6 +68,8 @@ class LycorisWeights:
         else:
             w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
             w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+            if w2.dim() == 4:  # a conv's full w2 [c, d, kh, kw]: peft's make_kron widens w1
+                w1 = w1[:, :, None, None]
             d = torch.kron(w1, w2)
         d = d * (self.alpha / self.rank)
         return d.reshape(shape) if shape else d

@@ -899,6 +899,10 @@ class Plan:
     """Host memory the run holds in place of device memory (`train.block_swap`), bytes."""
     real: str = ""
     """The real model planned (`Family.real_label`)."""
+    passes: dict[str, int] = field(default_factory=dict)
+    """Denoiser passes per micro-batch: `forward` (with gradients), `forward without grad`,
+    `backward` (1, 0, 1; anti-bleed preservation 2, 1, 2; prior preservation one more forward
+    and backward)."""
 
     @property
     def peak(self) -> int:
@@ -927,6 +931,7 @@ class Plan:
             "peak_phase": self.peak_phase,
             "needed_gib": gib(self.needed),
             "host_gib": {k: gib(v) for k, v in self.host.items()},
+            "denoiser_passes": self.passes,
             "notes": self.notes,
         }
 
@@ -1036,8 +1041,13 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     step = step_activations(family, spec.resolution, t.batch_size, t.gradient_checkpointing,
                             prec, targets, lo.rank, t5_len, quant, offload)  # fmt: skip
     label = " (checkpointed, inputs offloaded)" if offload else " (checkpointed)"
+    activations = step.activations
+    pres = spec.preservation
+    if pres is not None:  # its no-grad base forward runs while no step graph is alive
+        base_pass = inference_peak(family, "denoise", spec.resolution, t.batch_size, prec, t5_len)
+        activations = max(activations, base_pass)
     rows["activations" + (label if t.gradient_checkpointing else "")] = (
-        step.activations + KERNEL_WORKSPACE
+        activations + KERNEL_WORKSPACE
     )
     if spec.train_text_encoder:
         # CLIP activations at 77 tokens are small next to the denoiser's: 2 × saved estimate
@@ -1050,6 +1060,13 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
     rows["batch tensors"] = (
         6 * t.batch_size * fam.plan_arch.latent_channels * (spec.resolution // 8) ** 2 * 4
     )
+    if pres is not None:  # held through the preservation forward + backward (lorakit/preserve.py)
+        rows["anti-bleed base prediction"] = (
+            t.batch_size * fam.plan_arch.latent_channels * (spec.resolution // 8) ** 2 * eb
+        )
+    if spec.prior_weight:  # the class batch: its tensors beside the instance batch's; its graph
+        # only after the instance backward (lorakit/data/reg.py), so no more activations
+        rows["class batch tensors (prior preservation)"] = rows["batch tensors"]
     train_phase = sum(rows.values())
 
     # The loop brings the denoiser to the device only after caching (a quantized one, which
@@ -1115,6 +1132,21 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
         )
     if streamed_note:
         notes.append(streamed_note)
+    if pres is not None:
+        notes.append(
+            f"train.preserve_weight = {pres.weight:g} (anti-bleed preservation): each micro-batch "
+            "runs the denoiser forward 3 times (the caption and the preservation prompt with the "
+            "LoRA and gradients, the preservation prompt once more with the LoRA off and no "
+            "gradients) and backward twice, one graph at a time: about twice the step time, the "
+            "activation peak of one step."
+        )
+    if spec.prior_weight:
+        notes.append(
+            f"data.reg_folder (prior preservation, train.prior_weight = {spec.prior_weight:g}): "
+            f"each micro-batch also trains on {t.batch_size} class image(s), one more denoiser "
+            "forward and backward after the instance batch's, one graph at a time: about twice "
+            "the step time, the activation peak of one batch, both batches' tensors."
+        )
     if spec.block_swap:
         notes.append(
             f"train.block_swap = {spec.block_swap}: those blocks' frozen weights stay in pinned "
@@ -1122,7 +1154,12 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
             "backward): slower steps, same results."
         )
     real = _family(family)
-    return Plan(real.name, rows, phases, notes, host, real.real_label)
+    passes = {"forward": 1, "forward without grad": 0, "backward": 1}
+    if pres is not None:
+        passes = {"forward": 2, "forward without grad": 1, "backward": 2}
+    if spec.prior_weight:  # the class batch (lorakit/data/reg.py)
+        passes = {**passes, "forward": passes["forward"] + 1, "backward": passes["backward"] + 1}
+    return Plan(real.name, rows, phases, notes, host, real.real_label, passes)
 
 
 @functools.lru_cache(maxsize=16)
@@ -1354,6 +1391,9 @@ def table(p: Plan, vram_gib: float | None) -> str:
     lines.append(f"{'needed (+ allocator slack, CUDA context)':<44}{p.needed / GIB:>9.2f}")
     for k, v in p.host.items():
         lines.append(f"{'host memory, ' + k:<44}{v / GIB:>9.2f}")
+    if p.passes:
+        said = ", ".join(f"{n} {k}" for k, n in p.passes.items())
+        lines.append(f"denoiser passes per micro-batch: {said}")
     for n in p.notes:
         lines.append(f"note: {n}")
     if vram_gib is not None:

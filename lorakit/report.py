@@ -1,20 +1,35 @@
 """`OUT/report.html`: one self-contained page that says which checkpoint to ship and why.
 
 It holds the resolved config, the data summary, loss and learning-rate curves (inline SVG), the
-held-out loss and palette distance of every checkpoint, every sample grid (inline base64 PNG)
-and the recommended checkpoint. No scripts, stylesheets or images are fetched: it opens offline
-and can be mailed as one file.
+held-out loss and brand-fidelity numbers of every checkpoint, every sample grid (inline base64
+PNG) and the recommended checkpoint, with the reason in words. No scripts, stylesheets or images
+are fetched: it opens offline and can be mailed as one file.
+
+Brand fidelity, per sample grid against the training images (a checkpoint takes the numbers of
+the grid rendered at its step; lower is closer everywhere):
+
+- `palette`: palette distance in CIEDE2000 ΔE00 (`lorakit.palette.palette_distance`).
+- `lab_emd`: earth mover's distance between the Lab histograms, in ΔE76 (`palette.lab_emd`).
+- `texture`: RMS z-score of random-conv-net Gram statistics (`lorakit.texture`).
+- `palette_cie76`: only in history written before ΔE00: those runs stored the palette distance in
+  CIE76 ΔE under `palette`. `History.from_dict` moves such values here (a dict without
+  `"palette_delta_e": "CIEDE2000"` is such a history) so the two scales are never compared; the
+  report shows them in a column of their own, and they take no part in the recommendation.
 
 Recommendation rule: among checkpoints with an adapter file and a held-out loss, the lowest
 held-out loss wins; losses equal to 4 significant digits (what the table shows) are ties, broken
-by the lower palette distance, then by the later step.
+by the lower palette ΔE00, then the lower Lab EMD, then the lower texture (each compared at the 3
+significant digits the table shows; a missing number loses), then by the later step. With
+`eval.pick = "fidelity"` (the style recipe) the fidelity numbers come first, in that order, and
+the held-out loss breaks their ties. `explain` says which of these decided, against the
+runner-up.
 
 The training loop fills a `History` as it goes:
 
     history = History()
     history.losses[step] = loss; history.lr[step] = lr
-    history.add_checkpoint(step, path, heldout=…, palette=…)   # step 0: path="" (the base)
-    history.add_grid(step, grid_path, palette=…)
+    history.add_checkpoint(step, path, heldout=…)   # step 0: path="" (the base)
+    history.add_grid(step, grid_path, palette=…, lab_emd=…, texture=…)
     write_report(out_dir, config, data_summary, history)
 """
 
@@ -39,6 +54,19 @@ class CheckpointRecord:
     """Adapter file of this checkpoint; "" for the base model (step 0, nothing to ship)."""
     heldout: float | None = None
     palette: float | None = None
+    """Palette distance, CIEDE2000 ΔE00; None: take the grid's at this step (`metric_at`)."""
+    lab_emd: float | None = None
+    """Lab-histogram EMD, ΔE76; None: the grid's at this step."""
+    texture: float | None = None
+    """Texture RMS z-score; None: the grid's at this step."""
+    palette_cie76: float | None = None
+    """Palette distance in CIE76 ΔE from a history written before ΔE00 (module docstring)."""
+    label: str = ""
+    """What the row is when it is not a checkpoint of the run (e.g. a post-hoc EMA of several,
+    `lorakit ema`); its step is the last step it averages."""
+    bleed: float | None = None
+    """Held-out bleed: mean squared difference of adapter and base predictions on the held-out
+    captions without the trigger (`lorakit.preserve.heldout_bleed`); None: not scored."""
 
 
 @dataclass
@@ -46,6 +74,19 @@ class GridRecord:
     step: int
     path: str
     palette: float | None = None
+    """Palette distance of the grid's images to the brand palette, CIEDE2000 ΔE00."""
+    lab_emd: float | None = None
+    """EMD between the grid's and the training images' Lab histograms, ΔE76."""
+    texture: float | None = None
+    """Mean texture RMS z-score of the grid's images against the training images."""
+    palette_cie76: float | None = None
+    """Palette distance in CIE76 ΔE from a history written before ΔE00 (module docstring)."""
+
+
+METRICS = ("palette", "lab_emd", "texture")
+"""The brand-fidelity fields of a record, in the order they break held-out-loss ties."""
+PALETTE_DELTA_E = "CIEDE2000"
+"""Written to `History.to_dict()["palette_delta_e"]`: what the `palette` numbers are in."""
 
 
 @dataclass
@@ -64,22 +105,36 @@ class History:
         path: str | Path,
         heldout: float | None = None,
         palette: float | None = None,
+        bleed: float | None = None,
     ) -> CheckpointRecord:
-        rec = CheckpointRecord(step, str(path) if path else "", heldout, palette)
+        rec = CheckpointRecord(step, str(path) if path else "", heldout, palette, bleed=bleed)
         self.checkpoints.append(rec)
         return rec
 
-    def add_grid(self, step: int, path: str | Path, palette: float | None = None) -> GridRecord:
-        rec = GridRecord(step, str(path), palette)
+    def add_grid(
+        self,
+        step: int,
+        path: str | Path,
+        palette: float | None = None,
+        lab_emd: float | None = None,
+        texture: float | None = None,
+    ) -> GridRecord:
+        rec = GridRecord(step, str(path), palette, lab_emd, texture)
         self.grids.append(rec)
         return rec
 
-    def palette_at(self, step: int) -> float | None:
-        """A checkpoint's palette distance, or that of the grid rendered at its step."""
+    def metric_at(self, step: int, name: str) -> float | None:
+        """The number `name` (a `METRICS` field or "palette_cie76") of the latest grid rendered
+        at `step` that has one."""
         for g in reversed(self.grids):
-            if g.step == step and g.palette is not None:
-                return g.palette
+            value = getattr(g, name)
+            if g.step == step and value is not None:
+                return value
         return None
+
+    def palette_at(self, step: int) -> float | None:
+        """The palette distance (ΔE00) of the grid rendered at `step`."""
+        return self.metric_at(step, "palette")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> History:
@@ -96,11 +151,17 @@ class History:
                     [[int(h[i : i + 2], 16) for i in (1, 3, 5)] for h in pal["colors"]], np.uint8
                 ),
             )
+        checkpoints = [CheckpointRecord(**c) for c in d.get("checkpoints", [])]
+        grids = [GridRecord(**g) for g in d.get("grids", [])]
+        if d.get("palette_delta_e") != PALETTE_DELTA_E:  # older history: `palette` is CIE76
+            for rec in (*checkpoints, *grids):
+                if rec.palette is not None:
+                    rec.palette_cie76, rec.palette = rec.palette, None
         return cls(
             losses={int(k): float(v) for k, v in d.get("losses", {}).items()},
             lr={int(k): float(v) for k, v in d.get("lr", {}).items()},
-            checkpoints=[CheckpointRecord(**c) for c in d.get("checkpoints", [])],
-            grids=[GridRecord(**g) for g in d.get("grids", [])],
+            checkpoints=checkpoints,
+            grids=grids,
             brand_palette=palette,
         )
 
@@ -111,6 +172,7 @@ class History:
             "checkpoints": [vars(c) for c in self.checkpoints],
             "grids": [vars(g) for g in self.grids],
             "brand_palette": self.brand_palette.to_dict() if self.brand_palette else None,
+            "palette_delta_e": PALETTE_DELTA_E,
         }
 
 
@@ -120,25 +182,105 @@ def _sig(x: float, digits: int = 4) -> float:
     return round(x, digits - 1 - math.floor(math.log10(abs(x))))
 
 
-def _palette(history: History, c: CheckpointRecord) -> float | None:
-    return c.palette if c.palette is not None else history.palette_at(c.step)
+def _metric(history: History, c: CheckpointRecord, name: str) -> float | None:
+    """A checkpoint's number `name`: its own, else that of the grid rendered at its step."""
+    own = getattr(c, name)
+    if c.label:  # not the weights the grid at its step was rendered with
+        return own
+    return own if own is not None else history.metric_at(c.step, name)
 
 
-def recommend(history: History) -> CheckpointRecord | None:
-    """The checkpoint to ship (see the module docstring), or None when none was scored."""
-    candidates = [
+_COLUMNS = {"palette": "palette ΔE00", "lab_emd": "Lab EMD", "texture": "texture"}
+
+
+def _candidates(history: History) -> list[CheckpointRecord]:
+    return [
         c
         for c in history.checkpoints
         if c.path and c.heldout is not None and math.isfinite(c.heldout)
     ]
-    if not candidates:
-        return None
 
-    def key(c: CheckpointRecord):
-        pal = _palette(history, c)
-        return (_sig(c.heldout), pal if pal is not None else math.inf, -c.step)  # type: ignore[arg-type]
 
-    return min(candidates, key=key)
+def _key(history: History, c: CheckpointRecord, pick: str = "heldout") -> tuple:
+    """Held-out loss at 4 significant digits, the fidelity numbers at 3 (missing: +inf), then
+    the later step: the recommendation rule of the module docstring as a sort key. `pick =
+    "fidelity"` (`eval.pick`) puts the fidelity numbers first and the held-out loss after them."""
+    values = [_metric(history, c, m) for m in METRICS]
+    fidelity = [_sig(v, 3) if v is not None and math.isfinite(v) else math.inf for v in values]
+    if pick == "fidelity":
+        return (*fidelity, _sig(c.heldout), -c.step)  # type: ignore[arg-type]
+    return (_sig(c.heldout), *fidelity, -c.step)  # type: ignore[arg-type]
+
+
+def recommend(history: History, pick: str = "heldout") -> CheckpointRecord | None:
+    """The checkpoint to ship (see the module docstring; `pick`: `eval.pick`), or None when none
+    was scored."""
+    candidates = _candidates(history)
+    return min(candidates, key=lambda c: _key(history, c, pick)) if candidates else None
+
+
+def _explain_fidelity(history: History, best: CheckpointRecord, other: CheckpointRecord) -> str:
+    mine, theirs = _key(history, best, "fidelity"), _key(history, other, "fidelity")
+    said = []
+    for i, name in enumerate(METRICS):
+        label = _COLUMNS[name]
+        a, b = _metric(history, best, name), _metric(history, other, name)
+        if mine[i] != theirs[i]:
+            why = (
+                f"step {other.step}, the runner-up, has none"
+                if b is None
+                else f"{_fmt(a, 3)} against {_fmt(b, 3)} (step {other.step}, the runner-up)"
+            )
+            lead = "eval.pick = 'fidelity' (the style recipe): " if not said else ""
+            return (
+                "; ".join([*said, f"{lead}{label} decided: {why}"])
+                + ". Fidelity comes first here because a style LoRA is judged by how close its "
+                "images' colours and textures are to the brand's; held-out loss breaks ties."
+            )
+        said.append(f"{label} ties ({_fmt(a, 3)})")
+    if mine[len(METRICS)] != theirs[len(METRICS)]:
+        return "; ".join(said) + (
+            f"; held-out loss decided: {_fmt(best.heldout)} against {_fmt(other.heldout)}."
+        )
+    return "; ".join(said) + f"; every column ties with step {other.step}: the later step wins."
+
+
+def explain(history: History, best: CheckpointRecord, pick: str = "heldout") -> str:
+    """Why `best` (what `recommend` returned) wins, in words: the column that set it apart from
+    the runner-up, with both values."""
+    ranked = sorted(_candidates(history), key=lambda c: _key(history, c, pick))
+    if len(ranked) < 2:
+        return "It is the only checkpoint with an adapter file and a held-out loss."
+    other = ranked[1] if ranked[0] is best else ranked[0]
+    if pick == "fidelity":
+        return _explain_fidelity(history, best, other)
+    mine, theirs = _key(history, best), _key(history, other)
+    vs = f"step {other.step}, the runner-up"
+    if mine[0] != theirs[0]:
+        return (
+            f"Held-out loss decided: {_fmt(best.heldout)} against {_fmt(other.heldout)} "
+            f"({vs}). It is the first column the rule looks at because it measures, with fixed "
+            "noise, how well the adapter predicts brand images; the fidelity columns only break "
+            "ties."
+        )
+    said = [
+        f"Its held-out loss ties with that of step {other.step} (the runner-up) at 4 significant "
+        f"digits ({_fmt(best.heldout)})"
+    ]
+    for i, name in enumerate(METRICS, start=1):
+        label = _COLUMNS[name]
+        if mine[i] != theirs[i]:
+            a, b = _metric(history, best, name), _metric(history, other, name)
+            if b is None:
+                return "; ".join(said) + f"; {label} decided: step {other.step} has none."
+            return "; ".join(said) + f"; {label} decided: {_fmt(a, 3)} against {_fmt(b, 3)}."
+        value = _metric(history, best, name)
+        said.append(
+            f"{label} ties too ({_fmt(value, 3)})"
+            if value is not None
+            else f"neither has a {label}"
+        )
+    return "; ".join(said) + "; so the later step wins (it trained longer)."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,9 +365,54 @@ figure{margin:12px 0}figcaption{font-size:13px;color:#4a5568}
 """
 
 
+_COLUMN_HELP = (
+    "<ul class='help'>"
+    "<li><b>held-out loss</b>: the training loss on the fixed validation images (eval.images) "
+    "with noise and timesteps fixed by eval.seed, so it compares across checkpoints: how well "
+    "the adapter predicts brand images. It decides the recommendation.</li>"
+    "<li><b>palette ΔE00</b>: how far the colours of the checkpoint's sample grid are from the "
+    "brand palette below, in CIEDE2000 units (0: the brand's colours exactly; about 1 is just "
+    "noticeable; above 10 reads as other colours). It rises when off-brand colours appear and "
+    "when brand colours go missing.</li>"
+    "<li><b>Lab EMD</b>: earth mover's distance between the Lab colour histograms of the grid "
+    "and of the training images, in ΔE76: the average distance a pixel's colour would have to "
+    "move to match the brand's colour mix. Unlike the palette distance it sees proportions "
+    "(a cream-led brand rendered mostly in teal uses brand colours but scores high).</li>"
+    "<li><b>texture</b>: how far the grid's style statistics (Gram matrices of a fixed random "
+    "conv net on the Lab image: edges, stroke widths, patterns and which colour sits next to "
+    "which) are from the training images', in units of the training images' own spread: about "
+    "0.5 or less looks like the training set; several times that, another style.</li>"
+    "<li>All three fidelity numbers are lower-is-closer, measured on the grid rendered at the "
+    "checkpoint's step (– where there was none), and only break held-out-loss ties (equal to 4 "
+    "significant digits), in that order, each at the 3 digits shown; then the later step "
+    "wins.</li>"
+)
+_BLEED_HELP = (
+    "<li><b>bleed</b>: how much the adapter changes the model's prediction on the validation "
+    "images' captions with the trigger word removed (mean squared difference to the base "
+    "model, at the held-out loss's noise and timesteps; 0: prompts without the trigger render "
+    "as without the LoRA). Rising bleed means the brand leaks into every prompt; "
+    "train.preserve_weight holds it down. It does not enter the recommendation.</li>"
+)
+_LEGACY_HELP = (
+    "<li><b>palette ΔE76 (older run)</b>: palette distances recorded before lorakit used "
+    "CIEDE2000, in CIE76 ΔE (Euclidean Lab). Not comparable with ΔE00 and not used to "
+    "recommend.</li>"
+)
+
+
+def _pick(config: Any) -> str:
+    """`eval.pick` of a Config or of its dict form (report.json); "heldout" when absent."""
+    section = config.get("eval", {}) if isinstance(config, dict) else getattr(config, "eval", None)
+    if isinstance(section, dict):
+        return str(section.get("pick", "heldout"))
+    return str(getattr(section, "pick", "heldout"))
+
+
 def render_html(out_dir: Path, config: Any, data_summary: dict[str, Any], history: History) -> str:
     out_dir = Path(out_dir)
-    best = recommend(history)
+    pick = _pick(config)
+    best = recommend(history, pick)
     e = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -235,12 +422,13 @@ def render_html(out_dir: Path, config: Any, data_summary: dict[str, Any], histor
         f"<h1>lorakit run report: {e(str(out_dir))}</h1>",
     ]
     if best is not None:
-        pal = _palette(history, best)
+        numbers = "; ".join(f"{_COLUMNS[m]} {_fmt(_metric(history, best, m), 3)}" for m in METRICS)
         parts.append(
             f'<p class="rec" id="recommended">Recommended checkpoint: '
-            f"<strong>{e(_rel(best.path, out_dir))}</strong> (step {best.step}; held-out loss "
-            f"{_fmt(best.heldout)}; palette distance {_fmt(pal, 3)} ΔE). Lowest held-out loss, "
-            "ties broken by palette distance.</p>"
+            f"<strong>{e(_rel(best.path, out_dir))}</strong> (step {best.step}"
+            f"{'; ' + e(best.label) if best.label else ''}; held-out loss "
+            f"{_fmt(best.heldout)}; {numbers}). <span id='why'>{e(explain(history, best, pick))}"
+            "</span></p>"
         )
     else:
         parts.append(
@@ -249,20 +437,32 @@ def render_html(out_dir: Path, config: Any, data_summary: dict[str, Any], histor
         )
 
     parts.append("<h2>Checkpoints</h2>")
+    legacy = any(r.palette_cie76 is not None for r in (*history.checkpoints, *history.grids))
+    bleed = any(c.bleed is not None for c in history.checkpoints)
     rows = []
     for c in sorted(history.checkpoints, key=lambda c: c.step):
         mark = "★ " if best is not None and c is best else ""
         unsaved = "base model" if c.step == 0 else "not saved"
         name = e(_rel(c.path, out_dir)) if c.path else f'<span class="muted">{unsaved}</span>'
-        rows.append([str(c.step), mark + name, _fmt(c.heldout), _fmt(_palette(history, c), 3)])
+        name += f' <span class="muted">({e(c.label)})</span>' if c.label else ""
+        row = [str(c.step), mark + name, _fmt(c.heldout)] + ([_fmt(c.bleed, 3)] if bleed else [])
+        row += [_fmt(_metric(history, c, m), 3) for m in METRICS]
+        rows.append(row + ([_fmt(_metric(history, c, "palette_cie76"), 3)] if legacy else []))
+    head = ["step", "adapter", "held-out loss", *(["bleed"] if bleed else [])]
+    head += [_COLUMNS[m] for m in METRICS]
     parts.append(
-        _table(rows, ["step", "adapter", "held-out loss", "palette ΔE"])
+        _table(rows, head + (["palette ΔE76 (older run)"] if legacy else []))
         if rows
         else '<p class="muted">No checkpoints.</p>'
     )
+    parts.append(
+        _COLUMN_HELP + (_BLEED_HELP if bleed else "") + (_LEGACY_HELP if legacy else "") + "</ul>"
+    )
 
     parts.append("<h2>Curves</h2>")
-    heldout = {c.step: c.heldout for c in history.checkpoints if c.heldout is not None}
+    heldout = {
+        c.step: c.heldout for c in history.checkpoints if c.heldout is not None and not c.label
+    }
     parts.append(svg_plot(history.losses, "training loss (smoothed)"))
     parts.append(svg_plot(history.lr, "learning rate"))
     if heldout:
@@ -276,8 +476,8 @@ def render_html(out_dir: Path, config: Any, data_summary: dict[str, Any], histor
         )
         parts.append(
             f"<p>{sw}</p><p class='muted'>k-means in CIELAB over the training images; palette "
-            "distance = symmetric weighted nearest-colour ΔE (CIE76) between a grid's colours "
-            "and these.</p>"
+            "ΔE00 = symmetric weighted nearest-colour CIEDE2000 difference between a grid's "
+            "colours and these.</p>"
         )
     else:
         parts.append('<p class="muted">Not extracted.</p>')
@@ -285,8 +485,11 @@ def render_html(out_dir: Path, config: Any, data_summary: dict[str, Any], histor
     parts.append("<h2>Sample grids</h2>")
     for g in sorted(history.grids, key=lambda g: g.step):
         cap = f"step {g.step}"
-        if g.palette is not None:
-            cap += f" · palette distance {g.palette:.3g} ΔE"
+        for m in METRICS:
+            if getattr(g, m) is not None:
+                cap += f" · {_COLUMNS[m]} {getattr(g, m):.3g}"
+        if g.palette_cie76 is not None:
+            cap += f" · palette ΔE76 {g.palette_cie76:.3g} (older run)"
         parts.append(
             f'<figure class="grid" data-step="{g.step}">{_img_tag(Path(g.path), cap)}'
             f"<figcaption>{e(cap)} · {e(_rel(g.path, out_dir))}</figcaption></figure>"

@@ -35,11 +35,13 @@ def resize_module(
     u, s, vh = _svd(w)
     total = float((s**2).sum())
     cum = (s**2).cumsum(0) / total if total > 0 else torch.ones_like(s)
+    # ΔW has at most min(rank, out, in') singular values: a LoRA wider than its module (rank
+    # 64 on a 32-wide layer) resized to 48 keeps all 32
     if rank is not None:
-        r = max(1, min(rank, w.rank))
+        r = max(1, min(rank, w.rank, s.numel()))
     else:
         r = int((cum < energy - 1e-12).sum()) + 1
-        r = min(r, w.rank)
+        r = min(r, w.rank, s.numel())
     root = s[:r].sqrt()
     up = (u[:, :r] * root).float()
     down = (root[:, None] * vh[:r]).float()

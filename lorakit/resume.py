@@ -22,9 +22,10 @@ def _opt_params(optimizer) -> list[torch.Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
-def capture(step, order, params, optimizer, lr_schedule, accelerator, history):
+def capture(step, order, params, optimizer, lr_schedule, accelerator, history, ema=None):
     """Under FSDP and DeepSpeed ZeRO a collective (every rank gathers the LoRA and its optimizer
-    state); the optimizer state always has the layout of a plain torch `state_dict()`."""
+    state, and its EMA: `ema`, an `AdapterEMA` or None); the optimizer state always has the
+    layout of a plain torch `state_dict()`."""
     from lorakit.zero import gather_state, zero_optimizer
 
     opt = gather_state(optimizer) if zero_optimizer(optimizer) else optimizer.state_dict()
@@ -45,10 +46,13 @@ def capture(step, order, params, optimizer, lr_schedule, accelerator, history):
         scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
         rng=ckpt.rng_state(),
         history=history,
+        ema=ema.state_dict() if ema is not None else None,
     )
 
 
-def restore(state, params, optimizer, lr_schedule, accelerator, order) -> int:
+def restore(state, params, optimizer, lr_schedule, accelerator, order, ema=None, where="") -> int:
+    """Put a checkpoint's state back (`ema`: the run's `AdapterEMA` or None; `where`: the
+    checkpoint folder, for messages). Returns its step."""
     if len(state.params) != len(params) or any(
         a.shape != b.shape for a, b in zip(state.params, params, strict=True)
     ):
@@ -85,6 +89,8 @@ def restore(state, params, optimizer, lr_schedule, accelerator, order) -> int:
     lr_schedule.load_state_dict(state.scheduler)
     if state.scaler is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state.scaler)
+    if ema is not None:
+        ema.load_state_dict(state.ema, where)
     order.seek(state.epoch, state.position)
     ckpt.set_rng_state(state.rng)
     return state.step
@@ -97,6 +103,7 @@ _RESUMABLE_CHANGES = {
     "train.resume_changed_data",
     "export.description",
     "train.block_swap",  # bitwise the same steps: a resumed run may stream blocks, or stop
+    "train.ema_device",  # where the EMA copy lives: the same numbers on the same device type
 }  # fmt: skip
 
 
@@ -229,7 +236,10 @@ def save_failed(
     )
 
 
-RUN_OUTPUTS = ("checkpoints", "samples", "diffusers", "run.json", "config.toml")
+RUN_OUTPUTS = (
+    "checkpoints", "samples", "diffusers", "run.json", "config.toml",
+    "raw", "ema", "report.json",  # train.ema's raw adapter, `lorakit ema` results, report data
+)  # fmt: skip
 
 
 LOCK = ".lorakit.lock"
@@ -238,15 +248,17 @@ is claimed: nothing is written into a folder that turns out not to be a lorakit 
 
 
 @contextlib.contextmanager
-def run_lock(out: Path, data_dir: str | Path, enabled: bool = True):
+def run_lock(out: Path, data_dir: str | Path | None, enabled: bool = True):
     """Hold the run folder `out` for the life of a run: an exclusive `flock` on the folder itself
     (the kernel releases it on any exit, SIGKILL included, so a crashed run never leaves a stale
     lock). A second run into the same folder stops with one paragraph naming the PID that holds
     it (`mark_holder` writes it once the run has claimed the folder). Opening the folder is also
     the early check that `out` can be written, and `out` may not overlap the data folder (the
     next run would train on this one's outputs). `enabled` = False on the ranks other than the
-    main process: one lock per run."""
-    _check_overlap(out, data_dir)
+    main process: one lock per run. `data_dir` None: a command that reads no training data
+    (`lorakit ema`) holds the folder against a run writing it meanwhile."""
+    if data_dir is not None:
+        _check_overlap(out, data_dir)
     if not enabled:
         yield
         return

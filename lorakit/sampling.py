@@ -746,10 +746,13 @@ def sample_adapter(
     resolution: int | None = None,
     out_path: Path | None = None,
     allow_pickle: bool = False,
+    mix: list[tuple[Path, float]] | None = None,
 ) -> Path:
     """Render a grid from a saved adapter on its base model; for a run folder, one grid per
     saved checkpoint (and the final adapter), side by side in one PNG. `allow_pickle`: the
-    user's consent (`--allow-pickle`) to read a pickled adapter or base model.
+    user's consent (`--allow-pickle`) to read a pickled adapter or base model. `mix`: (file,
+    weight) of several adapters of one family instead of `adapter_path`, applied together as
+    `Σ wᵢ·ΔWᵢ` (`lorakit.mix.combine`, exact) in one grid titled with the files and weights.
 
     Defaults come from the run's `config.toml` when given a run folder, else from the adapter's
     metadata (`lorakit.base_model`, `modelspec.trigger_phrase`, `modelspec.resolution`).
@@ -761,7 +764,14 @@ def sample_adapter(
     from lorakit.models import load_model
 
     run_cfg = None
-    if adapter_path.is_dir():
+    if mix:
+        from lorakit.mix import combine, mix_label, read_sources
+
+        sources = read_sources(mix, "--adapter", allow_pickle)
+        first = sources[0].path
+        files = [(mix_label(sources), first)]
+        default_out = first.with_name("+".join(s.path.stem for s in sources) + ".png")
+    elif adapter_path.is_dir():
         toml = adapter_path / "config.toml"
         if not toml.is_file():
             raise LorakitError(
@@ -775,7 +785,10 @@ def sample_adapter(
     else:
         files = [(adapter_path.name, adapter_path)]
         default_out = adapter_path.with_suffix(".png")
-    adapters = [(label, f, *read_adapter(f, allow_pickle=allow_pickle)) for label, f in files]
+    if mix:
+        adapters = [(files[0][0], first, combine(sources), "mix")]
+    else:
+        adapters = [(label, f, *read_adapter(f, allow_pickle=allow_pickle)) for label, f in files]
     meta = adapters[-1][2].metadata
     model_cfg = run_cfg.model if run_cfg else cfg.ModelConfig()
     model_cfg.name = base or model_cfg.name or meta.get("lorakit.base_model", "")
@@ -821,10 +834,15 @@ def sample_adapter(
                 )
             apply_adapter(family, comps, adapter, scale=1.0)
         pipe = family.pipeline(comps, sample_cfg.scheduler)
-        title = f"{f.name} - {label} - {model_cfg.name}"
+        what = f"mix of {len(mix)} adapters" if mix else f"{f.name} - {label}"
+        title = f"{what} - {model_cfg.name}"
         cells = render_cells(pipe, spec)
         panels.append((label, compose_cells(cells, spec, title)))
     image = panels[0][1] if len(panels) == 1 else side_by_side(panels)
+    if mix:
+        from lorakit.mix import captioned
+
+        image = captioned(image, sources)
     return save_png(image, out_path or default_out)
 
 

@@ -20,6 +20,7 @@ from lorakit.blockswap import check_family
 from lorakit.config import Config, DataConfig, LoraConfigSection, check_stream_encoders
 from lorakit.data.buckets import auto_step, family_step, make_buckets
 from lorakit.models.base import Family
+from lorakit.preserve import Preservation, check_preservation, preservation
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """`train.mixed_precision` → dtype of the frozen weights and of the batches."""
@@ -102,6 +103,19 @@ class RunSpec:
     their repeated layers' weights are streamed to the device as they run
     (`lorakit/encoder_stream.py`); refused with `encode_each_step`. Read by train (`_load_model`,
     `_cache`) and the planner (the caching phase)."""
+    preservation: Preservation | None
+    """Anti-bleed preservation (`train.preserve_weight` > 0): the weight and how each caption's
+    preservation prompt is made (`lorakit/preserve.py`); None = off. Read by train (text cache,
+    the extra forward and backward passes) and the planner."""
+    prior_weight: float
+    """DreamBooth prior preservation: λ of the class-image loss (`train.prior_weight`) when
+    `data.reg_folder` is set, else 0 (off). Each micro-batch then adds a class batch of as many
+    class images, its own forward and backward (lorakit/data/reg.py). Read by the planner (two
+    passes, both batches' tensors); train turns it on from the records (a prepared set may carry
+    class images) with `train.prior_weight`."""
+    bleed_trigger: str
+    """The trigger the held-out bleed score removes from the captions: `data.trigger` when
+    `eval.bleed` is on and `eval.images` > 0, else "" (no bleed score). Read by train."""
     cache_dir: Path
     """Latent and text-encoder caches: `data.cache_dir`, or OUT/cache. Read by train."""
 
@@ -149,6 +163,7 @@ def build_spec(config: Config, family: Family) -> RunSpec:
     encode_each_step = te or c.data.shuffle_tags
     check_family(family, c.train.block_swap)  # a UNet family has no blocks to stream
     check_stream_encoders(c)  # captions encoded every step need the encoders resident
+    check_preservation(c)  # preservation needs the base model's caption embeddings
     sampling = bool(c.sample.every or c.sample.every_minutes or c.sample.every_epochs)
     from lorakit.sampling import pre_encodes  # (lazy: sampling imports the image stack)
 
@@ -175,6 +190,9 @@ def build_spec(config: Config, family: Family) -> RunSpec:
         encoders_stay_on_device=encode_each_step,
         block_swap=c.train.block_swap,
         stream_encoders=c.train.stream_encoders,
+        preservation=preservation(c),
+        prior_weight=c.train.prior_weight if c.data.reg_folder else 0.0,
+        bleed_trigger=c.data.trigger if c.eval.bleed and c.eval.images > 0 else "",
         cache_dir=Path(c.data.cache_dir) if c.data.cache_dir else Path(c.train.out) / "cache",
     )
 

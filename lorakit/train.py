@@ -31,7 +31,9 @@ from rich.markup import escape
 from lorakit import checkpoint as ckpt
 from lorakit.config import Config
 from lorakit.data.cache import Cached, encode_captions, encode_images, image_conditioning
+from lorakit.data.masks import batch_weights, check_masks, latent_masks, loss_mask
 from lorakit.data.order import BatchOrder, draw_noise, sample_rng, trace_batch
+from lorakit.data.reg import ClassOrder, check_reg_folder
 from lorakit.data.training import TrainingSet, caption_for_step, load_training_set
 from lorakit.distributed import (
     Consensus,
@@ -44,6 +46,7 @@ from lorakit.distributed import (
     is_sharded,
     unwrapped,
 )
+from lorakit.ema import RAW, AdapterEMA, write_report_state
 from lorakit.evaluate import (
     baseline_key,
     cached_baseline,
@@ -62,7 +65,21 @@ from lorakit.lora import (
 )
 from lorakit.models import Family, load_model, resolve_family
 from lorakit.optim import build_lr_schedule, build_optimizer, scaled_lr
-from lorakit.palette import extract_palette, palette_distance
+from lorakit.palette import (
+    LabHistogram,
+    extract_palette,
+    lab_emd,
+    lab_histogram,
+    palette_distance,
+)
+from lorakit.preserve import (
+    Recording,
+    adapters_disabled,
+    cached_captions,
+    heldout_bleed,
+    preservation_mse,
+    without_trigger,
+)
 from lorakit.progress import Phases, Reporter
 from lorakit.report import History, write_report
 from lorakit.resume import (
@@ -80,6 +97,7 @@ from lorakit.resume import (
 from lorakit.sampling import encode_prompt_rows, grid_spec, preview, sample_due
 from lorakit.spec import RunSpec, build_spec, frozen_dtype
 from lorakit.stop import Interrupted, StopRequest, check_scaler, diverged, fault
+from lorakit.texture import TextureReference, texture_distance, texture_reference
 from lorakit.tracking import init_trackers, log_grid, log_scalars
 
 
@@ -140,12 +158,25 @@ class Run:
     scored: set[int] = field(default_factory=set)
     phases: Phases = field(default_factory=Phases)
     """Wall time per phase (set by `train`; read by run.json and the report)."""
+    brand_hist: LabHistogram | None = None
+    """The training images' Lab histogram (eval.lab_emd), main process."""
+    brand_texture: TextureReference | None = None
+    """The training images' texture statistics (eval.texture), main process."""
+    ema: AdapterEMA | None = None
+    """`train.ema`: the EMA of `params` (previews, scores and the main adapter use it)."""
+    prior: ClassOrder | None = None
+    """Prior preservation (class images among the records): the class batch of each
+    micro-batch (lorakit/data/reg.py); None = off."""
+    bleed_base: list[torch.Tensor] = field(default_factory=list)
+    """The base model's held-out predictions of the bleed score, computed once (`_bleed`)."""
 
 
 def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None) -> TrainResult:
     c = config
     phases = Phases()  # where the time goes: run.json, the report, the first-step line
     spec = build_spec(c, resolve_family(c.model)[0])
+    # class images that cannot be used are refused before the run folder is touched
+    check_reg_folder(data_dir, c.data, c.model.name, files=True)
     accelerator = _accelerator(c, spec)
     sharded = is_sharded(accelerator)  # FSDP: extraction, checkpoints, samples are collectives
     from lorakit.planner import check_before_training  # cheap; returns at once on CPU / tiny
@@ -166,6 +197,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                 c.train.seed,
                 pixel_multiple=spec.pixel_multiple,
             )
+            check_masks(data, c.train)  # train.masked_loss: no or empty masks stop here
         if resume_from:
             check_resume_data(resume_from, data.records, c, warnings.append)
         with phases("model"):
@@ -180,21 +212,23 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             )
         world, rank = accelerator.num_processes, accelerator.process_index
         order = BatchOrder(data.records, c.train.batch_size, c.train.seed, world, rank)
+        prior = None
+        if any(r.is_reg for r in data.records):  # DreamBooth prior preservation
+            prior = ClassOrder(data.records, c.train.batch_size, c.train.seed, world, rank)
         result = TrainResult(out, {}, [], {}, spec.family, comps, c)
         run = Run(c, spec, accelerator, out, data_dir, data, comps, denoiser, params, optimizer,
                   lr_schedule, order, cached, text_encoders, preview_spec, preview_embeds, result,
                   sharded)  # fmt: skip
         run.phases = phases
+        run.prior = prior
+        if c.train.ema:  # from the initial weights; a resume replaces it with the saved one
+            run.ema = AdapterEMA(params, c.train.ema_decay, c.train.ema_device)
         if state is not None:
             _restore(run, state)
         init_trackers(accelerator, c, out)
         run.eval_idx = eval_subset(data.records, c.eval.images)
-        if (
-            c.eval.palette_colors
-            and accelerator.is_main_process
-            and run.history.brand_palette is None
-        ):
-            run.history.brand_palette = _brand_palette(data, c.eval.palette_colors, c.train.seed)
+        if accelerator.is_main_process:
+            _brand_references(run)
         run.started = time.time()
         run.meta = training_metadata(
             c,
@@ -234,6 +268,9 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
                     if bad_step:
                         raise diverged(bad_step, c.train, out)
                     stop_signal = max(stop_signal, agreed)
+                if run.ema is not None:  # once per optimizer step, on every rank
+                    with phases("steps"):
+                        run.ema.update()
                 if not phases.first_step:
                     _first_step(run, phases.mark_first_step())
                 if step % c.train.log_every == 0 or step == c.train.steps:
@@ -313,7 +350,10 @@ def _resume_point(out: Path, c: Config, accelerator, warn):
 def _load_model(c: Config, spec: RunSpec, accelerator, out: Path):
     """The base components; the frozen encoders on the device (for caching), the run's
     config.toml written."""
-    _, comps = load_model(c.model)
+    from lorakit.models.loading import load_in
+
+    with load_in(spec.weight_dtype):  # straight into the run's dtype: no fp32 copy in RAM first
+        _, comps = load_model(c.model)
     family, device = spec.family, accelerator.device
     denoiser = getattr(comps, family.denoiser_name)
     if spec.block_swap:  # more blocks than this model has: refused before minutes of caching
@@ -367,13 +407,21 @@ def _cache(c: Config, spec: RunSpec, comps, data: TrainingSet, accelerator):
 def _encode_all(c: Config, spec: RunSpec, comps, data: TrainingSet, accelerator):
     family, cache_dir = spec.family, spec.cache_dir
     captions = [r.caption for r in data.records]
+    # preservation prompts and the bleed score's trigger-less held-out captions, cached alike
+    heldout = eval_subset(data.records, c.eval.images)
+    extra = cached_captions(spec.preservation, spec.bleed_trigger, captions, heldout)
     with accelerator.main_process_first():
         latents = encode_images(family, comps, data, cache_dir, accelerator.device, accelerator)
+        masks = (  # at latent resolution, cached next to the latents (data/masks.py)
+            latent_masks(data, latents, cache_dir, accelerator.is_main_process)
+            if c.train.masked_loss
+            else []
+        )
         cond = (
             {}
             if spec.encode_each_step  # captions vary per step: no text cache
             else encode_captions(
-                family, comps, captions, spec.cache_empty_caption, cache_dir, accelerator
+                family, comps, captions + extra, spec.cache_empty_caption, cache_dir, accelerator
             )
         )
     preview_spec = grid_spec(c.sample, c.data.trigger, spec.resolution) if spec.sampling else None
@@ -383,7 +431,7 @@ def _encode_all(c: Config, spec: RunSpec, comps, data: TrainingSet, accelerator)
         else None
     )
     image_cond = image_conditioning(family, comps, data.records)
-    return Cached(latents, captions, cond, image_cond), preview_spec, preview_embeds
+    return Cached(latents, captions, cond, image_cond, masks), preview_spec, preview_embeds
 
 
 def _place_for_training(spec: RunSpec, comps, device: torch.device) -> None:
@@ -462,8 +510,9 @@ def _optimizer(c: Config, denoiser, params: list, accelerator, sharded: bool):
 def _restore(run: Run, state: ckpt.TrainState) -> None:
     """Continue from a checkpoint: weights, optimizer, schedule, RNG, data position, history."""
     run.start_step = restore(
-        state, run.params, run.optimizer, run.lr_schedule, run.accelerator, run.order
-    )
+        state, run.params, run.optimizer, run.lr_schedule, run.accelerator, run.order, run.ema,
+        where=run.c.train.resume,
+    )  # fmt: skip
     run.result.losses = {int(k): v for k, v in state.history.get("losses", {}).items()}
     run.result.samples = [Path(p) for p in state.history.get("samples", [])]
     run.history = History.from_dict(state.history["report"])
@@ -507,25 +556,36 @@ def _announce(run: Run, resume_from: Path | None, warnings: list[str]) -> None:
 def _batch(run: Run, idx: list[int], uid0: int):
     """(latents, conditioning) of the records `idx` on the device; `uid0`: the run-wide number
     of the batch's first sample (seeds its caption dropout / tag shuffle)."""
-    c, spec, cached = run.c, run.spec, run.cached
+    spec, cached = run.spec, run.cached
     device, dtype = run.accelerator.device, spec.weight_dtype
     lat = torch.stack([cached.latents[i] for i in idx]).to(device, dtype)
-    caps = [
-        caption_for_step(cached.captions[i], c.data, sample_rng(c.train.seed, uid0 + j))
-        for j, i in enumerate(idx)
-    ]
-    if spec.encode_each_step:
-        with torch.set_grad_enabled(spec.train_text_encoder):
-            enc = spec.family.encode_prompts_train(run.comps, caps)
-        cond = {k: v.to(device, dtype) for k, v in enc.items()}
-    else:
-        cond = {
-            k: torch.stack([v[cap] for cap in caps]).to(device, dtype)
-            for k, v in cached.cond.items()
-        }
+    cond = _caption_cond(run, _step_captions(run, idx, uid0))
     for k, v in cached.image_cond.items():  # fp32: SDXL time ids are pixel counts
         cond[k] = torch.cat([v[i] for i in idx]).to(device)
     return lat, cond
+
+
+def _step_captions(run: Run, idx: list[int], uid0: int) -> list[str]:
+    """The captions the records `idx` train on in this step (caption dropout, tag shuffle)."""
+    c, captions = run.c, run.cached.captions
+    return [
+        caption_for_step(captions[i], c.data, sample_rng(c.train.seed, uid0 + j))
+        for j, i in enumerate(idx)
+    ]
+
+
+def _caption_cond(run: Run, caps: list[str]) -> dict[str, torch.Tensor]:
+    """The embeddings of `caps` (batch-first, on the device): from the text cache, or encoded
+    now when the run encodes captions every step (with grad for a text-encoder LoRA)."""
+    spec, device, dtype = run.spec, run.accelerator.device, run.spec.weight_dtype
+    if spec.encode_each_step:
+        with torch.set_grad_enabled(spec.train_text_encoder):
+            enc = spec.family.encode_prompts_train(run.comps, caps)
+        return {k: v.to(device, dtype) for k, v in enc.items()}
+    return {
+        k: torch.stack([v[cap] for cap in caps]).to(device, dtype)
+        for k, v in run.cached.cond.items()
+    }
 
 
 def _micro_step(run: Run, step: int, micro: int, grad_norm):
@@ -539,15 +599,55 @@ def _micro_step(run: Run, step: int, micro: int, grad_norm):
     uid0 = first_uid + rank * len(idx)
     lat, cond = _batch(run, idx, uid0)
     noise, timesteps = draw_noise(run.spec.family, run.comps, lat, c, uid0)
+    # anti-bleed preservation reads the inputs the loss gives the denoiser
+    recording = Recording(run.spec.family) if run.spec.preservation else None
+    family = recording.family if recording else run.spec.family
+    weights = batch_weights(run.cached.masks, idx, c.train.mask_background, lat)
     with acc.accumulate(run.denoiser), acc.autocast():
-        loss = run.spec.family.loss(run.comps, run.denoiser, lat, cond, noise, timesteps, c.train)
+        with loss_mask(weights):  # train.masked_loss: the loss weighted by the batch's masks
+            loss = family.loss(run.comps, run.denoiser, lat, cond, noise, timesteps, c.train)
         acc.backward(loss)
+        if recording is not None:  # after the first backward: one graph alive at a time
+            loss = loss.detach() + _preserve(run, recording, _step_captions(run, idx, uid0))
+        if run.prior is not None:  # likewise: the class batch after the instance backward
+            n = (step - 1) * c.train.grad_accum + micro  # global micro-batch number
+            loss = loss.detach() + _prior(run, n)
         if acc.sync_gradients and c.train.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(run.params, c.train.max_grad_norm)
         run.optimizer.step()
         run.lr_schedule.step()
         run.optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
+
+
+def _prior(run: Run, n: int) -> torch.Tensor:
+    """DreamBooth prior preservation for the global micro-batch `n`: its class batch
+    (`ClassOrder`, as many class images as instance images) through the family's loss, masks
+    included, × train.prior_weight, backward; returns that term, detached. Gradients add up to
+    those of instance loss + λ · class loss (lorakit/data/reg.py: why two passes, not one
+    batch of 2B)."""
+    c, family = run.c, run.spec.family
+    idx, uid0 = run.prior.batch(n)
+    lat, cond = _batch(run, idx, uid0)
+    noise, timesteps = draw_noise(family, run.comps, lat, c, uid0)
+    weights = batch_weights(run.cached.masks, idx, c.train.mask_background, lat)
+    with loss_mask(weights):
+        loss = family.loss(run.comps, run.denoiser, lat, cond, noise, timesteps, c.train)
+    term = c.train.prior_weight * loss
+    run.accelerator.backward(term)
+    return term.detach()
+
+
+def _preserve(run: Run, recording: Recording, caps: list[str]) -> torch.Tensor:
+    """Anti-bleed preservation of one micro-batch whose plain loss `recording` saw: the
+    weighted MSE between adapter and base on the captions' preservation prompts, backward
+    through the adapter; returns its detached value (lorakit/preserve.py)."""
+    pres = run.spec.preservation
+    text = _caption_cond(run, [pres.caption(cap) for cap in caps])
+    base = unwrapped(run.accelerator, run.denoiser)  # no grad, no DDP / compile wrapper
+    term = pres.weight * preservation_mse(recording, run.denoiser, base, text)
+    run.accelerator.backward(term)
+    return term.detach()
 
 
 def _log(run: Run, step: int, window: torch.Tensor, window_n: int, grad_norm) -> None:
@@ -601,28 +701,34 @@ def _render_sample(run: Run, step: int) -> None:
         path = None
     trainable = [unwrapped(acc, run.denoiser)]
     trainable += run.text_encoders if spec.train_text_encoder else []
-    grid = preview(
-        spec.family,
-        run.comps,
-        trainable,
-        acc,
-        run.preview_spec,
-        run.c,
-        step,
-        path,
-        keep_on_device=spec.encoders_stay_on_device,
-        embeds=run.preview_embeds,
-    )
+    with _ema_weights(run):
+        grid = preview(
+            spec.family,
+            run.comps,
+            trainable,
+            acc,
+            run.preview_spec,
+            run.c,
+            step,
+            path,
+            keep_on_device=spec.encoders_stay_on_device,
+            embeds=run.preview_embeds,
+        )
     if grid is None:
         return
-    brand = run.history.brand_palette
-    pal = palette_distance(grid.images(), brand, seed=run.c.train.seed) if brand else None
-    run.history.add_grid(step, path, palette=pal)
+    # brand fidelity of the adapter at full strength (a sample.scales sweep's 1.0 column)
+    images, brand = grid.images(), run.history.brand_palette
+    pal = palette_distance(images, brand, seed=run.c.train.seed) if brand and images else None
+    emd = lab_emd(lab_histogram(images), run.brand_hist) if run.brand_hist and images else None
+    tex = texture_distance(images, run.brand_texture) if run.brand_texture and images else None
+    run.history.add_grid(step, path, palette=pal, lab_emd=emd, texture=tex)
     log_grid(acc, step, path)
-    log_scalars(acc, step, palette_distance=pal)
+    log_scalars(acc, step, palette_de00=pal, lab_emd=emd, texture=tex)
     run.result.samples.append(path)
     run.reporter.last_grid = str(path)
-    run.reporter.message(f"sample grid: {path}" + (f" (palette ΔE {pal:.1f})" if pal else ""))
+    named = (("palette ΔE00", pal), ("Lab EMD", emd), ("texture", tex))
+    scores = ", ".join(f"{name} {v:.3g}" for name, v in named if v is not None)
+    run.reporter.message(f"sample grid: {path}" + (f" ({scores})" if scores else ""))
 
 
 def _score(run: Run, step: int, path: Path | str = "") -> None:
@@ -641,29 +747,69 @@ def _score_now(run: Run, step: int, path: Path | str = "") -> None:
     score = (family, run.comps, denoiser, *args, c.train, c.eval.seed, c.eval.timesteps)
     if step == 0 and not run.sharded:
         # the base model's score: a pure function of model, data and eval settings, computed
-        # once per content and read back by every later run
+        # once per content and read back by every later run (the EMA equals the weights here)
         lat, cond = heldout_inputs(family, run.comps, *args)
         key = baseline_key(denoiser, lat, cond, c.train, c.eval.seed, c.eval.timesteps)
         folder = run.spec.cache_dir / "scores"
         value, _ = cached_baseline(folder, key, lambda: score_heldout(*score))
     else:
-        value = score_heldout(*score)
+        with _ema_weights(run):  # the main adapter's score
+            value = score_heldout(*score)
+    bleed = None
+    if run.spec.bleed_trigger and not run.sharded:  # (FSDP: not verified, not scored)
+        with _ema_weights(run):
+            bleed = _bleed(run, denoiser)
     if not acc.is_main_process:
         return
-    run.history.add_checkpoint(step, path, heldout=value)
-    log_scalars(acc, step, heldout_loss=value)
+    run.history.add_checkpoint(step, path, heldout=value, bleed=bleed)
+    log_scalars(acc, step, heldout_loss=value, bleed=bleed)
 
 
-def _extract(run: Run, step: int):
-    """The adapter on rank 0 (None elsewhere); under FSDP every rank must call this."""
-    if not (run.accelerator.is_main_process or run.sharded):
+def _bleed(run: Run, denoiser: torch.nn.Module) -> float:
+    """The held-out bleed score of the current adapter (lorakit/preserve.py): how much it
+    changes the prediction on the held-out captions without the trigger."""
+    c, spec, trigger = run.c, run.spec, run.spec.bleed_trigger
+    args = (spec.family, run.comps, run.cached, run.eval_idx, spec.encode_each_step)
+    edit = lambda caption: without_trigger(caption, trigger)  # noqa: E731
+    lat, cond = heldout_inputs(*args, edit=edit)
+    base_cond = None
+    if spec.train_text_encoder and not run.bleed_base:  # base: without the text-encoder LoRA
+        with adapters_disabled(*run.text_encoders):
+            base_cond = heldout_inputs(*args, edit=edit)[1]
+    return heldout_bleed(spec.family, run.comps, denoiser, lat, cond, c.train, c.eval.seed,
+                         timesteps=c.eval.timesteps, base_cond=base_cond,
+                         base_cache=run.bleed_base)  # fmt: skip
+
+
+def _ema_weights(run: Run):
+    """Inside: the model runs on the EMA weights when `train.ema` is on (else unchanged)."""
+    return run.ema.applied() if run.ema is not None else contextlib.nullcontext()
+
+
+def _extract(run: Run, step: int, raw: bool = False):
+    """The adapter on rank 0 (None elsewhere); under FSDP every rank must call this. With
+    `train.ema` the main adapter holds the EMA weights and `raw=True` gives the trained weights
+    themselves (None without `train.ema`: the main adapter is the raw one)."""
+    if not (run.accelerator.is_main_process or run.sharded) or (raw and run.ema is None):
         return None
     run.meta.update(ss_steps=str(step))
-    return extract_adapter(run.spec.family, run.comps, run.meta)
+    if raw:
+        return extract_adapter(run.spec.family, run.comps, run.meta)
+    with _ema_weights(run):
+        adapter = extract_adapter(run.spec.family, run.comps, run.meta)
+    if run.ema is not None:
+        adapter.metadata["lorakit.ema_decay"] = str(run.c.train.ema_decay)
+    return adapter
 
 
-def _export_to(run: Run, folder: Path, adapter) -> dict[str, Path]:
+def _export_to(run: Run, folder: Path, adapter, raw=None) -> dict[str, Path]:
+    """The adapter in every export format in `folder`; `raw` (`train.ema`'s raw adapter) the
+    same way in `folder/raw/`. Returns the main files."""
     e = run.c.export
+    if raw is not None:
+        for fmt in e.formats:
+            path = EXPORTERS[fmt].default_path(folder / RAW, e.name)
+            write_adapter(raw, fmt, path, naming=e.kohya_names, dtype=e.dtype)
     return {
         fmt: write_adapter(
             adapter,
@@ -676,30 +822,33 @@ def _export_to(run: Run, folder: Path, adapter) -> dict[str, Path]:
     }
 
 
-def _save_checkpoint(run: Run, step: int, adapter: Any = ...) -> None:
-    """`adapter`: the one `_extract(run, step)` gave, if the caller already extracted it (under
-    FSDP extraction is a collective: every rank extracts here or every rank already did)."""
+def _save_checkpoint(run: Run, step: int, adapter: Any = ..., raw: Any = None) -> None:
+    """`adapter` (and `raw`, see `_extract`): the ones `_extract` gave, if the caller already
+    extracted them (under FSDP extraction is a collective: every rank extracts here or every
+    rank already did)."""
     with run.phases("checkpoints"):
-        _write_checkpoint(run, step, adapter)
+        _write_checkpoint(run, step, adapter, raw)
 
 
-def _write_checkpoint(run: Run, step: int, adapter: Any) -> None:
+def _write_checkpoint(run: Run, step: int, adapter: Any, raw: Any = None) -> None:
     c, acc, out, result = run.c, run.accelerator, run.out, run.result
     acc.wait_for_everyone()
     if adapter is ...:
-        adapter = _extract(run, step)
+        adapter, raw = _extract(run, step), _extract(run, step, raw=True)
     saved = {
         "losses": result.losses,
         "samples": [str(p) for p in result.samples],
         "report": run.history.to_dict(),
     }
     if acc.is_main_process or run.sharded or is_deepspeed(acc):
-        state = capture(step, run.order, run.params, run.optimizer, run.lr_schedule, acc, saved)
+        state = capture(
+            step, run.order, run.params, run.optimizer, run.lr_schedule, acc, saved, run.ema
+        )
     final = ckpt.step_dir(out, step)
     if acc.is_main_process:
         try:
             tmp = ckpt.begin(out, step)
-            _export_to(run, tmp, adapter)
+            _export_to(run, tmp, adapter, raw)
             atomic_write_text(tmp / "config.toml", c.to_toml())
             fault("save", step)
             ckpt.save_state(tmp, state)
@@ -729,12 +878,12 @@ def _finish(run: Run, step: int) -> None:
     # cost the run its result.
     acc.wait_for_everyone()
     with run.phases("export"):
-        adapter = _extract(run, steps)
+        adapter, raw = _extract(run, steps), _extract(run, steps, raw=True)
         if acc.is_main_process:
-            run.result.adapters = _export_to(run, run.out, adapter)
+            run.result.adapters = _export_to(run, run.out, adapter, raw)
     if (c.train.save_every or c.train.save_every_epochs) and step > run.start_step:
         # resumable: a finished run can be extended
-        _save_checkpoint(run, steps, adapter)
+        _save_checkpoint(run, steps, adapter, raw)
     # Rank-independent conditions: under FSDP every rank must take part or none.
     if steps not in run.scored and not any(rec.step == steps for rec in history.checkpoints):
         final_path = EXPORTERS[c.export.formats[0]].default_path(run.out, c.export.name)
@@ -757,6 +906,7 @@ def _write_outputs(run: Run) -> None:
         "held-out images": len(run.eval_idx),
         "brand palette": history.brand_palette.hex() if history.brand_palette else "off",
     }
+    write_report_state(run.out, summary, history, run.data_dir)  # `lorakit ema` adds rows
     run.result.report = write_report(run.out, run.c, summary, history)
 
 
@@ -764,15 +914,33 @@ def _write_outputs(run: Run) -> None:
 # helpers
 
 
-def _brand_palette(data, colors: int, seed: int):
-    """The brand palette of (up to 64 of) the training images, regularization images excluded."""
+def _brand_references(run: Run) -> None:
+    """What the sample grids are measured against, from (up to 64 of) the training images,
+    regularization images excluded, each decoded once: the brand palette (kept in the history,
+    so a resumed run keeps its own), the Lab histogram and the texture statistics."""
+    c, data = run.c, run.data
+    want_palette = c.eval.palette_colors and run.history.brand_palette is None
+    # the palette is shown in the report in any case; the other two only measure sample grids
+    want_hist = c.eval.lab_emd and run.preview_spec is not None
+    want_texture = c.eval.texture and run.preview_spec is not None
+    if not (want_palette or want_hist or want_texture):
+        return
     idx = [i for i, r in enumerate(data.records) if not r.is_reg]
     idx = idx[:: max(1, len(idx) // 64)][:64]
     images = [
         ((data.pixels(i).permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
         for i in idx
     ]
-    return extract_palette(images, colors, seed=seed) if images else None
+    if not images:
+        return
+    if want_palette:
+        run.history.brand_palette = extract_palette(
+            images, c.eval.palette_colors, seed=c.train.seed
+        )
+    if want_hist:
+        run.brand_hist = lab_histogram(images)
+    if want_texture and len(images) >= 2:  # one image has no spread to measure against
+        run.brand_texture = texture_reference(images)
 
 
 def _num(x) -> float | None:
@@ -809,7 +977,8 @@ def _banner(
     if warnings:
         listed = "; ".join(f"{p.file}: {p.message}" for p in warnings[:5])
         more = f" (+{len(warnings) - 5} more)" if len(warnings) > 5 else ""
-        reporter.message(f"[yellow]data warnings:[/yellow] {listed}{more}")
+        # escaped: a class image's name starts with "[reg] ", which rich reads as a tag
+        reporter.message(f"[yellow]data warnings:[/yellow] {escape(listed)}{more}")
     if resume_from is not None:
         reporter.message(
             f"resuming from {resume_from} (epoch {order.epoch}, batch {order.position})"

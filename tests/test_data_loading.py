@@ -75,8 +75,8 @@ def _decode(png: bytes) -> np.ndarray:
 def _banner_numbers(output: str) -> tuple:
     flat = " ".join(output.split())
     m = re.search(
-        r"(\d+) images × ([\d–]+) repeats? \(\+ (\d+) reg × (\d+)\) = (\d+) samples per epoch "
-        r"→ (\d+) steps per epoch",
+        r"(\d+) images × ([\d–]+) repeats? = (\d+) samples per epoch \(\+ (\d+) class images × "
+        r"(\d+) for prior preservation\) → (\d+) steps per epoch",
         flat,
     )
     assert m, flat[:2000]
@@ -93,8 +93,9 @@ def test_train_banner_counts_repeats_and_reg_images(tmp_path):
         "--set", f"data.reg_folder='{reg}'", "--set", "data.reg_repeats=2",
         "--set", "train.batch_size=2", "--set", "train.grad_accum=1",
     )  # fmt: skip
-    # 4×3 + 2×1 = 14 training samples, 2 reg × 2 = 4: 18 samples, one 64×64 bucket, batch 2
-    assert _banner_numbers(res.output) == ("6", "1–3", "2", "2", "18", "9")
+    # 4×3 + 2×1 = 14 training samples, one 64×64 bucket, batch 2: 7 steps; the 2 class images
+    # (× 2) are drawn beside them, as many per step (prior preservation), not as samples
+    assert _banner_numbers(res.output) == ("6", "1–3", "14", "2", "2", "7")
 
 
 def test_train_rerun_with_cache_dir_decodes_no_image(tmp_path, monkeypatch):

@@ -1,12 +1,12 @@
 """FLUX.2 [klein]: every training convention checked against `Flux2KleinPipeline` itself (latent
-normalisation, packing and ids, prompt encoding, timestep, target, shift), the BFL naming table
-against diffusers' own converter, single files (good and bad), the exports in the loaders that
-read them, the module table against the real 4B/9B architectures, and the presets."""
+normalisation, packing and ids, prompt encoding, shift), the BFL naming table against diffusers'
+own converter, single files (good and bad), the exports in the loaders that read them, the module
+table against the real 4B/9B architectures, and the presets. The denoiser call of a sampling step
+(timestep, target, ids, text layers) and memorisation (a LoRA trained on one image samples it
+back): tests/test_agreement.py, as for every family."""
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
 import shutil
 
@@ -104,103 +104,7 @@ def test_prompt_embeddings_are_three_qwen3_layers_of_the_chat_template(comps):
     assert not torch.allclose(hs[27], hs[-1]), "layer 27 is a layer's output, not the final norm"
 
 
-# --- one training step = one pipeline step ------------------------------------------------------
-
-
-def _bound(module, args, kwargs) -> dict:
-    named = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in named.items()}
-
-
-STEPS, STEP = 6, 3
-
-
-@contextlib.contextmanager
-def _fault(name: str):
-    """Deliberate bugs on lorakit's training side, each of which the check below must see."""
-    with pytest.MonkeyPatch.context() as mp:
-        if name == "timestep_scale":  # FLUX.2 scales σ×1000 itself
-            original = kl.Flux2Klein.predict
-            mp.setattr(kl.Flux2Klein, "predict", lambda self, d, x, t, c: original(
-                self, d, x, t * 1000, c))  # fmt: skip
-        elif name == "target":  # ε instead of the velocity
-            mp.setattr(flow, "noisy_and_target", lambda x, n, s: (
-                (1 - s.view(-1, 1, 1, 1)) * x + s.view(-1, 1, 1, 1) * n, n))  # fmt: skip
-        elif name == "ids":  # image ids (t, col, row, l) instead of (t, row, col, l)
-            original_pack = kl.pack
-            mp.setattr(kl, "pack", lambda x: (
-                original_pack(x)[0], original_pack(x)[1][..., [0, 2, 1, 3]]))  # fmt: skip
-        elif name == "text_layers":  # other hidden states than layers (9, 18, 27)
-            mp.setattr(kl, "TEXT_LAYERS", (9, 18, 26))
-        yield
-
-
-def _one_step_problems(comps, fault: str | None = None) -> list[str]:
-    """The pipeline's denoiser call at step STEP (no CFG) and lorakit's `loss` with the noise
-    that puts a training latent at that point: same inputs, and loss 0 when the denoiser returns
-    the velocity that makes the scheduler's step land on the latent's next point."""
-    pipe = FAM.pipeline(comps)
-    calls: list[dict] = []
-    hook = comps.transformer.register_forward_pre_hook(
-        lambda m, a, k: calls.append(_bound(m, a, k)), with_kwargs=True
-    )
-    caption = "tdwl coffee cup, flat"
-    try:
-        with torch.no_grad():
-            pipe(prompt=caption, num_inference_steps=STEPS, height=RES, width=RES,
-                 guidance_scale=1.0, output_type="latent", max_sequence_length=TEXT,
-                 generator=torch.Generator().manual_seed(0))  # fmt: skip
-    finally:
-        hook.remove()
-    call = calls[STEP]
-    x0 = FAM.encode_images(comps, _pixels())
-    h, w = x0.shape[-2:]
-    sigma, nxt = pipe.scheduler.sigmas[STEP].item(), pipe.scheduler.sigmas[STEP + 1].item()
-    x = kl.unpack(call["hidden_states"], h, w)
-    noise = (x - (1 - sigma) * x0) / sigma
-    ideal = ((1 - nxt) * x0 + nxt * noise - x) / (nxt - sigma)
-    seen: list[dict] = []
-    hooks = [
-        comps.transformer.register_forward_pre_hook(
-            lambda m, a, k: seen.append(_bound(m, a, k)), with_kwargs=True
-        ),
-        comps.transformer.register_forward_hook(
-            lambda m, a, k, out: (kl.pack(ideal)[0],), with_kwargs=True
-        ),
-    ]
-    try:
-        with _fault(fault) if fault else contextlib.nullcontext(), torch.no_grad():
-            cond = FAM.encode_prompts(comps, [caption])
-            loss = FAM.loss(comps, comps.transformer, x0, cond, noise, torch.tensor([sigma]),
-                            TrainConfig())  # fmt: skip
-    finally:
-        for hk in hooks:
-            hk.remove()
-    problems = []
-    for key in ("hidden_states", "timestep", "encoder_hidden_states", "img_ids", "txt_ids"):
-        a, b = seen[0][key].double(), call[key].double()
-        a, b = torch.broadcast_tensors(a, b)
-        if (a - b).abs().max() > 1e-4 * max(b.abs().max().item(), 1e-6):
-            problems.append(key)
-    if seen[0]["guidance"] is not None or call["guidance"] is not None:
-        problems.append("guidance")
-    if loss.item() > 1e-8 * max(1.0, ideal.pow(2).mean().item()):
-        problems.append(f"target (loss {loss.item():.3g})")
-    return problems
-
-
-def test_one_training_step_is_what_the_pipeline_samples(comps):
-    assert _one_step_problems(comps) == []
-
-
-@pytest.mark.parametrize(
-    ("fault", "seen_as"),
-    [("timestep_scale", "timestep"), ("target", "target"), ("ids", "img_ids"),
-     ("text_layers", "encoder_hidden_states")],
-)  # fmt: skip
-def test_a_wrong_convention_is_caught(comps, fault, seen_as):
-    problems = _one_step_problems(comps, fault)
-    assert any(p.startswith(seen_as) for p in problems), (fault, problems)
+# --- the schedule's shift (the denoiser call of a step: tests/test_agreement.py) ---------------
 
 
 def test_shift_is_the_pipelines_empirical_mu_at_its_default_steps(comps):
@@ -482,100 +386,6 @@ def test_preset_loads_and_its_cpu_settings_train_tiny_klein(tmp_path, preset):
     assert all(math.isfinite(v) for v in result.losses.values())
 
 
-# --- memorisation: a LoRA trained by lorakit samples its image back in the pipeline -------------
-
-_ALL_LINEARS = [
-    *FAM.default_targets, "x_embedder", "context_embedder", "proj_out", "norm_out.linear",
-    "linear_1", "linear_2", "double_stream_modulation_img.linear",
-    "double_stream_modulation_txt.linear", "single_stream_modulation.linear",
-]  # fmt: skip
-
-
-def _agreement_components(pixels):
-    """The tiny klein with the VAE's batch-norm statistics set to the training image's patch
-    statistics (as a real FLUX.2 VAE's are the data's), so its latents have unit scale."""
-    c = FAM.build_tiny(0)
-    c.max_sequence_length = TEXT
-    with torch.no_grad():
-        patches = _pipe_cls()._patchify_latents(c.vae.encode(pixels).latent_dist.mean)
-        c.vae.bn.running_mean.copy_(patches.mean(dim=(0, 2, 3)))
-        c.vae.bn.running_var.copy_(patches.var(dim=(0, 2, 3)) + 1e-3)
-    return c
-
-
-def _cos(a, b) -> float:
-    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
-
-
-def memorisation(
-    tmp_path, steps: int, seeds=(0, 1), batch: int = 8
-) -> tuple[list[float], list[float], float]:
-    """(cosines of the LoRA's samples with the training latent, the untrained model's, last
-    loss): lorakit's noise, timesteps and loss train; Flux2KleinPipeline samples (20 steps, no
-    CFG) after `load_lora_weights` of the exported diffusers file."""
-    from test_agreement import training_image
-
-    from lorakit.optim import build_optimizer
-
-    pixels, caption = training_image(RES)
-    c = _agreement_components(pixels)
-    x0, cond = FAM.encode_images(c, pixels), FAM.encode_prompts(c, [caption])
-    tc = TrainConfig(lr=1e-2, optimizer="adamw", weight_decay=0.0, steps=steps)
-    lora = LoraConfigSection(rank=16, alpha=16.0, target_modules=_ALL_LINEARS)
-    params = inject_lora(c.transformer, lora, 0)
-    opt = build_optimizer(params, tc, torch.device("cpu"))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
-    )
-    xb = x0.expand(batch, *x0.shape[1:])
-    cb = {k: v.expand(batch, *v.shape[1:]) for k, v in cond.items()}
-    c.transformer.train()
-    for step in range(steps):
-        noise, t = FAM.noise_and_timesteps(c, xb, torch.Generator().manual_seed(1000 + step), tc)
-        loss = FAM.loss(c, c.transformer, xb, cb, noise, t, tc)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    c.transformer.eval()
-    path = write_adapter(
-        extract_adapter(FAM, c), "diffusers", tmp_path / "pytorch_lora_weights.safetensors"
-    )
-
-    def sample(lora_path) -> list[float]:
-        fresh = _agreement_components(pixels)
-        pipe = FAM.pipeline(fresh)
-        if lora_path is not None:
-            pipe.load_lora_weights(str(lora_path))
-        out = []
-        with torch.no_grad():
-            for s in seeds:
-                lat = pipe(prompt=caption, num_inference_steps=20, height=RES, width=RES,
-                           guidance_scale=1.0, output_type="latent", max_sequence_length=TEXT,
-                           generator=torch.Generator().manual_seed(s)).images  # fmt: skip
-                out.append(_cos(kl.normalise(fresh.vae, lat), x0))
-        return out
-
-    return sample(path), sample(None), loss.item()
-
-
-@pytest.mark.parametrize(
-    ("steps", "threshold"), [(150, 0.6), pytest.param(400, 0.7, marks=pytest.mark.slow)]
-)
-def test_trained_lora_samples_its_training_image(tmp_path, steps, threshold):
-    """Measured (1 thread): 150 steps → cosines 0.674 / 0.661, 300 → 0.747 / 0.735; the
-    untrained model's -0.001 / 0.011."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: thread hand-offs cost more than they save
-    try:
-        trained, untrained, loss = memorisation(tmp_path, steps)
-    finally:
-        torch.set_num_threads(threads)
-    print("klein memorisation", trained, untrained, loss)
-    assert min(trained) > threshold and min(trained) - max(untrained) > 0.4, (trained, untrained)
-
-
 def test_tiny_model_folder_loads_identical_components(tmp_path):
     from conftest import cli
 
@@ -628,3 +438,35 @@ def test_plan_tells_klein_4b_from_9b_by_the_model_name():
     assert d4 == 2560 and planner._family(keys["flux2-klein-16gb"]).plan_arch.text_dim == 3 * d4
     c = cfg.resolve(sets=["model.name='/models/FLUX.2-klein-base-4B'"])
     assert planner.planner_key(c).endswith("@FLUX.2 klein 4B")
+
+
+@pytest.mark.parametrize("layout", ["plain", "scaled_fp8"])
+def test_split_files_in_their_subfolders_and_in_fp8_load(tmp_path, comps, config_folder, layout):
+    """The one split-file convention (`single_file.split_file`), as for Qwen-Image and Z-Image:
+    ComfyUI's Qwen3 and VAE files alone in text_encoder/ and vae/; fp8 files (plain e4m3, or
+    scaled with per-layer scales) are widened as they are read."""
+    from test_fp8_files import SCALED_REL_ERROR, plain, scaled
+
+    from lorakit.models.flux2_klein import names
+
+    quantize = plain if layout == "plain" else scaled
+    split = tmp_path / "comfy"
+    shutil.copytree(config_folder / "tokenizer", split / "tokenizer")
+    (split / "vae").mkdir()
+    (split / "text_encoder").mkdir()
+    shutil.copy(config_folder / "vae" / "config.json", split / "vae" / "config.json")
+    vae_file = names.vae_to_original(comps.vae)
+    vae_file.pop("bn.num_batches_tracked")
+    save_file(quantize(vae_file), str(split / "vae" / "flux2-vae.safetensors"))
+    te = {k: v for k, v in comps.text_encoder.state_dict().items() if k != "lm_head.weight"}
+    save_file(quantize(te), str(split / "text_encoder" / "qwen_3_4b.safetensors"))
+    path = tmp_path / "flux-2-klein-tiny.safetensors"
+    save_file(FAM.to_single_file(comps), str(path))
+    loaded = load_single_file(FAM, path, str(split))
+    for name in ("vae", "text_encoder"):
+        a, b = getattr(loaded, name).state_dict(), getattr(comps, name).state_dict()
+        for k in b:
+            if "num_batches" in k:
+                continue
+            err = (a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp(min=1e-12)
+            assert err < SCALED_REL_ERROR, (name, k, err.item())

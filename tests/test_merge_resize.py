@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import cli
 
@@ -73,3 +74,17 @@ def test_resize_cli_reports_energy_and_writes_a_loadable_file(tmp_path):
     assert fmt == "kohya" and {w.rank for w in back.modules.values()} == {2}
     r = cli("resize", path, expect=None)
     assert r.exit_code != 0 and "exactly one" in r.output
+
+
+def test_resize_of_a_lora_wider_than_its_module_keeps_every_singular_value():
+    """Found by the adapter-mixing work: rank 64 on a 32-wide layer resized to 48 raised
+    IndexError (the SVD has 32 values); it is exact at rank 32."""
+    from lorakit.lora import LoraWeights
+    from lorakit.resize import resize_module
+
+    g = torch.Generator().manual_seed(0)
+    w = LoraWeights(torch.randn(64, 32, generator=g), torch.randn(32, 64, generator=g), 64.0)
+    new, kept, _ = resize_module(w, rank=48)
+    assert new.rank == 32 and kept == pytest.approx(1.0)
+    dense = (w.up @ w.down) * (w.alpha / w.rank)
+    assert torch.allclose(new.up @ new.down * (new.alpha / new.rank), dense, atol=1e-4)

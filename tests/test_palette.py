@@ -1,4 +1,5 @@
-"""Brand palette in CIELAB and the palette distance, on synthetic images with known colours."""
+"""Brand palette in CIELAB and the palette distance (CIEDE2000), on synthetic images with known
+colours. CIEDE2000 itself, the Lab EMD and the texture statistic: tests/test_metrics.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorakit.palette import extract_palette, palette_distance, srgb_to_lab
+from lorakit.palette import delta_e_76, delta_e_2000, extract_palette, palette_distance, srgb_to_lab
 
 BRAND = [(94, 60, 38), (232, 220, 196), (20, 92, 120), (240, 150, 40)]  # coffee, cream, sea, sun
 OTHER = [(200, 30, 180), (40, 220, 60), (250, 250, 20), (120, 0, 255)]  # off-brand neons
@@ -57,7 +58,9 @@ def test_distance_zero_for_the_brand_larger_for_another_palette():
     assert palette_distance([same], brand) == pytest.approx(0.0, abs=1e-9)
     noisy = palette_distance([blocks(BRAND, noise=4, seed=9)], brand)
     other = palette_distance([blocks(OTHER)], brand)
-    assert noisy < 3.0 < 30.0 < other, (noisy, other)
+    # ΔE00: below 1 is not noticeable (the k-means means average the noise out), neons read as
+    # other colours (0.064 and 31.9 here)
+    assert noisy < 1.0 < 25.0 < other, (noisy, other)
     # leaving brand colours out is penalised too (the symmetric half)
     partial = palette_distance([blocks(BRAND[:1] * 4)], brand)
     assert partial > 10.0
@@ -87,3 +90,12 @@ def test_accepts_paths_arrays_and_large_images(tmp_path):
     assert np.array_equal(from_path.lab, from_array.lab)
     with pytest.raises(ValueError):
         extract_palette([], k=4)
+
+
+def test_distance_is_in_ciede2000_units():
+    brand = extract_palette([Image.new("RGB", (8, 8), (15, 82, 87))], k=1)  # one teal
+    image = Image.new("RGB", (8, 8), (20, 95, 120))  # one bluer teal
+    other = extract_palette([image], k=1)
+    want = float(delta_e_2000(other.lab[0], brand.lab[0]))
+    assert palette_distance([image], brand) == pytest.approx(want, rel=1e-12)
+    assert abs(want - float(delta_e_76(other.lab[0], brand.lab[0]))) > 1  # not CIE76

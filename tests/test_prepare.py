@@ -360,9 +360,12 @@ def test_repeats_and_reg_arithmetic(tmp_path):
         shutil.copy(p, reg / p.name)
     d = data_cfg(reg_folder=str(reg), reg_repeats=2, bucketing=False)
     ts = load_training_set(root, d, batch_size=2)
-    assert ts.samples_per_epoch() == 2 * 3 + 3 * 1 + 3 * 2
-    assert ts.summary() == "5 images × 1–3 repeats (+ 3 reg × 2) = 15 samples per epoch"
-    assert ts.steps_per_epoch(2) == 7  # one square bucket, 15 // 2
+    # class images (prior preservation) are drawn beside the instance samples, not among them
+    assert ts.samples_per_epoch() == 2 * 3 + 3 * 1
+    assert ts.summary() == (
+        "5 images × 1–3 repeats = 9 samples per epoch (+ 3 class images × 2 for prior preservation)"
+    )
+    assert ts.steps_per_epoch(2) == 4  # one square bucket, 9 // 2
     assert sum(r.is_reg for r in ts.records) == 3
     same = load_training_set(root, data_cfg(bucketing=False, repeats=1), batch_size=1)
     assert same.summary() == "5 images × 1–3 repeats = 9 samples per epoch"

@@ -1,6 +1,8 @@
 """Z-Image family: conventions checked against `ZImagePipeline`'s own code, caption padding, the
 naming table against diffusers' converter, exports against ComfyUI's key map, single files
-(ComfyUI's split files), clear errors, presets and the planner."""
+(ComfyUI's split files), clear errors, presets and the planner. The denoiser call of a sampling
+step (list inputs, t = 1 - σ, negated output), the schedule's shift and memorisation (a LoRA
+trained on one image samples it back): tests/test_agreement.py, as for every family."""
 
 from __future__ import annotations
 
@@ -114,71 +116,6 @@ def test_prompt_features_are_the_pipelines_and_padding_never_reaches_the_model()
         # what padding would do if it reached the model (the check above can fail)
         leaked = FAM.predict(c.transformer, x, t, {"cap_feats": cond["cap_feats"]})
     assert (leaked - both).abs().max().item() > 1e-3
-
-
-def _oracle(x0: torch.Tensor):
-    """A transformer output hook: the exact denoiser towards `x0` under Z-Image's conventions
-    (input t = 1 - σ; output -(noise - x0)), computed from the transformer's own inputs."""
-
-    def hook(module, args, kwargs, output):
-        xs, t = args[0], args[1]
-        out = []
-        for i, x in enumerate(xs):
-            sigma = 1.0 - float(t[i])
-            noise = (x[:, 0].float() - (1 - sigma) * x0[i]) / sigma
-            out.append((x0[i] - noise)[:, None].to(x.dtype))
-        return (out,)
-
-    return hook
-
-
-def test_training_matches_the_pipelines_sampling_step_for_step():
-    """The pipeline, with the transformer replaced by the exact denoiser towards x0 (read
-    through Z-Image's conventions: t = 1 - σ in, -(noise - x0) out), lands on x0; lorakit's
-    loss with the same denoiser is 0 and feeds the transformer what the pipeline feeds it at the
-    same σ. A reversed timestep, an unnegated output or another shift fails one of these."""
-    c = FAM.build_tiny(0)
-    pipe = FAM.pipeline(c)
-    prompt = "tdwl coffee cup"
-    x0 = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
-    calls = []
-
-    def capture(module, args, kwargs):
-        calls.append([a.clone() if torch.is_tensor(a) else [t.clone() for t in a] for a in args])
-
-    hooks = [
-        c.transformer.register_forward_hook(_oracle(x0), with_kwargs=True),
-        c.transformer.register_forward_pre_hook(capture, with_kwargs=True),
-    ]
-    try:
-        out = pipe(
-            prompt=prompt, height=64, width=64, num_inference_steps=6, guidance_scale=0.0,
-            output_type="latent", generator=torch.Generator().manual_seed(0),
-        ).images  # fmt: skip
-        assert (out - x0).abs().max().item() < 1e-4, "the pipeline's steps land on x0"
-        sigmas = pipe.scheduler.sigmas
-        # the pipeline's schedule is the static shift 3 of the Turbo scheduler
-        base = torch.linspace(1.0, 1 / 6, 6)
-        assert torch.allclose(sigmas[:-1], 3 * base / (1 + 2 * base), atol=1e-6)
-        step = 3
-        x_list, t_pipe, caps = calls[step]
-        sigma = float(sigmas[step])
-        x = x_list[0][:, 0][None]
-        noise = (x - (1 - sigma) * x0) / sigma
-        seen = []
-        hooks.append(c.transformer.register_forward_pre_hook(
-            lambda m, a, k: seen.append(a), with_kwargs=True
-        ))  # fmt: skip
-        cond = FAM.encode_prompts(c, [prompt])
-        loss = FAM.loss(c, c.transformer, x0, cond, noise, torch.tensor([sigma]), TrainConfig())
-    finally:
-        for h in hooks:
-            h.remove()
-    assert loss.item() < 1e-10
-    ours = seen[-1]
-    assert torch.allclose(ours[0][0], x_list[0], atol=1e-5), "noisy latent [C, 1, h, w]"
-    assert torch.allclose(ours[1], t_pipe, atol=1e-6), "timestep (1000 - t) / 1000"
-    assert torch.equal(ours[2][0], caps[0]), "caption features"
 
 
 def test_sampler_shift_is_the_schedulers():
@@ -478,113 +415,24 @@ def test_plan_answers_for_the_real_model():
     assert "training plan" in r.output
 
 
-# -- training–inference agreement: lorakit trains what ZImagePipeline samples ------------------
+@pytest.mark.parametrize("layout", ["plain", "scaled_fp8"])
+def test_split_files_at_the_top_level_and_in_fp8_load(tmp_path, layout):
+    """The one split-file convention (`single_file.split_file`), as for Qwen-Image and klein:
+    ComfyUI's Qwen3 and VAE files lying in model.single_file_config itself are recognised by
+    their keys; fp8 files (plain e4m3, or scaled) are widened as they are read."""
+    from test_fp8_files import SCALED_REL_ERROR, plain, scaled
 
-WIDE = dict(dim=128, n_heads=4, n_kv_heads=4, axes_dims=[8, 12, 12])
-"""The tiny transformer widened (head dim 32) so it can memorise one image (cf.
-tests/test_agreement.py, whose sampling and one-step code is written for the UNet / SD3 / FLUX
-pipelines: Z-Image's list inputs, reversed timestep and negated output are checked here and in
-`test_training_matches_the_pipelines_sampling_step_for_step`)."""
-ALL_LINEARS = ["to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2",
-               "feed_forward.w3", "noise_refiner.0.adaLN_modulation.0",
-               "layers.0.adaLN_modulation.0", "layers.1.adaLN_modulation.0", "adaLN_modulation.1",
-               "linear", "all_x_embedder.2-1", "cap_embedder.1", "mlp.0", "mlp.2"]  # fmt: skip
-
-
-def _agreement_components(pixels):
-    """Tiny Z-Image with the wide transformer and the VAE rescaled to unit latents of `pixels`
-    (as tests/test_agreement.py does: a random VAE's latents are far from N(0, 1))."""
-    c = zi.tiny_z_image(0, **WIDE)
-    c.max_sequence_length = 128
-    with torch.no_grad():
-        raw = c.vae.encode(pixels).latent_dist.mean
-    shift = raw.mean().item()
-    scale = 1.0 / (raw - shift).pow(2).mean().sqrt().item()
-    c.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
-    return c
-
-
-def _sample(comps, caption, seeds, lora=None):
-    pipe = FAM.pipeline(comps)
-    if lora is not None:
-        pipe.load_lora_weights(str(lora))
-    out = []
-    for s in seeds:
-        out.append(pipe(
-            prompt=caption, height=64, width=64, num_inference_steps=12, guidance_scale=0.0,
-            output_type="latent", max_sequence_length=comps.max_sequence_length,
-            generator=torch.Generator().manual_seed(s),
-        ).images)  # fmt: skip
-    return out
-
-
-def run_agreement(tmp_path, steps: int, seeds=(0, 1)):
-    from test_agreement import similarity, training_image
-
-    from lorakit.optim import build_optimizer
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pixels, caption = training_image(64)
-        comps = _agreement_components(pixels)
-        x0 = FAM.encode_images(comps, pixels)
-        cond = FAM.encode_prompts(comps, [caption])
-        tc = TrainConfig(lr=1e-2, optimizer="adamw", weight_decay=0.0, steps=steps)
-        params = inject_lora(
-            comps.transformer, LoraConfigSection(rank=16, alpha=16.0, target_modules=ALL_LINEARS), 0
-        )
-        opt = build_optimizer(params, tc, torch.device("cpu"))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
-        )
-        b = 8
-        lat_b = x0.expand(b, *x0.shape[1:])
-        cond_b = {k: v.expand(b, *v.shape[1:]) for k, v in cond.items()}
-        losses = []
-        comps.transformer.train()
-        for step in range(steps):
-            noise, t = FAM.noise_and_timesteps(
-                comps, lat_b, torch.Generator().manual_seed(1000 + step), tc
-            )
-            loss = FAM.loss(comps, comps.transformer, lat_b, cond_b, noise, t, tc)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        comps.transformer.eval()
-        path = write_adapter(
-            extract_adapter(FAM, comps), "diffusers", tmp_path / "pytorch_lora_weights.safetensors"
-        )
-        with torch.no_grad():
-            got = _sample(_agreement_components(pixels), caption, seeds, path)
-            base = _sample(_agreement_components(pixels), caption, seeds)
-        trained = [similarity(x, x0) for x in got]
-        untrained = [similarity(x, x0) for x in base]
-        return trained, untrained, losses
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _mean(pairs, i):
-    return sum(p[i] for p in pairs) / len(pairs)
-
-
-@pytest.mark.parametrize(
-    "steps,threshold,layout",
-    [(100, 0.6, 0.5), pytest.param(400, 0.95, 0.9, marks=pytest.mark.slow)],
-)
-def test_trained_lora_samples_its_training_image(tmp_path, steps, threshold, layout):
-    """Train on one image with lorakit's loss, load the diffusers file into a FRESH pipeline,
-    sample the caption from noise (no CFG): the sample is the training image's latent."""
-    trained, untrained, losses = run_agreement(tmp_path, steps)
-    summary = (
-        f"cosine {_mean(trained, 0):.3f} layout {_mean(trained, 1):.3f} "
-        f"(untrained {_mean(untrained, 0):.3f} / {_mean(untrained, 1):.3f}); "
-        f"loss {sum(losses[:10]) / 10:.3f} → {sum(losses[-10:]) / 10:.3f}"
-    )
-    print(summary)
-    assert _mean(trained, 0) >= threshold and _mean(trained, 1) >= layout, summary
-    assert _mean(trained, 0) - _mean(untrained, 0) >= 0.4, summary
+    built = FAM.build_tiny(0)
+    dm, folder = _split_folder(tmp_path, built)
+    quantize = plain if layout == "plain" else scaled
+    for sub in ("text_encoder", "vae"):
+        (src,) = (folder / sub).glob("*.safetensors")
+        save_file(quantize(load_file(str(src))), str(folder / src.name))
+        src.unlink()
+    _, comps = load_model(ModelConfig(name=str(dm), single_file_config=str(folder)))
+    for name in ("vae", "text_encoder"):
+        a, b = getattr(comps, name).state_dict(), getattr(built, name).state_dict()
+        assert a.keys() == b.keys(), name
+        for k in b:
+            err = (a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp(min=1e-12)
+            assert err < SCALED_REL_ERROR, (name, k, err.item())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,6 +190,9 @@ class Cached:
     """{name: {caption: tensor}} (`encode_captions`); empty when captions are encoded each step."""
     image_cond: dict[str, list[torch.Tensor]]
     """{name: [per-record tensor [1, …]]} (`image_conditioning`; SDXL's time ids)."""
+    masks: list = field(default_factory=list)
+    """Per record: its loss mask at latent resolution [h, w] (fp32 in [0, 1]) or None (no
+    mask); empty when train.masked_loss is off (`data.masks.latent_masks`)."""
 
 
 @torch.no_grad()

@@ -7,8 +7,9 @@ plain dict, so it runs in a `ProcessPoolExecutor` and its result can be cached b
 
 Normalisation, in order: EXIF orientation applied; ICC profile converted to sRGB when present;
 16-bit → 8-bit; CMYK / palette / greyscale / 1-bit → RGB; alpha flattened onto
-`data.background`. The result is resized to cover its bucket (Lanczos) and cropped; the output is
-an RGB image of exactly the bucket size, stored uncompressed (binary PPM, see `encode_image`).
+`data.background` (and kept as the loss mask, as is a mask file: see `masks`). The result is
+resized to cover its bucket (Lanczos) and cropped; the output is an RGB image of exactly the
+bucket size, stored uncompressed (binary PPM, see `encode_image`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageCms, ImageColor, ImageOps, UnidentifiedImageError
 
+from lorakit.data import masks
 from lorakit.data.buckets import (
     closest_bucket,
     make_buckets,
@@ -34,7 +36,7 @@ from lorakit.data.layouts import Problem
 EXTREME_ASPECT = 4.0
 """Images more elongated than this lose most of their area to the crop; reported."""
 
-PROCESS_VERSION = "4"
+PROCESS_VERSION = "5"
 """Bumped when `process_image` changes its output, so caches from older versions are not reused."""
 
 
@@ -51,6 +53,7 @@ class Params:
     background: tuple[int, int, int]
     min_side: int
     max_pixels: int
+    mask_flatten: bool = False
 
     @classmethod
     def from_data(cls, data, max_pixels: int | None = None) -> Params:
@@ -64,6 +67,7 @@ class Params:
             background=parse_colour(data.background),
             min_side=data.min_side or data.resolution // 2,
             max_pixels=max_pixels or Image.MAX_IMAGE_PIXELS or 89_478_485,
+            mask_flatten=data.mask_flatten,
         )
 
     def fingerprint(self) -> str:
@@ -148,10 +152,13 @@ def process_image(job: tuple) -> dict:
     """Decode, check, normalise and bucket one image.
 
     job = (name, raw bytes, params, forced bucket or None, fast_decode[, sha256 hex of raw —
-    computed here when the caller has not hashed the bytes already]).
+    computed here when the caller has not hashed the bytes already[, raw bytes of the image's
+    mask file or None]]).
     Returns {"ok", "problems": [(kind, message, severity)], "decoded": 1, and when ok:
-    "original_size": (h, w), "bucket": (w, h), "crop": (top, left), "key", "png", "phash",
-    "notes"}.
+    "original_size": (h, w), "bucket": (w, h), "crop": (top, left), "key", "png", "mask"
+    (`masks.encode_mask` bytes at the bucket size, or None: no alpha, no mask file), "phash",
+    "notes"}. The mask is cropped and resized exactly as the image (`masks.fit_mask`) and is part
+    of the key.
     """
     with warnings.catch_warnings():
         # PIL only warns between 1× and 2× its pixel limit: refuse those too.
@@ -166,6 +173,7 @@ def process_image(job: tuple) -> dict:
 def _process(job: tuple) -> dict:
     _name, raw, p, forced, fast_decode = job[:5]
     digest = job[5] if len(job) > 5 else hashlib.sha256(raw).hexdigest()
+    mask_raw = job[6] if len(job) > 6 else None
     try:
         im = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError as e:
@@ -210,14 +218,24 @@ def _process(job: tuple) -> dict:
             bucket = no_upscale_bucket(
                 (w, h), bucket, max(8, p.bucket_step or (64 if p.resolution >= 256 else 8))
             )
-        if fast_decode and im.format == "JPEG":
+        if fast_decode and im.format == "JPEG" and mask_raw is None:
+            # (not with a mask file: it must match the image pixel for pixel)
             # DCT-domain downscaling (1/2, 1/4, 1/8) while decoding; never below the bucket.
             scale = max(bucket[0] / w, bucket[1] / h)
             want = (math.ceil(w0 * scale), math.ceil(h0 * scale))
             im.draft(im.mode, want)
         im.load()
         im = ImageOps.exif_transpose(im) if orientation not in (1, None) else im
+        mask, mask_origin, mask_failure = masks.source_mask(im, mask_raw)
+        if mask_failure is not None:
+            return _fail(*mask_failure)
         im = _to_rgb(im, p.background, notes)
+        if mask is not None:
+            origin = "its alpha channel" if mask_origin == "alpha" else "a mask file"
+            notes.append(f"loss mask from {origin}")
+            if p.mask_flatten and mask_origin == "file":
+                im = masks.flatten(im, mask, p.background)
+                notes.append("flattened through its mask onto the background colour")
     except Image.DecompressionBombError as e:
         return _fail("decompression_bomb", f"refused: {e}")
     except OSError as e:
@@ -238,6 +256,11 @@ def _process(job: tuple) -> dict:
         )
     jitter = int(digest[:8], 16) / 0xFFFFFFFF
     (rw, rh), (top, left) = resize_and_crop_plan(im.size, bucket, p.center_crop, jitter)
+    if mask is not None:
+        mask = masks.fit_mask(mask, im.size, (rw, rh), (top, left), bucket)
+        covered = masks.coverage_problem(mask, mask_origin)
+        problems += [covered] if covered else []
+        mask = masks.encode_mask(mask)
     if (rw, rh) != im.size:
         # Resample only the kept region: the same pixel centres as resize-then-crop, without
         # filtering the columns/rows the crop throws away.
@@ -260,34 +283,43 @@ def _process(job: tuple) -> dict:
         "original_size": (h, w),
         "bucket": bucket,
         "crop": (top, left),
-        "key": image_key(encoded, bucket, (top, left)),
+        "key": image_key(encoded if mask is None else encoded + mask, bucket, (top, left)),
         "png": encoded,
+        "mask": mask,
         "phash": phash,
         "notes": notes,
         "thumb": (thumb.size, thumb.tobytes()),
     }
 
 
-def rebucket(encoded: bytes, crop: tuple[int, int], bucket: tuple[int, int]) -> dict:
+def rebucket(
+    encoded: bytes, crop: tuple[int, int], bucket: tuple[int, int], mask: bytes | None = None
+) -> dict:
     """Move an already prepared image (bytes from `encode_image`, cropped at `crop` = (top, left))
     into another `bucket` (width, height): Lanczos-resize to cover it, centre-crop, re-encode.
+    Its `mask` (`masks.encode_mask` bytes or None) moves with it (`masks.fit_mask`).
 
     Used to merge small buckets of a prepared set at load time (the source may be gone). The
     returned crop is in the coordinates of the original image resized to the new scale (old
     offset scaled + the new crop), so SDXL's crop conditioning stays meaningful.
-    Returns {"png", "bucket", "crop", "key"} like `process_image`.
+    Returns {"png", "mask", "bucket", "crop", "key"} like `process_image`.
     """
     with Image.open(io.BytesIO(encoded)) as src:
         im = src.convert("RGB")
-    (rw, rh), (top, left) = resize_and_crop_plan(im.size, bucket, True)
+    size = im.size
+    (rw, rh), (top, left) = resize_and_crop_plan(size, bucket, True)
     scale = rw / im.width
     if (rw, rh) != im.size:
         im = im.resize((rw, rh), Image.Resampling.LANCZOS, reducing_gap=3.0)
     im = im.crop((left, top, left + bucket[0], top + bucket[1]))
     new_crop = (round(crop[0] * scale) + top, round(crop[1] * scale) + left)
     encoded = encode_image(im)
-    key = image_key(encoded, bucket, new_crop)
-    return {"png": encoded, "bucket": tuple(bucket), "crop": new_crop, "key": key}
+    if mask is not None:
+        with Image.open(io.BytesIO(mask)) as src:
+            m = src.convert("L")
+        mask = masks.encode_mask(masks.fit_mask(m, size, (rw, rh), (top, left), bucket))
+    key = image_key(encoded if mask is None else encoded + mask, bucket, new_crop)
+    return {"png": encoded, "mask": mask, "bucket": tuple(bucket), "crop": new_crop, "key": key}
 
 
 def image_key(encoded: bytes, bucket: tuple[int, int], crop: tuple[int, int]) -> str:

@@ -5,8 +5,9 @@
 
 OUT holds `dataset/` (a `datasets` dataset: image at the bucket size as uncompressed PPM (see
 `doctor.encode_image` for why), caption, bucket, crop, original size, source, content hash, key,
-repeats, is_reg), `report.json`, `report.md`, `contact_sheet.png` and `lorakit_prepared.json`
-(the marker and the per-file results cache).
+repeats, is_reg, mask: the loss mask at the bucket size or null, see `masks`), `report.json`,
+`report.md`, `contact_sheet.png` and `lorakit_prepared.json` (the marker and the per-file results
+cache).
 
 Incremental: every source file is read and sha256-hashed (no decode). A file whose hash and
 processing parameters match the previous OUT (or the cache passed in) reuses the stored image and
@@ -56,6 +57,10 @@ from lorakit.data.doctor import (
 )
 from lorakit.data.folder import apply_trigger
 from lorakit.data.layouts import Problem, SourceItem, list_source
+from lorakit.data.masks import attach_masks, read_mask_bytes
+from lorakit.data.masks import content_hash as mask_content_hash
+from lorakit.data.masks import refusal as mask_refusal
+from lorakit.data.reg import class_refusal
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.fileio import atomic_write_text, owned_tempdir, sweep_dead_tempdirs
 
@@ -84,6 +89,9 @@ class Prepared:
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per phase: list_hash (read + sha256), process (decode/resize workers), write."""
+    captions: dict[str, str] = field(default_factory=dict)
+    """Model captions of images without one (data.caption_missing = "model"), keyed
+    `sha256|captioner fingerprint` (`lorakit.caption.captions_for`); kept in OUT's marker."""
 
     @property
     def warnings(self) -> list[Problem]:
@@ -112,6 +120,13 @@ def check_data(data) -> None:
         raise ConfigError(
             f"Config key 'data.bucket_max_ratio' must be 1 or more, got {data.bucket_max_ratio}."
         )
+    if data.caption_missing == "model" and not data.caption_model.strip():
+        raise ConfigError(
+            "Config key 'data.caption_missing' = \"model\" captions the images that have no "
+            "caption with data.caption_model, but data.caption_model is empty. Set it to a "
+            "captioner (--set data.caption_model=Qwen/Qwen2.5-VL-7B-Instruct, a hub id or a "
+            'local folder), or set data.caption_missing = "template".'
+        )
     Params.from_data(data)  # parses data.background
 
 
@@ -133,6 +148,11 @@ def _template(template: str, item: SourceItem) -> str:
 def final_caption(item: SourceItem, data) -> str:
     """Caption used for training: the file's caption (or the template), trigger applied."""
     text = item.caption if item.caption is not None and item.caption.strip() else None
+    if item.is_reg:  # a class image: its own prompt, never the trigger (lorakit/data/reg.py)
+        from lorakit.data.reg import class_caption
+
+        own = None if item.caption_problem else text
+        return class_caption(own, data, _template(data.default_caption, item))
     if text is None or item.caption_problem:
         text = _template(data.default_caption, item)
     return apply_trigger(" ".join(text.split()), data.trigger)
@@ -274,18 +294,25 @@ def build(
     console=None,
     count_tokens: Callable[[str], int] = estimate_tokens,
     fast_decode: bool = True,
+    captions: dict[str, str] | None = None,
 ) -> Prepared:
     """Validate and process `src` (+ `data.reg_folder`) in memory. Never raises for bad files:
-    they become `problems`; only an unreadable source or bad config raises."""
+    they become `problems`; only an unreadable source or bad config raises. `captions`: model
+    captions of an earlier run (`Prepared.captions`), reused for unchanged images."""
     check_data(data)
     t0 = time.perf_counter()
     params = Params.from_data(data)
     fp = params.fingerprint()
     listing = list_source(src, data)
+    attach_masks(listing, src)  # mask files are not images: each goes to its image
     items = list(listing.items)
     problems = list(listing.problems)
     if data.reg_folder:
+        from lorakit.data.reg import check_reg_folder
+
+        check_reg_folder(src, data)  # missing, empty or overlapping: one paragraph, at once
         reg = list_source(data.reg_folder, data, is_reg=True)
+        attach_masks(reg, data.reg_folder)
         for it in reg.items:
             it.name = f"[reg] {it.name}"
             it.repeats = data.reg_repeats
@@ -322,7 +349,20 @@ def build(
             if not raw:
                 problems.append(Problem("zero_byte", it.name, "empty file (0 bytes)", "error"))
                 continue
-            h = hashlib.sha256(raw).hexdigest()
+            try:
+                mask_raw = it.extra["mask_raw"] = read_mask_bytes(it)
+            except OSError as e:
+                problems.append(
+                    Problem(
+                        "mask_unreadable",
+                        it.extra.get("mask_name", it.name),
+                        f"mask file cannot be read: {e.strerror or e}",
+                        "error",
+                    )
+                )
+                continue
+            # image + mask: a changed mask is processed again, an unchanged pair is reused
+            h = mask_content_hash(hashlib.sha256(raw).hexdigest(), mask_raw)
             if (h, it.is_reg) in first_by_hash:
                 problems.append(
                     Problem(
@@ -339,7 +379,7 @@ def build(
                 queued.add(h)
                 todo.append((it, raw, h))
                 t_hash += time.perf_counter() - t
-                yield (it.name, raw, params, None, fast_decode, h)
+                yield (it.name, raw, params, None, fast_decode, h, mask_raw)
                 t = time.perf_counter()
         t_hash += time.perf_counter() - t
 
@@ -367,9 +407,13 @@ def build(
         problems += [Problem(k, it.name, m, s) for k, m, s in res["problems"]]
         if not res["ok"]:
             continue
+        by_model = data.caption_missing == "model" and not (it.caption or "").strip()
+        by_model = by_model and not (it.is_reg and data.reg_caption.strip())
         if it.caption_problem:
             problems.append(Problem("bad_caption", it.name, f"{it.caption_problem}; template used"))
-        else:
+        # class captions: data.reg_caption, no trigger; a model caption is checked once written
+        # (_model_captions)
+        elif not by_model and not it.is_reg:
             problems += caption_problems(
                 it.name, it.caption, data.trigger, data.max_caption_tokens, count_tokens
             )
@@ -384,8 +428,11 @@ def build(
                 "repeats": it.repeats,
                 "is_reg": it.is_reg,
                 "_raw": _raw,
+                "_mask_raw": it.extra.get("mask_raw"),
                 **{k: res[k] for k in ("key", "bucket", "crop", "original_size", "png")},
+                "mask": res.get("mask"),
                 "thumb": res.get("thumb"),
+                "_by_model": by_model and not it.caption_problem,
             }
         )
     for a, b, d in near_duplicates(phashes, data.near_duplicate_distance):
@@ -393,15 +440,18 @@ def build(
             Problem("near_duplicate", b, f"looks like '{a}' (perceptual hash distance {d}); kept")
         )
 
-    # 4. buckets that cannot fill a batch
-    counts = samples_per_bucket([(tuple(r["bucket"]), r["repeats"]) for r in rows])
+    # 4. buckets that cannot fill a batch (instance images: class images fill batches of their
+    # own, `reg.fit_class_rows` when a run loads the set)
+    counts = samples_per_bucket(
+        [(tuple(r["bucket"]), r["repeats"]) for r in rows if not r["is_reg"]]
+    )
     bad = underfull(counts, batch_size)
     fatal = too_few_samples(counts, batch_size, f"'{src}'") if rows else ""
     if fatal:
         bad = {}  # no bucket choice can fill a batch: say so once, offer no merge/drop
     if bad and data.small_buckets == "merge":
         plan = merge_plan(counts, batch_size)
-        redo = [r for r in rows if tuple(r["bucket"]) in plan]
+        redo = [r for r in rows if tuple(r["bucket"]) in plan and not r["is_reg"]]
         jobs = [
             (
                 r["source"],
@@ -410,6 +460,7 @@ def build(
                 plan[tuple(r["bucket"])],
                 fast_decode,
                 r["content_hash"],
+                r["_mask_raw"],
             )
             for r in redo
             if ck(r["content_hash"], plan[tuple(r["bucket"])]) not in cache
@@ -423,15 +474,17 @@ def build(
             res = cache[ck(r["content_hash"], target)]
             problems.append(merged_problem(r, target, batch_size))
             r.update({k: res[k] for k in ("key", "bucket", "crop", "original_size", "png")})
-            r["thumb"] = res.get("thumb")
-        counts = samples_per_bucket([(tuple(r["bucket"]), r["repeats"]) for r in rows])
+            r["mask"], r["thumb"] = res.get("mask"), res.get("thumb")
+        counts = samples_per_bucket(
+            [(tuple(r["bucket"]), r["repeats"]) for r in rows if not r["is_reg"]]
+        )
         bad = underfull(counts, batch_size)
     dropped_all = False
     if bad and data.small_buckets == "drop":
         dropped_all = all(tuple(r["bucket"]) in bad for r in rows if not r["is_reg"])
         kept = []
         for r in rows:
-            if tuple(r["bucket"]) in bad:
+            if tuple(r["bucket"]) in bad and not r["is_reg"]:
                 problems.append(
                     Problem(
                         "bucket_dropped",
@@ -457,8 +510,12 @@ def build(
             f"Nothing usable in '{src}': {len(items)} image file(s) found, none could be used. "
             "See the problems listed above, fix or replace the files, and run again."
         )
+    captions = _model_captions(
+        rows, data, dict(captions or {}), problems, notes, count_tokens, console, run=not fatal
+    )
     for r in rows:
         r.pop("_raw", None)
+        r.pop("_mask_raw", None)
     for v in cache.values():
         v.pop("thumb", None)  # rows keep theirs; the cache need not hold them
     # Keep only entries of files still present (with these parameters): the cache never grows.
@@ -475,10 +532,38 @@ def build(
         reused=reused,
         params=params,
         cache=cache,
-        fatal=fatal,
+        fatal=mask_refusal(problems, str(src)) or class_refusal(problems, rows, data) or fatal,
         seconds=time.perf_counter() - t0,
         timings={"list_hash": t_hash, "process": t_process},
+        captions=captions,
     )
+
+
+def _model_captions(
+    rows, data, captions, problems, notes, count_tokens, console, run: bool
+) -> dict[str, str]:
+    """data.caption_missing = "model": caption the kept rows whose image has none, with the
+    trigger put in as `lorakit caption` writes it. Runs after the bucket checks (`run` = not
+    fatal), so a set that cannot train loads no captioner. Returns the caption cache, keyed by
+    the image bytes' sha256 (a changed mask keeps its caption), holding this set's images."""
+    todo = [r for r in rows if r.pop("_by_model", False)]
+    if not run:
+        return captions
+    shas = [hashlib.sha256(r["_raw"]).hexdigest() for r in todo]
+    if todo:
+        from lorakit.caption import captions_for
+
+        images = [(r["source"], r["_raw"], sha) for r, sha in zip(todo, shas, strict=True)]
+        texts = captions_for(images, data, captions, console)
+    for r, sha in zip(todo, shas, strict=True):
+        trigger = "" if r["is_reg"] else data.trigger  # class images never get the trigger
+        r["caption"] = apply_trigger(" ".join(texts[sha].split()), trigger)
+        problems += caption_problems(
+            r["source"], r["caption"], trigger, data.max_caption_tokens, count_tokens
+        )
+        notes["captioned by data.caption_model"] += 1
+    live = set(shas)
+    return {k: v for k, v in captions.items() if k.split("|")[0] in live}
 
 
 def merged_problem(row: dict, target: tuple[int, int], batch_size: int) -> Problem:
@@ -495,12 +580,13 @@ def merged_problem(row: dict, target: tuple[int, int], batch_size: int) -> Probl
 
 
 def summary_line(rows: list[dict]) -> str:
-    """ "N images × repeats (+ R reg × r) = M samples per epoch" for prepared rows."""
+    """ "N images × repeats = M samples per epoch (+ R class images × r …)" for prepared rows."""
     return summary_text([(r["repeats"], r["is_reg"]) for r in rows])
 
 
 def summary_text(items: list[tuple[int, bool]]) -> str:
-    """[(repeats, is_reg)] → "20 images × 2 repeats (+ 5 reg × 1) = 45 samples per epoch"."""
+    """[(repeats, is_reg)] → "20 images × 2 repeats = 40 samples per epoch (+ 5 class images × 1
+    for prior preservation)"."""
 
     def reps(values: list[int]) -> str:
         u = sorted(set(values))
@@ -511,10 +597,11 @@ def summary_text(items: list[tuple[int, bool]]) -> str:
     train = [r for r, is_reg in items if not is_reg]
     reg = [r for r, is_reg in items if is_reg]
     rt = reps(train)
-    text = f"{len(train)} images × {rt} repeat{'' if rt == '1' else 's'}"
-    if reg:
-        text += f" (+ {len(reg)} reg × {reps(reg)})"
-    return f"{text} = {sum(train) + sum(reg)} samples per epoch"
+    text = f"{len(train)} images × {rt} repeat{'' if rt == '1' else 's'} = {sum(train)} samples"
+    text += " per epoch"
+    if reg:  # drawn beside the instance samples, as many per step (lorakit/data/reg.py)
+        text += f" (+ {len(reg)} class images × {reps(reg)} for prior preservation)"
+    return text
 
 
 def report_dict(p: Prepared) -> dict:
@@ -534,7 +621,7 @@ def report_dict(p: Prepared) -> dict:
             "usable": len(p.rows),
             "train_images": sum(not r["is_reg"] for r in p.rows),
             "reg_images": sum(r["is_reg"] for r in p.rows),
-            "samples_per_epoch": sum(r["repeats"] for r in p.rows),
+            "samples_per_epoch": sum(r["repeats"] for r in p.rows if not r["is_reg"]),
             "excluded": len(excluded),
             "problems": len(p.problems),
             "decoded": p.decoded,
@@ -721,6 +808,8 @@ def load_cache(out: Path) -> dict[str, dict]:
         ds = load_from_disk(str(out / "dataset"))
         ds = ds.cast_column("image", HFImage(decode=False))
         png_by_key = dict(zip(ds["key"], (v["bytes"] for v in ds["image"]), strict=True))
+        masks = ds["mask"] if "mask" in ds.column_names else [None] * len(png_by_key)
+        mask_by_key = dict(zip(ds["key"], masks, strict=True))
     except Exception:  # a damaged previous OUT only means a full re-run
         return {}
     cache = {}
@@ -731,12 +820,25 @@ def load_cache(out: Path) -> dict[str, dict]:
             if png is None:
                 continue
             entry["png"] = png
+            entry["mask"] = mask_by_key.get(entry["key"])
             entry["bucket"] = tuple(entry["bucket"])
             entry["crop"] = tuple(entry["crop"])
             entry["original_size"] = tuple(entry["original_size"])
         entry["problems"] = [tuple(x) for x in entry["problems"]]
         cache[k] = entry
     return cache
+
+
+def load_captions(out: Path) -> dict[str, str]:
+    """Model captions kept in the marker of the prepared folder `out` (`Prepared.captions`)."""
+    try:
+        meta = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    captions = meta.get("captions") if meta.get("version") == FORMAT_VERSION else None
+    if not isinstance(captions, dict):
+        return {}
+    return {k: v for k, v in captions.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _dataset(rows: list[dict]):
@@ -760,6 +862,7 @@ def _dataset(rows: list[dict]):
             "key": Value("string"),
             "repeats": Value("int32"),
             "is_reg": Value("bool"),
+            "mask": Value("binary"),
         }
     )
     cols = {
@@ -775,6 +878,7 @@ def _dataset(rows: list[dict]):
         "key": [r["key"] for r in rows],
         "repeats": [r["repeats"] for r in rows],
         "is_reg": [r["is_reg"] for r in rows],
+        "mask": [None if r.get("mask") is None else bytes(r["mask"]) for r in rows],
     }
     import numpy as np
     import pyarrow as pa
@@ -956,7 +1060,7 @@ def write(
         (new / "contact_sheet.png").write_bytes(sheet[0])
         cache = {}
         for k, v in p.cache.items():
-            cache[k] = {kk: vv for kk, vv in v.items() if kk not in ("png", "thumb")}
+            cache[k] = {kk: vv for kk, vv in v.items() if kk not in ("png", "thumb", "mask")}
         meta = {
             "version": FORMAT_VERSION,
             "source": p.source,
@@ -964,6 +1068,7 @@ def write(
             "keys": sorted(keys),
             "rows_digest": digest,
             "cache": cache,
+            "captions": p.captions,
         }
         atomic_write_text(new / MARKER, json.dumps(meta) + "\n")
         _swap_in(new, out)
@@ -988,6 +1093,7 @@ def prepare(
     _check_paths(src, out, data)
     _recover(out)
     cache = load_cache(out)
+    captions = load_captions(out)
     old_sheet, old_digest = None, ""
     if (out / MARKER).is_file() and (out / "contact_sheet.png").is_file():
         try:
@@ -997,7 +1103,13 @@ def prepare(
         except (OSError, ValueError):
             old_sheet = None
     p = build(
-        src, data, batch_size=batch_size, cache=cache, console=console, fast_decode=fast_decode
+        src,
+        data,
+        batch_size=batch_size,
+        cache=cache,
+        console=console,
+        fast_decode=fast_decode,
+        captions=captions,
     )
     if strict and p.problems and not p.fatal:
         p.fatal = (
@@ -1038,6 +1150,7 @@ def load_prepared(out: Path) -> list[dict]:
                 "crop": (r["crop_top"], r["crop_left"]),
                 "original_size": (r["original_height"], r["original_width"]),
                 "png": r["image"]["bytes"],
+                "mask": r.get("mask"),  # None: no mask (or a set prepared before masks)
             }
         )
     return rows

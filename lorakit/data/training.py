@@ -47,7 +47,8 @@ from lorakit.errors import ConfigError, LorakitError
 @dataclass(frozen=True)
 class Record:
     key: str
-    """Content hash of the normalised image + bucket + crop (stable id; latent cache key)."""
+    """Content hash of the normalised image (+ its loss mask) + bucket + crop (stable id; latent
+    cache key)."""
     caption: str
     """Trigger applied; tag shuffle / dropout NOT applied (see `caption_for_step`)."""
     bucket: tuple[int, int]
@@ -61,12 +62,23 @@ class Record:
 
 
 class TrainingSet:
-    """Records plus their prepared PNGs (decoded only when `pixels(i)` is called)."""
+    """Records plus their prepared PNGs (decoded only when `pixels(i)` is called), their loss
+    masks (`masks[i]`: `data.masks.encode_mask` bytes at the bucket size, or None) and source
+    names (`sources[i]`, as reports show them)."""
 
-    def __init__(self, records: list[Record], pngs: list[bytes], problems: list[Problem]):
+    def __init__(
+        self,
+        records: list[Record],
+        pngs: list[bytes],
+        problems: list[Problem],
+        masks: list[bytes | None] | None = None,
+        sources: list[str] | None = None,
+    ):
         self.records = records
         self._pngs = pngs
         self.problems = problems
+        self.masks = masks if masks is not None else [None] * len(records)
+        self.sources = sources if sources is not None else [r.key for r in records]
         self.decodes = 0
 
     def __len__(self) -> int:
@@ -82,11 +94,12 @@ class TrainingSet:
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
     def samples_per_epoch(self) -> int:
-        return sum(r.repeats for r in self.records)
+        """Instance samples per epoch (class images are drawn beside them: data/reg.py)."""
+        return sum(r.repeats for r in self.records if not r.is_reg)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         """Full batches per epoch (each bucket's remainder is dropped)."""
-        counts = samples_per_bucket([(r.bucket, r.repeats) for r in self.records])
+        counts = samples_per_bucket([(r.bucket, r.repeats) for r in self.records if not r.is_reg])
         return sum(n // batch_size for n in counts.values())
 
     def summary(self) -> str:
@@ -137,6 +150,14 @@ def check_prepared(source: Path, rows: list[dict], data, pixel_multiple: int) ->
             f"resolution (--set data.resolution={prepared_res}), or use a set prepared at "
             f"{data.resolution}. {fixes}"
         )
+    if "mask_flatten" in params and params["mask_flatten"] != data.mask_flatten:
+        was, now = str(params["mask_flatten"]).lower(), str(data.mask_flatten).lower()
+        raise ConfigError(
+            f"The prepared set '{source}' was prepared with data.mask_flatten={was}, but this run "
+            f"asks for data.mask_flatten={now} (whether images are flattened through their mask "
+            f"files). Use --set data.mask_flatten={was}, or a set prepared with this run's "
+            f"setting. {fixes}"
+        )
     if "bucketing" in params and params["bucketing"] != data.bucketing:
         raise ConfigError(
             f"The prepared set '{source}' was prepared with data.bucketing="
@@ -180,6 +201,9 @@ def load_training_set(
     if not str(source).startswith("hf:") and (Path(source) / MARKER).is_file():
         rows = load_prepared(Path(source))
         check_prepared(Path(source), rows, data, pixel_multiple)
+        # class images (is_reg) fill batches of their own: fitted by `fit_class_rows` below
+        class_rows = [r for r in rows if r["is_reg"]]
+        rows = [r for r in rows if not r["is_reg"]]
         counts = samples_per_bucket([(tuple(r["bucket"]), r["repeats"]) for r in rows])
         bad = underfull(counts, batch_size)
         too_few = too_few_samples(counts, batch_size, f"the prepared set '{source}'")
@@ -201,6 +225,7 @@ def load_training_set(
             )
         if not rows:
             raise LorakitError(f"The prepared set '{source}' has no images.")
+        rows += class_rows
     else:
         if data.cache_dir:
             ident = hashlib.sha256(
@@ -223,7 +248,17 @@ def load_training_set(
             msg = p.fatal + (f" Problems: {listed}." if listed else "")
             raise (ConfigError if "cannot fill one batch" in p.fatal else LorakitError)(msg)
         rows, problems = p.rows, p.problems
-    return TrainingSet(_records(rows), [r["png"] for r in rows], problems)
+    from lorakit.data.reg import fit_class_rows  # (reg imports this module)
+
+    rows, class_problems = fit_class_rows(rows, data, batch_size)
+    problems = [*problems, *class_problems]
+    return TrainingSet(
+        _records(rows),
+        [r["png"] for r in rows],
+        problems,
+        [r.get("mask") for r in rows],
+        [r["source"] for r in rows],
+    )
 
 
 def _merge_prepared(rows: list[dict], counts, batch_size: int) -> tuple[list[dict], list[Problem]]:
@@ -239,23 +274,28 @@ def _merge_prepared(rows: list[dict], counts, batch_size: int) -> tuple[list[dic
         if target is None:
             out.append(r)
             continue
-        moved = rebucket(r["png"], tuple(r["crop"]), target)
+        moved = rebucket(r["png"], tuple(r["crop"]), target, r.get("mask"))
         problems.append(merged_problem(r, target, batch_size))
         out.append({**r, **moved})
     return out, problems
 
 
-def epoch_batches(records: list[Record], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(
+    records: list[Record], batch_size: int, seed: int, epoch: int, *, reg: bool = False
+) -> list[list[int]]:
     """The batches of one epoch: a pure function of (records, batch_size, seed, epoch).
 
     Each record appears `repeats` times; every batch holds indices of ONE bucket; within a
     bucket the order is shuffled and the samples that do not fill a last batch are dropped (a
     different remainder each epoch); the batches of all buckets are then shuffled together.
+    Only the instance records take part; `reg=True`: only the class images (`is_reg`), shuffled
+    by a random stream of their own (the class order of prior preservation, data/reg.py).
     """
-    rng = random.Random(seed * 1_000_003 + epoch)
+    rng = random.Random(f"class|{seed}|{epoch}" if reg else seed * 1_000_003 + epoch)
     by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, r in enumerate(records):
-        by_bucket[r.bucket].extend([i] * r.repeats)
+        if r.is_reg == reg:
+            by_bucket[r.bucket].extend([i] * r.repeats)
     batches: list[list[int]] = []
     for bucket in sorted(by_bucket):
         idx = by_bucket[bucket]

@@ -12,6 +12,9 @@ Conventions every family documents in its own docstring:
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -252,7 +255,10 @@ class Family(Protocol):
         timesteps: torch.Tensor,
         train: TrainConfig,
     ) -> torch.Tensor:
-        """Scalar fp32 training loss for one batch (noise offset, loss weighting from `train`)."""
+        """Scalar fp32 training loss for one batch (noise offset, loss weighting from `train`).
+        It computes its prediction with exactly one call `self.predict(denoiser, noisy,
+        timesteps, cond)`: anti-bleed preservation and the bleed score (`lorakit/preserve.py`)
+        read the denoiser's inputs through that call (`tests/test_preserve.py` checks it)."""
 
     def predict(
         self,
@@ -268,3 +274,90 @@ class Family(Protocol):
 
     def frozen_modules(self, components: Any) -> dict[str, torch.nn.Module]:
         """Frozen modules by name (moved/cast by the loop; never trained)."""
+
+
+# --- training–inference agreement (tests/test_agreement.py) -------------------------------------
+
+
+@dataclass(frozen=True)
+class AgreementSetting:
+    """One run of the training–inference agreement test: lorakit trains a LoRA on ONE image
+    (`res` px, its caption), the family's diffusers pipeline samples the caption from noise with
+    each of `seeds`; the samples must point the way of the image's latent."""
+
+    steps: int
+    """Optimizer steps (AdamW, cosine decay to 0)."""
+    threshold: float
+    """Minimum mean cosine of the sampled latents with the image's latent."""
+    layout_threshold: float
+    """Minimum mean cosine of their layouts (per-channel means removed)."""
+    lr: float = 1e-2
+    batch: int = 8
+    """Noise draws of the one image per step."""
+    seeds: tuple[int, ...] = (0, 1)
+    """Sampling seeds (one pipeline call each)."""
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    res: int = 64
+
+
+class AgreementSupport(Protocol):
+    """What the training–inference agreement test needs from a family and cannot find out by
+    itself: which tiny model can memorise an image, how long to train it, and how the
+    pipeline's `output_type="latent"` result maps to lorakit's latents. Everything else (the
+    pipeline call, where the noisy latent sits in the denoiser's inputs, the output the
+    pipeline's scheduler step expects, the schedule's shift) the test reads off the pipeline
+    and off the family's own `loss` by probing them.
+
+    A family provides it as `AGREEMENT` in `models/<family>/agreement.py` (next to the module
+    that defines the family class; `agreement_support` finds it). A registered family without
+    one fails the test."""
+
+    targets: tuple[str, ...]
+    """LoRA target modules: every Linear/Conv the family's tables export (an attention-only LoRA
+    memorises far slower than one that includes the embedders and modulations)."""
+    text_length: int
+    """Caption tokens the components encode with (`model.t5_max_length` / the pipeline's
+    `max_sequence_length`, passed to the pipeline where its `__call__` takes it); 0 where the
+    prompts are fixed-length CLIP sequences."""
+    default: AgreementSetting
+    """The default-tier run (seconds on 2 CPU cores)."""
+    slow: AgreementSetting
+    """The slow-tier run, with the stricter thresholds."""
+    faults: Mapping[str, Callable[[], AbstractContextManager[Any]]]
+    """Deliberate bugs in this family's own training conventions (name → a context manager
+    that puts the bug in lorakit's training side), each of which the default run must catch;
+    the test adds the generic ones (timestep scale, output sign, and for flow families the
+    noising shift and the timestep sampler's shift)."""
+
+    def components(self, pixels: torch.Tensor, seed: int = 0) -> Any:
+        """Tiny components (`build_tiny`'s structure, widened where it is too narrow to memorise
+        an image; text length `text_length`) whose VAE normalisation — the family's own
+        convention: scaling/shift factors, per-channel mean/std or batch-norm statistics — is
+        set so that `encode_images(pixels)` (`[1, 3, res, res]` in [-1, 1]) has RMS ≈ 1, the
+        scale the noise schedules assume (a random VAE's latents are far from it). The same
+        `pixels` and `seed` give identical components."""
+
+    def latents_from_pipeline(
+        self, pipe: Any, latents: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        """What `pipe(..., output_type="latent")` returns for a `height` × `width` px image →
+        lorakit's latents `[B, C, h, w]` as `encode_images` makes them (unpacked and normalised
+        with the pipeline's own code where it has it)."""
+
+
+def agreement_support(family: Family) -> AgreementSupport | None:
+    """The family's `AgreementSupport` (`AGREEMENT` in the `agreement` module of the package
+    that defines its class: `models/<family>/agreement.py`), or None where it has none."""
+    defining = importlib.import_module(type(family).__module__)
+    package = defining.__name__ if hasattr(defining, "__path__") else defining.__package__
+    if not package:  # a class defined outside any package (a test's stand-in)
+        return None
+    name = f"{package}.agreement"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:  # a missing dependency inside the module is a real error
+            raise
+        return None
+    return getattr(module, "AGREEMENT", None)

@@ -1,8 +1,12 @@
 """DDPM (epsilon / v-prediction) training maths shared by the UNet families (SD1.5, SDXL).
 
 Conventions (both families):
-- timesteps: integers in [0, num_train_timesteps) (1000), drawn uniformly per sample, on CPU,
-  from the seeded generator the loop passes in;
+- timesteps: integers in [0, T) (T = num_train_timesteps, 1000), drawn per sample, on CPU, from
+  the seeded generator the loop passes in: uniformly (`train.timestep_bias = none`), or with
+  u ~ U(0, 1) by the cubic of T2I-Adapter (arXiv 2302.08453, §3.4; diffusers' T2I-Adapter
+  script): `style` t = ⌊(1 - u³)·T⌋ clamped to T - 1 (more high-noise steps, where composition
+  and colour are decided; mean ≈ 3T/4), `content` t = ⌊u³·T⌋ (more low-noise steps, where
+  detail is refined; mean ≈ T/4);
 - noisy input from the model's DDPM noise schedule (`DDPMScheduler.add_noise`), target `noise`
   (epsilon) or `scheduler.get_velocity(latents, noise, t)` (v-prediction), read from the
   scheduler config's `prediction_type`;
@@ -17,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from lorakit.data.masks import active_weights, masked_mse
 from lorakit.errors import LorakitError
 
 if TYPE_CHECKING:
@@ -45,14 +50,18 @@ _SAMPLERS = {
 def ddpm_noise_and_timesteps(
     components: Any, latents: torch.Tensor, generator: torch.Generator, train: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise `[B, C, H, W]` (+ noise offset `[B, C, 1, 1]`) and integer timesteps `[B]`, seeded."""
+    """Noise `[B, C, H, W]` (+ noise offset `[B, C, 1, 1]`) and integer timesteps `[B]`, seeded;
+    `train.timestep_bias` picks their distribution (module docstring)."""
     b, ch = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     if train.noise_offset:
         noise += train.noise_offset * torch.randn((b, ch, 1, 1), generator=generator)
     steps = components.scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (b,), generator=generator)
-    return noise, timesteps
+    if train.timestep_bias == "none":
+        return noise, torch.randint(0, steps, (b,), generator=generator)
+    cube = torch.rand((b,), generator=generator, dtype=torch.float64) ** 3
+    scaled = (1.0 - cube if train.timestep_bias == "style" else cube) * steps
+    return noise, scaled.long().clamp(0, steps - 1)
 
 
 def ddpm_loss(
@@ -65,7 +74,8 @@ def ddpm_loss(
     timesteps: torch.Tensor,
     train: TrainConfig,
 ) -> torch.Tensor:
-    """Epsilon / v-prediction MSE (from the scheduler config), optionally min-SNR-γ weighted.
+    """Epsilon / v-prediction MSE (from the scheduler config), optionally min-SNR-γ weighted;
+    per sample mask-weighted under `data.masks.loss_mask` (`masks.masked_mse`).
     `predict(denoiser, noisy, timesteps, cond)` is the family's denoiser call."""
     sched = _training_scheduler(components)
     noise = noise.to(latents.device, latents.dtype)
@@ -82,11 +92,17 @@ def ddpm_loss(
             "models with 'epsilon' or 'v_prediction' targets."
         )
     pred = predict(denoiser, noisy, timesteps, cond)
-    if not train.min_snr_gamma:
+    weights = active_weights()  # train.masked_loss: `data.masks.loss_mask` around the call
+    if not train.min_snr_gamma and weights is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(
-        dim=tuple(range(1, pred.dim()))
-    )
+    if weights is not None:
+        per_sample = masked_mse(pred, target, weights)
+        if not train.min_snr_gamma:
+            return per_sample.mean()
+    else:
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(
+            dim=tuple(range(1, pred.dim()))
+        )
     return (per_sample * min_snr_weights(sched, timesteps, train.min_snr_gamma, kind)).mean()
 
 

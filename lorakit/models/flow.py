@@ -16,6 +16,15 @@ Timestep samplers (`train.timestep_sampling`), with z ~ N(0, 1):
                   `FluxPipeline` (`calculate_shift`: linear in the image token count between
                   (256 tokens, 0.5) and (4096 tokens, 1.15)).
 
+Timestep bias (`train.timestep_bias`, applied after any sampler above, same draws):
+- `none`:    σ unchanged (bit-identical to no bias);
+- `style`:   logit σ' = logit σ + ln 3, i.e. σ' = 3σ / (1 + 2σ): more high-noise steps, where
+             composition, layout and colour are decided (median 0.5 → 0.75);
+- `content`: logit σ' = logit σ - ln 3, i.e. σ' = σ / (3 - 2σ): more low-noise steps, where
+             detail and texture are refined (median 0.5 → 0.25).
+  For the logit-normal samplers this is their mean moved by ±ln 3 ≈ ±1.10 (`shift`: the shift
+  multiplied by 3^±1).
+
 Loss weighting (`train.loss_weighting`, diffusers' `compute_loss_weighting_for_sd3`):
 `none` → 1, `sigma_sqrt` → σ⁻², `cosmap` → 2 / (π · (1 - 2σ + 2σ²)).
 """
@@ -27,12 +36,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lorakit.data.masks import active_weights, masked_mse
 from lorakit.errors import LorakitError
 
 if TYPE_CHECKING:
     from lorakit.config import TrainConfig
 
 SAMPLERS = ("uniform", "logit_normal", "sigmoid", "shift")
+BIAS_LOGIT = {"none": 0.0, "style": math.log(3.0), "content": -math.log(3.0)}
+"""`train.timestep_bias` → how far it moves logit σ (see the module docstring)."""
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 # Keeps σ away from exactly 0 (σ⁻² weighting) and 1 (the shift formula's 1/σ).
 _EPS = 1e-5
@@ -62,8 +74,10 @@ def sample_sigmas(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     mu: float = 0.0,
+    bias: str = "none",
 ) -> torch.Tensor:
-    """`[batch]` float32 sigmas in (0, 1) on CPU (see the module docstring for the formulas)."""
+    """`[batch]` float32 sigmas in (0, 1) on CPU (see the module docstring for the formulas);
+    `bias` is `train.timestep_bias`."""
     if sampling == "uniform":
         sigmas = torch.rand((batch,), generator=generator)
     elif sampling == "logit_normal":
@@ -75,6 +89,8 @@ def sample_sigmas(
         sigmas = time_shift(base.clamp(_EPS, 1 - _EPS), mu)
     else:
         raise ValueError(f"unknown timestep sampling '{sampling}'; choose from {SAMPLERS}")
+    if bias != "none":  # a transform of the same draws: the generator is consumed as without
+        sigmas = time_shift(sigmas.clamp(_EPS, 1 - _EPS), BIAS_LOGIT[bias])
     return sigmas.clamp(_EPS, 1 - _EPS).float()
 
 
@@ -103,8 +119,13 @@ def noisy_and_target(
 def weighted_mse(
     pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, scheme: str
 ) -> torch.Tensor:
-    """Mean over the batch of `w(σ) · mean((pred - target)²)`; fp32 scalar."""
-    per_sample = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
+    """Mean over the batch of `w(σ) · mean((pred - target)²)`; fp32 scalar. Under
+    `data.masks.loss_mask` the per-sample mean is the mask-weighted one (`masks.masked_mse`)."""
+    weights = active_weights()
+    if weights is not None:
+        per_sample = masked_mse(pred, target, weights)
+    else:
+        per_sample = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
     return (per_sample * loss_weights(sigmas, scheme).to(per_sample.device)).mean()
 
 

@@ -2,9 +2,56 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import tempfile
+from collections.abc import Iterator
 
 from lorakit.errors import LorakitError
+
+_LOAD_DTYPE: contextvars.ContextVar = contextvars.ContextVar("load_dtype", default=None)
+"""The run's weight dtype while `load_in` is active (None: the libraries' default, fp32)."""
+
+
+@contextlib.contextmanager
+def load_in(weight_dtype) -> Iterator[None]:
+    """Families' `load` (folders and hub ids) and single-file reads inside this block build the
+    denoiser and text encoders straight in `weight_dtype` (`dtype_kwargs`, `target_dtype`): a
+    bf16 run of FLUX.1 holds 24 GB of transformer in RAM while loading, not the 48 GB of an
+    fp32 load cast afterwards. `train` wraps `load_model` in it."""
+    token = _LOAD_DTYPE.set(weight_dtype)
+    try:
+        yield
+    finally:
+        _LOAD_DTYPE.reset(token)
+
+
+def target_dtype(part: str):
+    """The dtype a component loads in (None = the library's default): inside `load_in`, the run's
+    weight dtype, except what `spec.frozen_dtype` keeps wider (`vae`: fp32; `t5` under fp16:
+    bf16 where supported, else fp32)."""
+    import torch
+
+    dtype = _LOAD_DTYPE.get()
+    if dtype is None or part == "vae":
+        return None
+    if part == "t5" and dtype == torch.float16:
+        from lorakit.spec import frozen_dtype
+
+        class T5:  # frozen_dtype reads the class name
+            pass
+
+        return frozen_dtype("text_encoder", T5(), dtype)
+    return dtype
+
+
+def dtype_kwargs(part: str, library: str = "diffusers") -> dict:
+    """`from_pretrained` keyword for `target_dtype(part)`: `torch_dtype` (diffusers) or `dtype`
+    (transformers 5); {} outside `load_in`."""
+    dtype = target_dtype(part)
+    if dtype is None:
+        return {}
+    return {"torch_dtype" if library == "diffusers" else "dtype": dtype}
 
 
 def first_line(e: BaseException) -> str:
@@ -28,6 +75,15 @@ def load_error(family: str, name: str, e: BaseException, allow_pickle: bool, par
         f"Could not load the {family} model '{name}': {first}.{hint} model.name must be a "
         f"diffusers folder (with model_index.json, {parts}) or a hub id you can reach."
     )
+
+
+def hub_kwargs(revision: str, variant: str, allow_pickle: bool) -> tuple[dict, dict]:
+    """`from_pretrained` keyword arguments of a family's `load`: (for every part: the revision;
+    for weights besides: the variant, and safetensors only unless the user consented to
+    unpickling with `model.allow_pickle`)."""
+    common: dict = {"revision": revision or None}
+    weights = dict(common, variant=variant or None, use_safetensors=None if allow_pickle else True)
+    return common, weights
 
 
 def freeze(*modules) -> None:

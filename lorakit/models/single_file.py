@@ -24,6 +24,14 @@ holds only the transformer (and maybe the VAE), text encoders, tokenizers and sc
 float8 files (ComfyUI's `*_fp8_e4m3fn` and `*_fp8_scaled` checkpoints) are dequantized right
 when read, for every family (`read_checkpoint(..., dequantize=True)`, `fp8_files`): the family's
 `from_single_file` sees the weights in the file's compute dtype, without scales or markers.
+
+ComfyUI's split files (one text encoder or VAE per `.safetensors`, e.g.
+`text_encoders/qwen_3_4b.safetensors`, `vae/ae.safetensors`) are found in
+`model.single_file_config` by ONE convention for every family (`SplitPart`, `split_file`): the
+part's subfolder holding the library's own layout; or that subfolder holding one `.safetensors`
+(the split file); or a split file lying at the folder's top level, recognised by its keys (only
+headers are read). They are read with `read_split` (fp8 and scaled-fp8 files widened, as above).
+`missing_parts` names every part a folder lacks in one paragraph, before the transformer is read.
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import struct
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +185,8 @@ def load_converted(
 ):
     """One model of the checkpoint: `cls` with the config of `folder/sub`, built empty (meta
     device, buffers real), its weights `convert(model, checkpoint)` (a state dict made by the
-    family's naming table, which raises on a missing or unknown key), fp32, frozen, eval."""
+    family's naming table, which raises on a missing or unknown key), frozen, eval; fp32, or
+    inside `loading.load_in` the run's dtype for that part (`loading.target_dtype`)."""
     from accelerate import init_empty_weights
 
     try:
@@ -187,13 +198,12 @@ def load_converted(
             config = cls.config_class.from_pretrained(folder, subfolder=sub, local_files_only=True)
             with init_empty_weights():
                 model = cls(config)
-        state = {k: v.to(torch.float32).contiguous() for k, v in convert(model, checkpoint).items()}
-        # the parts of a split fused weight share its storage: each gets its own (savable)
-        shared = Counter(v.untyped_storage().data_ptr() for v in state.values())
-        for k, v in state.items():
-            if shared[v.untyped_storage().data_ptr()] > 1:
-                state[k] = v.clone()
-        model.load_state_dict(state, strict=True, assign=True)
+        dtype = _target(cls, sub)
+        state = {
+            k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+            for k, v in convert(model, checkpoint).items()
+        }
+        model.load_state_dict(own_storage(state), strict=True, assign=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise LorakitError(
             f"Could not read the {sub} from the checkpoint '{src}': {_first_line(e)}. The file "
@@ -203,6 +213,28 @@ def load_converted(
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def own_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with every tensor on a storage of its own, for `load_state_dict(assign=True)`:
+    the parts of a split fused weight (FLUX's qkv) share the fused tensor's storage, and a model
+    holding such views could not be saved; only those are copied."""
+    shared = Counter(v.untyped_storage().data_ptr() for v in state.values())
+    return {
+        k: v.clone() if shared[v.untyped_storage().data_ptr()] > 1 else v for k, v in state.items()
+    }
+
+
+def _target(cls: type, sub: str) -> torch.dtype:
+    from lorakit.models.loading import target_dtype
+
+    if sub.startswith("vae"):
+        part = "vae"
+    elif sub.startswith("text_encoder"):
+        part = "t5" if cls.__name__.startswith("T5") else "text_encoder"
+    else:
+        part = "denoiser"
+    return target_dtype(part) or torch.float32
 
 
 def load_tokenizer(folder: str, sub: str, hub_repo: str, src: str):
@@ -290,6 +322,109 @@ def load_from_folder(cls: type, folder: str, sub: str, src: str, **kwargs):
     module.requires_grad_(False)
     module.eval()
     return module
+
+
+@dataclass(frozen=True)
+class SplitPart:
+    """A component `from_single_file` takes from `model.single_file_config` (see module doc)."""
+
+    sub: str
+    """Its subfolder (`text_encoder`, `vae`, `tokenizer`)."""
+    hint: str
+    """What to put there, for messages ("ComfyUI's text_encoders/qwen_3_4b.safetensors, or …")."""
+    library_names: tuple[str, ...] = ()
+    """Weight files of the library's own layout in `sub/`: where one exists, `sub/` is loaded by
+    `load_from_folder`, not as a split file. Empty for the tokenizer (never a split file)."""
+    markers: tuple[str, ...] = ()
+    """Keys a split file of this part has, all of them: how one is recognised at the top level."""
+    excluded: tuple[str, ...] = ()
+    """Keys it never has (a FLUX.2 VAE's `bn.running_mean` in a FLUX.1-style VAE's part)."""
+
+
+def _header_keys(path: Path) -> set[str] | None:
+    from lorakit.models.fp8_files import read_header
+
+    try:
+        return set(read_header(path)[0])
+    except (OSError, ValueError, UnicodeDecodeError, struct.error):
+        return None  # not a safetensors file: not a split file of ours either
+
+
+def split_file(folder: str, part: SplitPart) -> Path | None:
+    """The split file of `part` in `folder` (see module doc), or None: `folder/sub/`'s only
+    `.safetensors` when `sub/` does not hold the library layout, else the first top-level
+    `.safetensors` (by name) whose header has every marker and no excluded key."""
+    if not part.library_names:
+        return None
+    where = Path(folder) / part.sub
+    if where.is_dir() and not any((where / n).exists() for n in part.library_names):
+        files = sorted(where.glob("*.safetensors"))
+        if len(files) == 1:
+            return files[0]
+    if not part.markers:
+        return None
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        keys = _header_keys(path)
+        if keys is None or any(x in keys for x in part.excluded):
+            continue
+        if all(m in keys for m in part.markers):
+            return path
+    return None
+
+
+def part_present(folder: str, part: SplitPart) -> bool:
+    """Whether `folder` has `part`: tokenizer files, weights in `sub/`, or a split file."""
+    where = Path(folder) / part.sub
+    if not part.library_names:
+        return (where / "tokenizer.json").is_file() or (where / "vocab.json").is_file()
+    if where.is_dir() and any(p.suffix in (".safetensors", ".bin") for p in where.iterdir()):
+        return True
+    return split_file(folder, part) is not None
+
+
+def missing_parts(
+    label: str, source: str, folder: str, parts: list[SplitPart], repo: str
+) -> LorakitError | None:
+    """One paragraph naming every part of `parts` that `folder` lacks, or None. `label`: the
+    model ("Qwen-Image"); `repo`: the hub repo whose download has every part."""
+    missing = [p for p in parts if not part_present(folder, p)]
+    if not missing:
+        return None
+    # config_folder's temp folder of built-in configs: the user gave no folder
+    name = Path(folder).name
+    given = not (name.startswith("lorakit-") and "-config-" in name)
+    where = f"'{folder}' has no" if given else "model.single_file_config is not set, so there is no"
+    needs = "; ".join(f"{p.sub}/ with {p.hint}" for p in missing)
+    files = (
+        " (a split .safetensors may also lie in the folder itself)"
+        if any(p.markers for p in missing)
+        else ""
+    )
+    return LorakitError(
+        f"The {label} checkpoint '{source}' holds the diffusion model only, and {where} "
+        f"{', '.join(p.sub + '/' for p in missing)} to take the rest from. Set "
+        f"model.single_file_config to a folder with {needs}{files}. A downloaded copy of the "
+        f"{repo} hub repo has them all and works as model.single_file_config too; lorakit "
+        "downloads nothing for a single-file model."
+    )
+
+
+@contextlib.contextmanager
+def config_dir(folder: str, sub: str, builtin: dict[str, Any]) -> Iterator[str]:
+    """`folder` when `folder/sub/config.json` exists, else a temp folder holding `builtin` as
+    `sub/config.json` (a split file's component with the real model's config)."""
+    if (Path(folder) / sub / "config.json").is_file():
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="lorakit-part-") as tmp:
+        (Path(tmp) / sub).mkdir()
+        (Path(tmp) / sub / "config.json").write_text(json.dumps(builtin), encoding="utf-8")
+        yield tmp
+
+
+def read_split(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a split file, float8 and scaled-fp8 ones widened (`read_checkpoint`)."""
+    return read_checkpoint(path, dequantize=True)
 
 
 def has_prefix(checkpoint: dict[str, torch.Tensor], prefix: str) -> bool:

@@ -38,7 +38,7 @@ from lorakit.models import flow
 from lorakit.models.base import AdapterTarget, PlanArch
 from lorakit.models.flow import check_flow_sampler, encode_flow_latents
 from lorakit.models.flux import names as _names
-from lorakit.models.loading import freeze, load_error
+from lorakit.models.loading import dtype_kwargs, freeze, hub_kwargs, load_error, target_dtype
 from lorakit.models.text_encoders import (
     CLIP_L_TEXT,
     T5_XXL,
@@ -189,23 +189,27 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> FluxComponents:
 
 def load_bfl_transformer(checkpoint: dict[str, torch.Tensor], folder: str, source: str):
     """FluxTransformer2DModel with the config of `folder/transformer` and the file's weights
-    (fp32, frozen, eval). Clear errors when the file and the config disagree."""
+    (fp32, or the run's dtype inside `loading.load_in`; frozen, eval). Clear errors when the file
+    and the config disagree."""
+    from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
     from lorakit.errors import LorakitError
-    from lorakit.models.single_file import _first_line
+    from lorakit.models.single_file import _first_line, own_storage
 
     try:
         config = FluxTransformer2DModel.load_config(
             folder, subfolder="transformer", local_files_only=True
         )
-        model = FluxTransformer2DModel.from_config(config)
+        with init_empty_weights():  # no random 12B init to overwrite
+            model = FluxTransformer2DModel.from_config(config)
         inner = model.config.num_attention_heads * model.config.attention_head_dim
         state = _names.read_transformer(
             checkpoint, model.config.num_layers, model.config.num_single_layers, inner
         )
-        state = {k: v.to(torch.float32) for k, v in state.items()}
-        model.load_state_dict(state, strict=True)
+        dtype = target_dtype("denoiser") or torch.float32
+        state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+        model.load_state_dict(own_storage(state), strict=True, assign=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise LorakitError(
             f"Could not read the FLUX transformer from the checkpoint '{source}': "
@@ -308,18 +312,24 @@ class Flux:
 
         from lorakit.models.quantize import quantized_kwargs
 
-        common: dict[str, Any] = {"revision": revision or None}
-        weights = dict(
-            common, variant=variant or None, use_safetensors=None if allow_pickle else True
-        )
+        common, weights = hub_kwargs(revision, variant, allow_pickle)
         try:
             tok = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
             tok_2 = T5TokenizerFast.from_pretrained(name, subfolder="tokenizer_2", **common)
-            te = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **weights)
-            te_2 = T5EncoderModel.from_pretrained(name, subfolder="text_encoder_2", **weights)
+            te = CLIPTextModel.from_pretrained(
+                name,
+                subfolder="text_encoder",
+                **weights,
+                **dtype_kwargs("text_encoder", "transformers"),
+            )
+            te_2 = T5EncoderModel.from_pretrained(
+                name, subfolder="text_encoder_2", **weights, **dtype_kwargs("t5", "transformers")
+            )
             vae = diffusers.AutoencoderKL.from_pretrained(name, subfolder="vae", **weights)
             transformer = diffusers.FluxTransformer2DModel.from_pretrained(
-                name, subfolder="transformer", **weights, **quantized_kwargs(quantize)
+                name,
+                subfolder="transformer",
+                **{**weights, **dtype_kwargs("denoiser"), **quantized_kwargs(quantize)},
             )
             sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
                 name, subfolder="scheduler", **common
@@ -492,6 +502,7 @@ class Flux:
             train.logit_mean,
             train.logit_std,
             mu,
+            bias=train.timestep_bias,
         )
         return noise, sigmas
 

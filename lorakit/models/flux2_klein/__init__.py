@@ -59,7 +59,8 @@ from lorakit.models import flow
 from lorakit.models.base import AdapterTarget, PlanArch
 from lorakit.models.flow import check_flow_sampler
 from lorakit.models.flux2_klein import names as _names
-from lorakit.models.loading import freeze, load_error
+from lorakit.models.loading import dtype_kwargs, freeze, hub_kwargs, load_error, target_dtype
+from lorakit.models.single_file import SplitPart
 
 
 @dataclass
@@ -257,29 +258,20 @@ def _is_distilled(folder: str) -> bool:
     return False
 
 
-def _has_weights(folder: str, sub: str) -> bool:
-    return any((Path(folder) / sub).glob("*.safetensors")) or any(
-        (Path(folder) / sub).glob("*.bin")
-    )
-
-
-def _split_files(folder: str) -> dict[str, Path]:
-    """ComfyUI's split files lying in `folder` (top level), by their keys: `vae` (a FLUX.2 VAE
-    file) and `text_encoder` (a Qwen3 file). Only the headers are read."""
-    from safetensors import safe_open
-
-    out: dict[str, Path] = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = set(f.keys())
-        except Exception:  # not ours to judge: an unreadable file is simply not one of them
-            continue
-        if all(k in keys for k in _names.VAE_MARKERS):
-            out.setdefault("vae", path)
-        elif all(k in keys for k in _names.TEXT_ENCODER_MARKERS):
-            out.setdefault("text_encoder", path)
-    return out
+PARTS = {
+    "text_encoder": SplitPart(
+        "text_encoder",
+        "ComfyUI's text_encoders/qwen_3_4b.safetensors (qwen_3_8b for klein 9B)",
+        ("model.safetensors", "model.safetensors.index.json"),
+        markers=_names.TEXT_ENCODER_MARKERS,
+    ),
+    "vae": SplitPart(
+        "vae", "ComfyUI's vae/flux2-vae.safetensors", ("diffusion_pytorch_model.safetensors",),
+        markers=_names.VAE_MARKERS,
+    ),
+}  # fmt: skip
+"""ComfyUI's split files in model.single_file_config (`single_file.split_file`: in `text_encoder/`
+or `vae/`, or at the folder's top level, recognised by these keys)."""
 
 
 def _split_error(kind: str, path: Path, e: BaseException):
@@ -288,8 +280,8 @@ def _split_error(kind: str, path: Path, e: BaseException):
 
     return LorakitError(
         f"Could not read the {kind} from '{path}': {first_line(e)}. lorakit reads ComfyUI's "
-        f"bf16/fp32 split files with their original key names (scaled-fp8 files are not "
-        f"read); put the diffusers {'vae' if kind == 'VAE' else 'text_encoder'}/ folder of the "
+        f"split files (bf16, fp32, fp8 or scaled fp8) with their original key names; put the "
+        f"diffusers {'vae' if kind == 'VAE' else 'text_encoder'}/ folder of the "
         "same klein in model.single_file_config instead."
     )
 
@@ -299,7 +291,8 @@ def _split_vae(path: Path, folder: str):
     when present, else the real FLUX.2 VAE's."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKLFlux2
-    from safetensors.torch import load_file
+
+    from lorakit.models import single_file as sf
 
     try:
         sub = Path(folder) / "vae"
@@ -309,7 +302,7 @@ def _split_vae(path: Path, folder: str):
             config = FLUX2_VAE
         with init_empty_weights():
             vae = AutoencoderKLFlux2.from_config(config)
-        ck = load_file(str(path))
+        ck = sf.read_split(path)
         state = _names.vae_from_original(vae, ck)
         levels = len(vae.config.block_out_channels)
         unread = set(ck) - set(_names.vae_names(vae.state_dict(), levels).values())
@@ -327,11 +320,12 @@ def _split_text_encoder(path: Path, folder: str):
     conditioning never reads, tied to the embedding when the file has none), config from
     `folder/text_encoder` when present, else read off the shapes (`names.qwen3_config`)."""
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    from lorakit.models import single_file as sf
+
     try:
-        ck = load_file(str(path))
+        ck = sf.read_split(path)
         sub = Path(folder) / "text_encoder"
         if (sub / "config.json").is_file():
             config = Qwen3Config.from_pretrained(str(sub), local_files_only=True)
@@ -341,7 +335,8 @@ def _split_text_encoder(path: Path, folder: str):
             config.tie_word_embeddings = True
         with init_empty_weights():
             te = Qwen3ForCausalLM(config)
-        state = {k: v.float() for k, v in ck.items()}
+        dtype = target_dtype("text_encoder") or torch.float32  # see loading.load_in
+        state = {k: v.to(dtype) for k, v in ck.items()}
         if "lm_head.weight" not in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         te.load_state_dict(state, strict=True, assign=True)
@@ -462,20 +457,27 @@ class Flux2Klein:
         quantize: str = "none",
     ) -> Flux2KleinComponents:
         import diffusers
-        from transformers import AutoTokenizer, Qwen3ForCausalLM
+        from transformers import Qwen2Tokenizer, Qwen3ForCausalLM
 
         from lorakit.models.quantize import quantized_kwargs
 
-        common: dict[str, Any] = {"revision": revision or None}
-        weights = dict(
-            common, variant=variant or None, use_safetensors=None if allow_pickle else True
-        )
+        common, weights = hub_kwargs(revision, variant, allow_pickle)
         try:
-            tok = AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
-            te = Qwen3ForCausalLM.from_pretrained(name, subfolder="text_encoder", **weights)
+            # the class itself, not AutoTokenizer: for a hub id transformers' AutoTokenizer
+            # also asks for the repo's tokenizer/config.json, which offline (from the cache)
+            # is an error; the released tokenizer_config.json names Qwen2Tokenizer
+            tok = Qwen2Tokenizer.from_pretrained(name, subfolder="tokenizer", **common)
+            te = Qwen3ForCausalLM.from_pretrained(
+                name,
+                subfolder="text_encoder",
+                **weights,
+                **dtype_kwargs("text_encoder", "transformers"),
+            )
             vae = diffusers.AutoencoderKLFlux2.from_pretrained(name, subfolder="vae", **weights)
             transformer = diffusers.Flux2Transformer2DModel.from_pretrained(
-                name, subfolder="transformer", **weights, **quantized_kwargs(quantize)
+                name,
+                subfolder="transformer",
+                **{**weights, **dtype_kwargs("denoiser"), **quantized_kwargs(quantize)},
             )
             sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
                 name, subfolder="scheduler", **common
@@ -556,8 +558,7 @@ class Flux2Klein:
                 "pairs with a Mistral text encoder), not FLUX.2 [klein]; lorakit trains klein "
                 "only. Pass a flux-2-klein-*.safetensors file (4B or 9B, base or distilled)."
             )
-        split = _split_files(folder)
-        if not _has_weights(folder, "text_encoder") and "text_encoder" not in split:
+        if not sf.part_present(folder, PARTS["text_encoder"]):
             raise LorakitError(
                 f"The FLUX.2 klein checkpoint '{source}' holds the transformer only, and its "
                 f"Qwen3 text encoder must come from model.single_file_config, but '{folder}' "
@@ -578,8 +579,9 @@ class Flux2Klein:
             with init_empty_weights():
                 transformer = Flux2Transformer2DModel.from_config(config)
             state = _names.read_transformer(checkpoint, transformer.config)
-            state = {k: v.to(torch.float32) for k, v in state.items()}
-            transformer.load_state_dict(state, strict=True, assign=True)
+            dtype = target_dtype("denoiser") or torch.float32  # inside `loading.load_in`
+            state = {k: v.to(dtype) for k, v in state.items()}
+            transformer.load_state_dict(sf.own_storage(state), strict=True, assign=True)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise LorakitError(
                 f"Could not read the FLUX.2 klein transformer from '{source}': "
@@ -588,15 +590,17 @@ class Flux2Klein:
                 "(4B: 5 double / 20 single blocks, 9B: 8 / 24); set model.single_file_config to "
                 "a local diffusers folder of the model the file was made from."
             ) from None
-        if _has_weights(folder, "text_encoder"):
+        split = sf.split_file(folder, PARTS["text_encoder"])
+        if split is None:
             te = sf.load_from_folder(Qwen3ForCausalLM, folder, "text_encoder", source)
         else:
-            te = _split_text_encoder(split["text_encoder"], folder)
+            te = _split_text_encoder(split, folder)
         tok = sf.load_from_folder(AutoTokenizer, folder, "tokenizer", source, tokenizer=True)
-        if _has_weights(folder, "vae") or "vae" not in split:
+        split = sf.split_file(folder, PARTS["vae"])
+        if split is None:
             vae = sf.load_from_folder(AutoencoderKLFlux2, folder, "vae", source)
         else:
-            vae = _split_vae(split["vae"], folder)
+            vae = _split_vae(split, folder)
         sched = sf.load_scheduler(
             folder, dict(FLUX2_SCHEDULER, _class_name="FlowMatchEulerDiscreteScheduler"), {}
         )
@@ -701,6 +705,7 @@ class Flux2Klein:
             train.logit_mean,
             train.logit_std,
             mu,
+            bias=train.timestep_bias,
         )
         return noise, sigmas
 

@@ -55,11 +55,8 @@ Tensor conventions:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -69,10 +66,12 @@ import torch
 
 from lorakit.config import ModelConfig, TrainConfig
 from lorakit.models import flow
+from lorakit.models import single_file as sf
 from lorakit.models.base import AdapterTarget, PlanArch
 from lorakit.models.flow import check_flow_sampler
-from lorakit.models.loading import freeze, load_error
+from lorakit.models.loading import freeze, hub_kwargs, load_error, target_dtype
 from lorakit.models.qwen_image import names as _names
+from lorakit.models.single_file import SplitPart
 
 
 @dataclass
@@ -282,7 +281,11 @@ def load_transformer(
             model = QwenImageTransformer2DModel.from_config(config)
         state = _names.read_transformer(checkpoint, set(model.state_dict()))
         wide = (torch.float32, torch.bfloat16, torch.float16)
-        state = {k: v if v.dtype in wide else v.to(torch.bfloat16) for k, v in state.items()}
+        target = target_dtype("denoiser")  # inside `loading.load_in`: the run's dtype
+        state = {
+            k: v.to(target) if target else v if v.dtype in wide else v.to(torch.bfloat16)
+            for k, v in state.items()
+        }
         model.load_state_dict(state, strict=True, assign=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise LorakitError(
@@ -381,79 +384,23 @@ _TE_FILE_HINT = (
 _VAE_FILE_HINT = (
     "ComfyUI's models/vae/qwen_image_vae.safetensors, or the vae/ folder of Qwen/Qwen-Image"
 )
-_PART_HINTS = {
-    "vae": _VAE_FILE_HINT,
-    "text_encoder": _TE_FILE_HINT,
-    "tokenizer": "the Qwen2 tokenizer files (the tokenizer/ folder of Qwen/Qwen-Image)",
-}
-_TE_LIBRARY = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-_VAE_LIBRARY = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-@contextlib.contextmanager
-def _config_dir(folder: str, sub: str, builtin: dict[str, Any]) -> Iterator[str]:
-    """`folder` when `folder/sub/config.json` exists, else a temp folder holding `builtin`."""
-    if (Path(folder) / sub / "config.json").is_file():
-        yield folder
-        return
-    with tempfile.TemporaryDirectory(prefix="lorakit-qwen-image-") as tmp:
-        (Path(tmp) / sub).mkdir()
-        (Path(tmp) / sub / "config.json").write_text(json.dumps(builtin), encoding="utf-8")
-        yield tmp
-
-
-def _split_file(folder: str, sub: str, library_names: tuple[str, ...]) -> Path | None:
-    """The one ComfyUI-style `.safetensors` in `folder/sub` (None where the folder holds the
-    library's own layout, `library_names`, or nothing)."""
-    where = Path(folder) / sub
-    if not where.is_dir() or any((where / n).exists() for n in library_names):
-        return None
-    files = sorted(where.glob("*.safetensors"))
-    return files[0] if len(files) == 1 else None
-
-
-def _present(folder: str, sub: str) -> bool:
-    where = Path(folder) / sub
-    if sub == "tokenizer":
-        return (where / "tokenizer.json").is_file() or (where / "vocab.json").is_file()
-    return where.is_dir() and any(p.suffix in (".safetensors", ".bin") for p in where.iterdir())
-
-
-def _missing_parts(source: str, folder: str, subs: list[str]) -> Exception | None:
-    """One paragraph naming every part `folder` lacks (checked before the transformer is read),
-    or None."""
-    from lorakit.errors import LorakitError
-
-    missing = [s for s in subs if not _present(folder, s)]
-    if not missing:
-        return None
-    # single_file.config_folder's temp folder of built-in configs: the user gave no folder
-    given = not Path(folder).name.startswith("lorakit-qwen-image-config-")
-    where = f"'{folder}' has no" if given else "model.single_file_config is not set, so there is no"
-    needs = "; ".join(f"{s}/ with {_PART_HINTS[s]}" for s in missing)
-    return LorakitError(
-        f"The Qwen-Image checkpoint '{source}' holds the diffusion model only, and {where} "
-        f"{', '.join(s + '/' for s in missing)} to take the rest from. Set "
-        f"model.single_file_config to a folder with {needs}. A downloaded copy of the "
-        "Qwen/Qwen-Image hub repo has them all and works as model.single_file_config too; "
-        "lorakit downloads nothing for a single-file model."
-    )
-
-
-def _read_split(path: Path, what: str, hint: str) -> dict[str, torch.Tensor]:
-    """The tensors of a split file; scaled-fp8 files (ComfyUI's `*_fp8_scaled`: float8 weights
-    with a `scaled_fp8` marker and per-layer `scale_weight`s) are refused in one paragraph."""
-    from lorakit.errors import LorakitError
-    from lorakit.models import single_file as sf
-
-    ck = sf.read_checkpoint(path)
-    if "scaled_fp8" in ck or any(v.dtype in _FP8 for v in ck.values()):
-        raise LorakitError(
-            f"'{path}' is a float8 (scaled-fp8) {what} file, which lorakit does not read for "
-            f"the frozen parts of Qwen-Image. Put the bf16 file there instead: {hint}."
-        )
-    return ck
+PARTS = {
+    "text_encoder": SplitPart(
+        "text_encoder", _TE_FILE_HINT,
+        ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
+        markers=(_names.TEXT_ENCODER_MARKER,),
+    ),
+    "vae": SplitPart(
+        "vae", _VAE_FILE_HINT,
+        ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+        markers=(_names.VAE_MARKER,), excluded=(_names.WAN22_VAE_MARKER,),
+    ),
+    "tokenizer": SplitPart(
+        "tokenizer", "the Qwen2 tokenizer files (the tokenizer/ folder of Qwen/Qwen-Image)"
+    ),
+}  # fmt: skip
+"""What `from_single_file` takes from model.single_file_config, found and named by
+`single_file` (`split_file`, `missing_parts`)."""
 
 
 def _te_looks_like(keys: set[str]) -> str:
@@ -479,7 +426,7 @@ def _split_text_encoder(path: Path, folder: str):
     from lorakit.errors import LorakitError
     from lorakit.models.loading import first_line
 
-    ck = _read_split(path, "text encoder", _TE_FILE_HINT)
+    ck = sf.read_split(path)
     keys = set(ck)
     if any(k.startswith("model.language_model.") for k in keys):
         state = dict(ck)  # transformers 5's own names in a single file
@@ -487,7 +434,7 @@ def _split_text_encoder(path: Path, folder: str):
         state = _names.text_encoder_from_comfy(ck)
     else:
         raise LorakitError(
-            f"'{path}' in text_encoder/ is {_te_looks_like(keys)}, not Qwen-Image's Qwen2.5-VL-7B "
+            f"'{path}' is {_te_looks_like(keys)}, not Qwen-Image's Qwen2.5-VL-7B "
             f"text encoder (it has no {_names.TEXT_ENCODER_MARKER}). Put {_TE_FILE_HINT} there "
             "instead."
         )
@@ -507,7 +454,8 @@ def _split_text_encoder(path: Path, folder: str):
         visual = [k for k in expected if k.startswith("model.visual.")]
         if not any(k in state for k in visual):
             state.update({k: torch.zeros(expected[k].shape) for k in visual})
-        state = {k: v.float() for k, v in state.items()}
+        dtype = target_dtype("text_encoder") or torch.float32  # see loading.load_in
+        state = {k: v.to(dtype) for k, v in state.items()}
         if tied:
             state["lm_head.weight"] = state[embed]
         te.load_state_dict(state, strict=True, assign=True)
@@ -542,7 +490,7 @@ def _split_vae(path: Path, folder: str):
     from lorakit.errors import LorakitError
     from lorakit.models import single_file as sf
 
-    ck = _read_split(path, "VAE", _VAE_FILE_HINT)
+    ck = sf.read_split(path)
     keys = set(ck)
     if _names.VAE_MARKER in keys and _names.WAN22_VAE_MARKER not in keys:
 
@@ -556,11 +504,11 @@ def _split_vae(path: Path, folder: str):
 
     else:
         raise LorakitError(
-            f"'{path}' in vae/ is {_vae_looks_like(keys)}, not Qwen-Image's Wan-2.1-style VAE "
+            f"'{path}' is {_vae_looks_like(keys)}, not Qwen-Image's Wan-2.1-style VAE "
             f"(it has no {_names.VAE_MARKER}). Put {_VAE_FILE_HINT} there instead."
         )
     vae_config = dict(QWEN_IMAGE_VAE, _class_name="AutoencoderKLQwenImage")
-    with _config_dir(folder, "vae", vae_config) as d:
+    with sf.config_dir(folder, "vae", vae_config) as d:
         return sf.load_converted(AutoencoderKLQwenImage, ck, d, "vae", str(path), convert)
 
 
@@ -664,17 +612,19 @@ class QwenImage:
         cls = _pipeline_class(name, revision)
         if cls in EDIT_PIPELINES:
             raise LorakitError(_edit_refusal(f"model.name '{name}'", cls))
-        common: dict[str, Any] = {"revision": revision or None}
-        weights = dict(
-            common, variant=variant or None, use_safetensors=None if allow_pickle else True
-        )
+        common, weights = hub_kwargs(revision, variant, allow_pickle)
         try:
-            big = dict(weights, torch_dtype=_stored_dtype(name, "transformer"))
+            big = dict(
+                weights, torch_dtype=target_dtype("denoiser") or _stored_dtype(name, "transformer")
+            )
             tok = Qwen2Tokenizer.from_pretrained(name, subfolder="tokenizer", **common)
             te = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 name,
                 subfolder="text_encoder",
-                **dict(weights, dtype=_stored_dtype(name, "text_encoder")),
+                **dict(
+                    weights,
+                    dtype=target_dtype("text_encoder") or _stored_dtype(name, "text_encoder"),
+                ),
             )
             vae = diffusers.AutoencoderKLQwenImage.from_pretrained(name, subfolder="vae", **weights)
             transformer = diffusers.QwenImageTransformer2DModel.from_pretrained(
@@ -736,7 +686,9 @@ class QwenImage:
         edit = _edit_file(checkpoint, source)
         if edit:
             raise LorakitError(_edit_refusal(f"model.name '{source}'", edit))
-        error = _missing_parts(source, folder, ["vae", "text_encoder", "tokenizer"])
+        error = sf.missing_parts(
+            "Qwen-Image", source, folder, list(PARTS.values()), "Qwen/Qwen-Image"
+        )
         if error is not None:
             raise error
         if (Path(folder) / "model_index.json").is_file():
@@ -746,9 +698,9 @@ class QwenImage:
         transformer_config = self.single_file_configs()["transformer"]
         sub = Path(folder) / "transformer"
         where = str(sub) if (sub / "config.json").is_file() else "Qwen-Image's transformer config"
-        with _config_dir(folder, "transformer", transformer_config) as d:
+        with sf.config_dir(folder, "transformer", transformer_config) as d:
             transformer = load_transformer(checkpoint, d, source, where)
-        split = _split_file(folder, "text_encoder", _TE_LIBRARY)
+        split = sf.split_file(folder, PARTS["text_encoder"])
         if split is not None:
             te = _split_text_encoder(split, folder)
         else:
@@ -756,7 +708,7 @@ class QwenImage:
                 Qwen2_5_VLForConditionalGeneration, folder, "text_encoder", source
             )
         tok = sf.load_from_folder(Qwen2Tokenizer, folder, "tokenizer", source, tokenizer=True)
-        split = _split_file(folder, "vae", _VAE_LIBRARY)
+        split = sf.split_file(folder, PARTS["vae"])
         if split is not None:
             vae = _split_vae(split, folder)
         else:

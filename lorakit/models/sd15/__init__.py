@@ -32,7 +32,7 @@ from lorakit.models.ddpm import (
     meta_inputs,
     preview_scheduler,
 )
-from lorakit.models.loading import first_line, load_unconfigured
+from lorakit.models.loading import dtype_kwargs, first_line, hub_kwargs, load_unconfigured
 from lorakit.models.sd15 import names as _names
 from lorakit.models.text_encoders import CLIP_L_TEXT, TINY_CLIP, clip_from_config, clip_l_modules
 from lorakit.models.vae import SD_VAE, TINY_VAE
@@ -215,15 +215,19 @@ class SD15:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        common: dict[str, Any] = {"revision": revision or None}
-        weights = dict(
-            common, variant=variant or None, use_safetensors=None if allow_pickle else True
-        )
+        common, weights = hub_kwargs(revision, variant, allow_pickle)
         try:
             tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
-            text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **weights)
+            text_encoder = CLIPTextModel.from_pretrained(
+                name,
+                subfolder="text_encoder",
+                **weights,
+                **dtype_kwargs("text_encoder", "transformers"),
+            )
             vae = AutoencoderKL.from_pretrained(name, subfolder="vae", **weights)
-            unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **weights)
+            unet = UNet2DConditionModel.from_pretrained(
+                name, subfolder="unet", **weights, **dtype_kwargs("denoiser")
+            )
             scheduler = load_scheduler(name, common)
         except (OSError, ValueError) as e:
             hint = (

@@ -36,7 +36,7 @@ from lorakit.config import ModelConfig, TrainConfig
 from lorakit.models import flow
 from lorakit.models.base import AdapterTarget, PlanArch
 from lorakit.models.flow import check_flow_sampler, encode_flow_latents, shift_mu
-from lorakit.models.loading import freeze, load_error
+from lorakit.models.loading import dtype_kwargs, freeze, hub_kwargs, load_error
 from lorakit.models.sd3 import names as _names
 from lorakit.models.text_encoders import (
     CLIP_L_TEXT,
@@ -254,26 +254,36 @@ class SD3:
 
         from lorakit.models.quantize import quantized_kwargs
 
-        common: dict[str, Any] = {"revision": revision or None}
-        weights = dict(
-            common, variant=variant or None, use_safetensors=None if allow_pickle else True
-        )
+        common, weights = hub_kwargs(revision, variant, allow_pickle)
         try:
             tok = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
             tok_2 = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **common)
             te = CLIPTextModelWithProjection.from_pretrained(
-                name, subfolder="text_encoder", **weights
+                name,
+                subfolder="text_encoder",
+                **weights,
+                **dtype_kwargs("text_encoder", "transformers"),
             )
             te_2 = CLIPTextModelWithProjection.from_pretrained(
-                name, subfolder="text_encoder_2", **weights
+                name,
+                subfolder="text_encoder_2",
+                **weights,
+                **dtype_kwargs("text_encoder", "transformers"),
             )
             te_3 = tok_3 = None
             if not drop_t5:
                 tok_3 = T5TokenizerFast.from_pretrained(name, subfolder="tokenizer_3", **common)
-                te_3 = T5EncoderModel.from_pretrained(name, subfolder="text_encoder_3", **weights)
+                te_3 = T5EncoderModel.from_pretrained(
+                    name,
+                    subfolder="text_encoder_3",
+                    **weights,
+                    **dtype_kwargs("t5", "transformers"),
+                )
             vae = diffusers.AutoencoderKL.from_pretrained(name, subfolder="vae", **weights)
             transformer = diffusers.SD3Transformer2DModel.from_pretrained(
-                name, subfolder="transformer", **weights, **quantized_kwargs(quantize)
+                name,
+                subfolder="transformer",
+                **{**weights, **dtype_kwargs("denoiser"), **quantized_kwargs(quantize)},
             )
             sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
                 name, subfolder="scheduler", **common
@@ -481,6 +491,7 @@ class SD3:
             train.logit_mean,
             train.logit_std,
             mu,
+            bias=train.timestep_bias,
         )
         return noise, sigmas
 

@@ -38,7 +38,7 @@ from lorakit.models.ddpm import (
     meta_inputs,
     preview_scheduler,
 )
-from lorakit.models.loading import first_line, load_unconfigured
+from lorakit.models.loading import dtype_kwargs, first_line, hub_kwargs, load_unconfigured
 from lorakit.models.sdxl import names as _names
 from lorakit.models.text_encoders import (
     CLIP_L_TEXT,
@@ -259,19 +259,24 @@ class SDXL:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        common: dict[str, Any] = {"revision": revision or None}
-        weights = dict(
-            common, variant=variant or None, use_safetensors=None if allow_pickle else True
-        )
+        common, weights = hub_kwargs(revision, variant, allow_pickle)
         try:
             comps = SDXLComponents(
-                unet=UNet2DConditionModel.from_pretrained(name, subfolder="unet", **weights),
+                unet=UNet2DConditionModel.from_pretrained(
+                    name, subfolder="unet", **weights, **dtype_kwargs("denoiser")
+                ),
                 vae=AutoencoderKL.from_pretrained(name, subfolder="vae", **weights),
                 text_encoder=CLIPTextModel.from_pretrained(
-                    name, subfolder="text_encoder", **weights
+                    name,
+                    subfolder="text_encoder",
+                    **weights,
+                    **dtype_kwargs("text_encoder", "transformers"),
                 ),
                 text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                    name, subfolder="text_encoder_2", **weights
+                    name,
+                    subfolder="text_encoder_2",
+                    **weights,
+                    **dtype_kwargs("text_encoder", "transformers"),
                 ),
                 tokenizer=CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **common),
                 tokenizer_2=CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **common),

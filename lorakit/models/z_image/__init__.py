@@ -43,13 +43,8 @@ tests compare against the pipeline's own code):
 
 from __future__ import annotations
 
-import contextlib
-import json
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,7 +53,8 @@ from lorakit.config import ModelConfig, TrainConfig
 from lorakit.models import flow
 from lorakit.models.base import AdapterTarget, PlanArch
 from lorakit.models.flow import check_flow_sampler, encode_flow_latents
-from lorakit.models.loading import freeze, load_error
+from lorakit.models.loading import dtype_kwargs, freeze, hub_kwargs, load_error
+from lorakit.models.single_file import SplitPart
 from lorakit.models.vae import FLOW_VAE, tiny_flow_vae
 from lorakit.models.z_image import names as _names
 
@@ -219,60 +215,26 @@ def _looks_like(keys: list[str]) -> str:
     return "not a Z-Image transformer"
 
 
-@contextlib.contextmanager
-def _config_dir(folder: str, sub: str, builtin: dict[str, Any]) -> Iterator[str]:
-    """`folder` when `folder/sub/config.json` exists, else a temp folder holding `builtin`."""
-    if (Path(folder) / sub / "config.json").is_file():
-        yield folder
-        return
-    with tempfile.TemporaryDirectory(prefix="lorakit-z-image-") as tmp:
-        (Path(tmp) / sub).mkdir()
-        (Path(tmp) / sub / "config.json").write_text(json.dumps(builtin), encoding="utf-8")
-        yield tmp
+QWEN3_MARKER = "model.layers.0.self_attn.q_norm.weight"
+"""A Qwen3 text-encoder file (ComfyUI's `text_encoders/qwen_3_4b.safetensors`): `q_norm`, the
+per-head query RMSNorm, is Qwen3's, not Qwen2's."""
 
-
-def _split_file(folder: str, sub: str, library_names: tuple[str, ...]) -> Path | None:
-    """The one ComfyUI-style `.safetensors` in `folder/sub` (None where the folder holds the
-    library's own layout, `library_names`, or nothing)."""
-    where = Path(folder) / sub
-    if not where.is_dir() or any((where / n).exists() for n in library_names):
-        return None
-    files = sorted(where.glob("*.safetensors"))
-    return files[0] if len(files) == 1 else None
-
-
-_PART_HINTS = {
-    "vae": _VAE_FILE_HINT,
-    "text_encoder": _TE_FILE_HINT,
-    "tokenizer": "the Qwen tokenizer files (the tokenizer/ folder of Tongyi-MAI/Z-Image-Turbo)",
-}
-
-
-def _present(folder: str, sub: str) -> bool:
-    where = Path(folder) / sub
-    if sub == "tokenizer":
-        return (where / "tokenizer.json").is_file() or (where / "vocab.json").is_file()
-    return where.is_dir() and any(p.suffix in (".safetensors", ".bin") for p in where.iterdir())
-
-
-def _missing_parts(source: str, folder: str, subs: list[str]) -> Exception | None:
-    """One paragraph naming every part `folder` lacks (checked before the transformer is read),
-    or None."""
-    from lorakit.errors import LorakitError
-
-    missing = [s for s in subs if not _present(folder, s)]
-    if not missing:
-        return None
-    # single_file.config_folder's temp folder of built-in configs: the user gave no folder
-    given = not Path(folder).name.startswith("lorakit-z-image-config-")
-    where = f"'{folder}' has no" if given else "model.single_file_config is not set, so there is no"
-    needs = "; ".join(f"{s}/ with {_PART_HINTS[s]}" for s in missing)
-    return LorakitError(
-        f"The Z-Image checkpoint '{source}' holds the diffusion model only, and {where} "
-        f"{', '.join(s + '/' for s in missing)} to take the rest from. Set "
-        f"model.single_file_config to a folder with {needs}. lorakit downloads nothing for a "
-        "single-file model."
-    )
+PARTS = {
+    "text_encoder": SplitPart(
+        "text_encoder", _TE_FILE_HINT, ("model.safetensors", "model.safetensors.index.json"),
+        markers=(QWEN3_MARKER,),
+    ),
+    "vae": SplitPart(
+        "vae", _VAE_FILE_HINT, ("diffusion_pytorch_model.safetensors",),
+        markers=("decoder.mid.block_1.conv1.weight", "encoder.conv_in.weight"),
+        excluded=("bn.running_mean",),  # FLUX.2's VAE
+    ),
+    "tokenizer": SplitPart(
+        "tokenizer",
+        "the Qwen tokenizer files (the tokenizer/ folder of Tongyi-MAI/Z-Image-Turbo)",
+    ),
+}  # fmt: skip
+"""What `from_single_file` takes from model.single_file_config (`single_file.SplitPart`)."""
 
 
 def _qwen3_from_split(model, checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -373,20 +335,27 @@ class ZImage:
         quantize: str = "none",
     ) -> ZImageComponents:
         import diffusers
-        from transformers import AutoTokenizer, Qwen3Model
+        from transformers import Qwen2Tokenizer, Qwen3Model
 
         from lorakit.models.quantize import quantized_kwargs
 
-        common: dict[str, Any] = {"revision": revision or None}
-        weights = dict(
-            common, variant=variant or None, use_safetensors=None if allow_pickle else True
-        )
+        common, weights = hub_kwargs(revision, variant, allow_pickle)
         try:
-            tok = AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **common)
-            te = Qwen3Model.from_pretrained(name, subfolder="text_encoder", **weights)
+            # the class itself, not AutoTokenizer: for a hub id transformers' AutoTokenizer
+            # also asks for the repo's tokenizer/config.json, which offline (from the cache)
+            # is an error; the released tokenizer_config.json names Qwen2Tokenizer
+            tok = Qwen2Tokenizer.from_pretrained(name, subfolder="tokenizer", **common)
+            te = Qwen3Model.from_pretrained(
+                name,
+                subfolder="text_encoder",
+                **weights,
+                **dtype_kwargs("text_encoder", "transformers"),
+            )
             vae = diffusers.AutoencoderKL.from_pretrained(name, subfolder="vae", **weights)
             transformer = diffusers.ZImageTransformer2DModel.from_pretrained(
-                name, subfolder="transformer", **weights, **quantized_kwargs(quantize)
+                name,
+                subfolder="transformer",
+                **{**weights, **dtype_kwargs("denoiser"), **quantized_kwargs(quantize)},
             )
             sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
                 name, subfolder="scheduler", **common
@@ -454,10 +423,8 @@ class ZImage:
         vae_in_file = sf.has_prefix(checkpoint, ldm_names.VAE_PREFIX) or sf.has_prefix(
             checkpoint, "vae."
         )
-        parts = (
-            ["text_encoder", "tokenizer"] if vae_in_file else ["vae", "text_encoder", "tokenizer"]
-        )
-        error = _missing_parts(source, folder, parts)
+        parts = [p for p in PARTS.values() if not (vae_in_file and p.sub == "vae")]
+        error = sf.missing_parts("Z-Image", source, folder, parts, "Tongyi-MAI/Z-Image-Turbo")
         if error is not None:
             raise error
 
@@ -465,7 +432,7 @@ class ZImage:
             c = model.config
             return _names.read_transformer(ck, c.n_layers, c.n_refiner_layers)
 
-        with _config_dir(folder, "transformer", self.single_file_configs()["transformer"]) as d:
+        with sf.config_dir(folder, "transformer", self.single_file_configs()["transformer"]) as d:
             transformer = sf.load_converted(
                 ZImageTransformer2DModel, checkpoint, d, "transformer", source, read
             )
@@ -474,18 +441,16 @@ class ZImage:
                 ldm_names.VAE_PREFIX if sf.has_prefix(checkpoint, "first_stage_model.") else "vae."
             )
             convert = from_original(prefix, ldm_names.vae_from_ldm)
-            with _config_dir(folder, "vae", Z_IMAGE_VAE) as d:
+            with sf.config_dir(folder, "vae", Z_IMAGE_VAE) as d:
                 vae = sf.load_converted(AutoencoderKL, checkpoint, d, "vae", source, convert)
         else:
             vae = self._folder_part(
-                folder, source, "vae", AutoencoderKL, ("diffusion_pytorch_model.safetensors",),
+                folder, source, PARTS["vae"], AutoencoderKL,
                 from_original("", ldm_names.vae_from_ldm), Z_IMAGE_VAE,
             )  # fmt: skip
         te = self._folder_part(
-            folder, source, "text_encoder", Qwen3Model,
-            ("model.safetensors", "model.safetensors.index.json"), _qwen3_from_split,
-            QWEN3_4B,
-        )  # fmt: skip
+            folder, source, PARTS["text_encoder"], Qwen3Model, _qwen3_from_split, QWEN3_4B
+        )
         tok = sf.load_from_folder(AutoTokenizer, folder, "tokenizer", source, tokenizer=True)
         sched = sf.load_scheduler(
             folder, dict(TURBO_SCHEDULER, _class_name="FlowMatchEulerDiscreteScheduler"), {}
@@ -494,17 +459,17 @@ class ZImage:
         return ZImageComponents(transformer, vae, te, tok, sched)
 
     @staticmethod
-    def _folder_part(folder, source, sub, cls, library_names, convert, builtin):
-        """A component from `folder/sub` (present: `_missing_parts`): the library's own layout,
-        or one split file."""
+    def _folder_part(folder, source, part, cls, convert, builtin):
+        """A component from model.single_file_config (present: `missing_parts`): its split file
+        (`single_file.split_file`), or the library's own layout in `folder/part.sub`."""
         from lorakit.models import single_file as sf
 
-        split = _split_file(folder, sub, library_names)
+        split = sf.split_file(folder, part)
         if split is not None:
-            ck = sf.read_checkpoint(split)
-            with _config_dir(folder, sub, builtin) as d:
-                return sf.load_converted(cls, ck, d, sub, str(split), convert)
-        return sf.load_from_folder(cls, folder, sub, source)
+            ck = sf.read_split(split)
+            with sf.config_dir(folder, part.sub, builtin) as d:
+                return sf.load_converted(cls, ck, d, part.sub, str(split), convert)
+        return sf.load_from_folder(cls, folder, part.sub, source)
 
     def save(self, components: ZImageComponents, folder: str) -> None:
         self.pipeline(components).save_pretrained(folder, safe_serialization=True)
@@ -613,6 +578,7 @@ class ZImage:
             train.logit_mean,
             train.logit_std,
             self.shift_mu(components, latents, train),
+            bias=train.timestep_bias,
         )
         return noise, sigmas
 
