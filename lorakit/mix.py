@@ -226,21 +226,15 @@ def _kernels(family_name: str) -> dict[tuple[str, str], tuple[int, ...]]:
     Needed for LoHa/LoKr modules only, whose factors store a conv's `in·kh·kw` flattened."""
     cached = _KERNELS.get(family_name)
     if cached is None:
-        from lorakit.models import get_family
+        from lorakit.export import tiny_modules
 
-        fam = get_family(family_name)
-        comps = fam.build_tiny(seed=0)
         cached = {}
-        for target in fam.targets:
-            module = getattr(comps, target.component, None)
-            if module is None:
-                continue
-            for name, m in module.named_modules():
-                path = _generic(canonical_name(target, name))
-                if isinstance(m, torch.nn.Conv2d):
-                    cached[(target.component, path)] = tuple(m.kernel_size)
-                elif isinstance(m, torch.nn.Linear):
-                    cached[(target.component, path)] = ()
+        for target, name, m in tiny_modules(family_name):
+            path = _generic(canonical_name(target, name))
+            if isinstance(m, torch.nn.Conv2d):
+                cached[(target.component, path)] = tuple(m.kernel_size)
+            elif isinstance(m, torch.nn.Linear):
+                cached[(target.component, path)] = ()
         _KERNELS[family_name] = cached
     return cached
 

@@ -286,23 +286,30 @@ def _module_ratios(family_name: str) -> dict[tuple[str, str], float]:
 
     Width-free: the tiny models keep their architecture's ratios (FLUX.1's MLP is 4× the width,
     FLUX.2's gated MLP 2 × 3×), so a file of any width can be compared with them."""
-    from lorakit.models import get_family
-
     cached = _RATIOS.get(family_name)
     if cached is None:
-        fam = get_family(family_name)
-        comps = fam.build_tiny(seed=0)
         cached = {}
-        for target in fam.targets:
-            module = getattr(comps, target.component, None)
-            if module is None:
-                continue
-            for name, m in module.named_modules():
-                w = getattr(m, "weight", None)
-                if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and w is not None:
-                    cached[(target.component, name)] = w.shape[0] / w.shape[1]
+        for target, name, m in tiny_modules(family_name):
+            w = getattr(m, "weight", None)
+            if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and w is not None:
+                cached[(target.component, name)] = w.shape[0] / w.shape[1]
         _RATIOS[family_name] = cached
     return cached
+
+
+def tiny_modules(family_name: str):
+    """(adapter target, module path, module) of every module under each of the family's adapter
+    targets in its tiny model: the architecture's module types, kernels and width ratios, which
+    do not depend on the width, for facts about files of any size."""
+    from lorakit.models import get_family
+
+    fam = get_family(family_name)
+    comps = fam.build_tiny(seed=0)
+    for target in fam.targets:
+        module = getattr(comps, target.component, None)
+        if module is not None:
+            for name, m in module.named_modules():
+                yield target, name, m
 
 
 _RATIOS: dict[str, dict[tuple[str, str], float]] = {}

@@ -51,6 +51,16 @@ def unit_normalisation(raw: torch.Tensor, centre: bool) -> tuple[float, float]:
     return shift, 1.0 / (raw - shift).pow(2).mean().sqrt().item()
 
 
+def fit_vae_scale(vae, pixels: torch.Tensor, centre: bool) -> None:
+    """Set an `AutoencoderKL`'s `scaling_factor` (and, when `centre`, `shift_factor`) so that
+    `pixels`' latents come out with RMS 1 (and mean 0): the scale the noise schedules assume,
+    as a real VAE's factors are fitted to real data."""
+    with torch.no_grad():
+        raw = vae.encode(pixels).latent_dist.mean
+    shift, scale = unit_normalisation(raw, centre=centre)
+    vae.register_to_config(scaling_factor=scale, **({"shift_factor": shift} if centre else {}))
+
+
 @contextlib.contextmanager
 def patched(target: Any, attr: str, value: Any) -> Iterator[None]:
     """`target.attr = value` inside the block, the original restored after it."""
@@ -120,10 +130,7 @@ class UNetAgreement:
         from lorakit.models import FAMILIES
 
         comps = FAMILIES[self.name].build_tiny(seed=seed)
-        with torch.no_grad():
-            raw = comps.vae.encode(pixels).latent_dist.mean
-        _, scale = unit_normalisation(raw, centre=False)
-        comps.vae.register_to_config(scaling_factor=scale)
+        fit_vae_scale(comps.vae, pixels, centre=False)
         return comps
 
     def latents_from_pipeline(self, pipe, latents, height, width):

@@ -11,9 +11,9 @@ import torch
 
 from lorakit.models.agreement import (
     JOINT_TARGETS,
+    fit_vae_scale,
     flow_epsilon_target,
     patched,
-    unit_normalisation,
 )
 from lorakit.models.base import AgreementSetting
 
@@ -52,10 +52,7 @@ class FluxAgreement:
         comps.transformer = FluxTransformer2DModel(**dict(TINY_FLUX_TRANSFORMER, **WIDE))
         freeze(comps.transformer)
         comps.t5_max_length = self.text_length
-        with torch.no_grad():
-            raw = comps.vae.encode(pixels).latent_dist.mean
-        shift, scale = unit_normalisation(raw, centre=True)
-        comps.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+        fit_vae_scale(comps.vae, pixels, centre=True)
         return comps
 
     def latents_from_pipeline(self, pipe, latents, height, width):

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lorakit.models.agreement import JOINT_TARGETS, flow_epsilon_target, unit_normalisation
+from lorakit.models.agreement import JOINT_TARGETS, fit_vae_scale, flow_epsilon_target
 from lorakit.models.base import AgreementSetting
 
 WIDE = dict(
@@ -48,10 +48,7 @@ class SD3Agreement:
         comps.transformer = SD3Transformer2DModel(**dict(TINY_SD3_TRANSFORMER, **WIDE))
         freeze(comps.transformer)
         comps.t5_max_length = self.text_length
-        with torch.no_grad():
-            raw = comps.vae.encode(pixels).latent_dist.mean
-        shift, scale = unit_normalisation(raw, centre=True)
-        comps.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+        fit_vae_scale(comps.vae, pixels, centre=True)
         return comps
 
     def latents_from_pipeline(self, pipe, latents, height, width):

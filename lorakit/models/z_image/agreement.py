@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lorakit.models.agreement import flow_epsilon_target, patched, unit_normalisation
+from lorakit.models.agreement import fit_vae_scale, flow_epsilon_target, patched
 from lorakit.models.base import AgreementSetting
 
 # dim = n_heads × sum(axes_dims), as in the default tiny config
@@ -42,10 +42,7 @@ class ZImageAgreement:
 
         comps = tiny_z_image(seed, **WIDE)
         comps.max_sequence_length = self.text_length
-        with torch.no_grad():
-            raw = comps.vae.encode(pixels).latent_dist.mean
-        shift, scale = unit_normalisation(raw, centre=True)
-        comps.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+        fit_vae_scale(comps.vae, pixels, centre=True)
         return comps
 
     def latents_from_pipeline(self, pipe, latents, height, width):
