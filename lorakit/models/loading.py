@@ -33,8 +33,8 @@ def target_dtype(part: str):
     import torch
 
     dtype = _LOAD_DTYPE.get()
-    if dtype is None or part == "vae":
-        return None
+    if dtype is None or dtype == torch.float32 or part == "vae":
+        return None  # fp32 is the libraries' own default: their loading path, unchanged
     if part == "t5" and dtype == torch.float16:
         from lorakit.spec import frozen_dtype
 
