@@ -428,28 +428,39 @@ def split_costs(a, model: Path, data: Path, work: Path, n: int) -> None:
                 flush=True,
             )
 
-    def best(key: str, field: str = "wall_s") -> float:
-        return min(r[field] for r in rows[key])
-
     dn = a.steps2 - a.steps
-    cost = {}
-    for side in ("reference", "lorakit"):
-        per = (best(f"{side} long") - best(f"{side} first")) / dn
-        cost[side] = {
-            "per_step": per,
-            "fixed_first": best(f"{side} first") - a.steps * per,
-            "fixed_second": (best(f"{side} second") if side == "lorakit" else best(f"{side} first"))
-            - a.steps * per,
-            "rss": min(
-                min(r["peak_rss_gib"] for r in v) for k, v in rows.items() if k.startswith(side)
-            ),
-        }
+    per_round = []
+    for i in range(a.rounds):
+        w = {k: v[i]["wall_s"] for k, v in rows.items()}
+        c = {}
+        for side in ("reference", "lorakit"):
+            # per step from two runs that start alike: the reference's are both first runs;
+            # lorakit's "long" run is warm, so it pairs with its warm "second" run
+            short = w["lorakit second"] if side == "lorakit" else w["reference first"]
+            per = (w[f"{side} long"] - short) / dn
+            c[side] = {
+                "per_step": per,
+                "fixed_first": w[f"{side} first"] - a.steps * per,
+                "fixed_second": short - a.steps * per,
+                "rss": max(v[i]["peak_rss_gib"] for k, v in rows.items() if k.startswith(side)),
+            }
+        per_round.append(c)
+        print(
+            f"round {i + 1}: per step {c['reference']['per_step']:.2f} / "
+            f"{c['lorakit']['per_step']:.2f} s, fixed first {c['reference']['fixed_first']:.1f} / "
+            f"{c['lorakit']['fixed_first']:.1f} s, second {c['reference']['fixed_second']:.1f} / "
+            f"{c['lorakit']['fixed_second']:.1f} s (reference / lorakit)"
+        )
+    cost = {
+        side: {k: statistics.mean(c[side][k] for c in per_round) for k in per_round[0][side]}
+        for side in ("reference", "lorakit")
+    }
     ref, lk = cost["reference"], cost["lorakit"]
     print(
         f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {n} images "
         f"at {a.resolution} px, batch {BATCH}, {a.steps} and {a.steps2} steps, model {a.arch}, "
-        f"checkpointing {'on' if a.checkpointing else 'off'}, {a.device}; best of {a.rounds} "
-        "round(s) per cell"
+        f"checkpointing {'on' if a.checkpointing else 'off'}, {a.device}; mean of {a.rounds} "
+        "round(s), each computed within its round"
     )
     print(f"{'':24}{'reference':>12}{'lorakit':>12}   target")
     print(

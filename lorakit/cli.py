@@ -435,14 +435,14 @@ def _prepare_data(c):
 
     from lorakit.errors import ConfigError
     from lorakit.models import FAMILIES, get_family
-    from lorakit.spec import any_family_multiple, bucketed_data, build_spec
+    from lorakit.spec import any_family_multiple, bucketed_data, build_spec, masked_data
 
     if c.model.name or c.model.family != "auto":
         from lorakit.planner import family_of
 
         with contextlib.suppress(ConfigError):  # a hub id it cannot place: suit every family
             return build_spec(c, get_family(family_of(c))).data
-    return bucketed_data(c.data, any_family_multiple(FAMILIES.values()))
+    return masked_data(c, bucketed_data(c.data, any_family_multiple(FAMILIES.values())))
 
 
 def _relaunch(c, data: Path, num_processes: int | None, accelerate_config: Path | None) -> int:

@@ -132,9 +132,10 @@ class DataConfig:
     mask_flatten: bool = False
     """Flatten every image that has a mask FILE (`name.mask.png`, `masks/…`) onto data.background
     through that mask before resizing, as a transparent PNG's alpha is: nothing outside the mask
-    reaches the model, not even as context (with train.mask_background = 0, two sets that differ
-    only outside their masks train bit-identical adapters). Off: the surroundings stay in the
-    image; train.masked_loss then only stops them being learned (lorakit/data/masks.py)."""
+    reaches the model, not even as context. On by itself with train.masked_loss and
+    train.mask_background = 0 (two sets that differ only outside their masks then train
+    bit-identical adapters). Off (and mask_background > 0): the surroundings stay in the image as
+    context; train.masked_loss only weights how much they are learned (lorakit/data/masks.py)."""
     min_side: int = 0
     """Images with a shorter side are left out; 0 = data.resolution / 2."""
     near_duplicate_distance: int = 4

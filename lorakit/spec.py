@@ -131,6 +131,18 @@ def bucketed_data(data: DataConfig, pixel_multiple: int) -> DataConfig:
     return replace(data, bucket_step=step)
 
 
+def masked_data(c, data: DataConfig) -> DataConfig:
+    """`data` with `mask_flatten` on when `train.masked_loss` has `train.mask_background = 0`:
+    then nothing outside a mask is learned and nothing of it is seen either (images with a mask
+    file are flattened through it, as a transparent PNG's alpha is), so two sets that differ only
+    outside their masks train bit-identical adapters. With a background weight above 0 the
+    surroundings stay in the images as context (unless `data.mask_flatten = true`). `train` (via
+    `build_spec`) and `lorakit prepare` both call this."""
+    if c.train.masked_loss and c.train.mask_background == 0 and not data.mask_flatten:
+        return replace(data, mask_flatten=True)
+    return data
+
+
 def any_family_multiple(families) -> int:
     """The pixel multiple that suits every family in `families` (a set prepared without a
     model trains on any of them)."""
@@ -151,7 +163,7 @@ def text_encoder_section(lora: LoraConfigSection) -> LoraConfigSection:
 def build_spec(config: Config, family: Family) -> RunSpec:
     """Every run decision from `config` and the resolved `family`; nothing is loaded."""
     c = config
-    data = bucketed_data(c.data, family.pixel_multiple)
+    data = masked_data(c, bucketed_data(c.data, family.pixel_multiple))
     step = family_step(c.data.resolution, c.data.bucket_step, family.pixel_multiple)
     res = c.data.resolution
     if c.data.bucketing:

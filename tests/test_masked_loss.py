@@ -371,16 +371,16 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_sets_differing_only_outside_their_masks_train_bit_identical_adapters(tmp_path):
-    """With train.mask_background = 0 and data.mask_flatten = true nothing outside the masks
-    reaches the model: the adapters of A and B are bit-identical, and the second run reads the
-    latents and latent masks the first cached (their keys are content: B's flattened images are
-    A's). The masked loss is at work in the loop: without it the same data trains another
-    adapter."""
+    """With train.mask_background = 0 nothing outside the masks reaches the model (images with
+    mask files are flattened through them: `spec.masked_data`): the adapters of A and B are
+    bit-identical, and the second run reads the latents and latent masks the first cached
+    (their keys are content: B's flattened images are A's). The masked loss is at work in the
+    loop: without it the same data trains another adapter."""
     from lorakit.train import train
 
     a, b = _twin_sets(tmp_path)
     cache = tmp_path / "cache"
-    keep = ["train.masked_loss=true", "train.mask_background=0.0", "data.mask_flatten=true"]
+    keep = ["train.masked_loss=true", "train.mask_background=0.0"]  # flattens (spec.masked_data)
     run_a = train(_run_config(tmp_path / "a", *keep, f"data.cache_dir='{cache}'"), a)
     cached = {p: p.stat().st_mtime_ns for p in (cache / "latents").rglob("*.safetensors")}
     assert len(cached) == 4, "2 latents + 2 latent-resolution masks"
@@ -393,13 +393,14 @@ def test_sets_differing_only_outside_their_masks_train_bit_identical_adapters(tm
 
 @pytest.mark.slow
 def test_unflattened_surroundings_are_context_the_adapter_depends_on(tmp_path):
-    """The limit of the guarantee, documented: without data.mask_flatten the pixels outside the
-    mask stay in the denoiser's input (never in its loss at mask_background = 0), so two sets
-    that differ only there train different adapters."""
+    """Why mask_background = 0 flattens: with a background weight above 0 (and no
+    data.mask_flatten) the pixels outside the mask stay in the denoiser's input as context, and
+    the VAE and denoiser are not local, so two sets that differ only there train different
+    adapters even where the loss weight is tiny."""
     from lorakit.train import train
 
     a, b = _twin_sets(tmp_path)
-    context = ["train.masked_loss=true", "train.mask_background=0.0"]
+    context = ["train.masked_loss=true", "train.mask_background=0.01"]
     ctx_a = train(_run_config(tmp_path / "ca", *context), a)
     ctx_b = train(_run_config(tmp_path / "cb", *context), b)
     assert not _same(_adapter(ctx_a), _adapter(ctx_b))

@@ -38,10 +38,11 @@ What `mask_background = 0` guarantees: the loss and its gradient do not depend o
 denoiser's output at latent cells whose mask is 0 (exactly: those terms are multiplied by 0).
 The pixels outside the mask still reach the denoiser's INPUT (the noisy latent is the whole image,
 and the VAE's receptive field spans the mask edge), so they are context the adapter sees but is
-never trained to produce. `data.mask_flatten = true` removes them from the input too: the image is
-flattened onto `data.background` through its mask before anything else (as a transparent PNG's
-alpha is); then two data sets that differ only where their masks are 0 give bit-identical
-adapters (tests/test_masked_loss.py).
+never trained to produce — unless they are removed from the input too: the image is flattened
+onto `data.background` through its mask before anything else (as a transparent PNG's alpha is).
+That happens with `data.mask_flatten = true`, and by itself at `mask_background = 0`
+(`spec.masked_data`): two data sets that differ only where their masks are 0 then give
+bit-identical adapters (tests/test_masked_loss.py). Above 0 the surroundings stay as context.
 """
 
 from __future__ import annotations
