@@ -435,12 +435,19 @@ def _encode_all(c: Config, spec: RunSpec, comps, data: TrainingSet, accelerator)
 
 
 def _place_for_training(spec: RunSpec, comps, device: torch.device) -> None:
-    """Encoders off the device unless they encode every step; the denoiser onto it (only now:
-    during caching the encoders have it to themselves)."""
+    """Encoders off the device unless they encode every step (and out of memory altogether in a
+    run without previews); the denoiser onto it (only now: during caching the encoders have it
+    to themselves)."""
     family = spec.family
     if device.type != "cpu" and not spec.encoders_stay_on_device:
         for module in family.frozen_modules(comps).values():
             module.to("cpu")  # only the denoiser is needed from here on
+    if not spec.sampling and not spec.encoders_stay_on_device:
+        # No preview will decode or encode again and every caption is cached: the VAE and text
+        # encoders leave host memory too (meta tensors; the module objects and configs stay).
+        for module in family.frozen_modules(comps).values():
+            if module is not None:
+                module.to("meta")
     denoiser = getattr(comps, family.denoiser_name)
     from lorakit.models.quantize import is_fp8_stored
 

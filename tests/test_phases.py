@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from conftest import FAST, SAMPLES, cli
 
 
@@ -88,3 +89,26 @@ def test_nested_phases_are_counted_once():
             time.sleep(0.1)
     assert 0.09 < p.seconds["scoring"] < 0.2
     assert 0.04 < p.seconds["checkpoints"] < 0.09  # its own time, not the score's
+
+
+def test_a_run_without_previews_frees_the_encoders_after_caching(tmp_path):
+    """Issue #19 "resident memory": once latents and captions are cached, a run that renders no
+    preview never calls the VAE or the text encoders again, so they leave host memory (meta
+    tensors); with previews the VAE and encoders stay. The adapter is the same either way."""
+    from lorakit import config as cfg
+    from lorakit.train import train
+
+    def run(out, *sets):
+        sets = ["train.steps=2", "train.save_every=0", f"train.out='{out}'", *sets]
+        return train(cfg.resolve(preset="tiny-cpu", sets=sets), SAMPLES)
+
+    plain = run(tmp_path / "a", "sample.every=0")
+    frozen = plain.family.frozen_modules(plain.components)
+    assert frozen and all(p.is_meta for m in frozen.values() for p in m.parameters())
+    shown = run(tmp_path / "b", "sample.every=2", "sample.steps=1")
+    frozen = shown.family.frozen_modules(shown.components)
+    assert not any(p.is_meta for m in frozen.values() for p in m.parameters())
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(r.adapters["kohya"])) for r in (plain, shown))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

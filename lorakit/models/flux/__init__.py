@@ -38,7 +38,14 @@ from lorakit.models import flow
 from lorakit.models.base import AdapterTarget, PlanArch
 from lorakit.models.flow import check_flow_sampler, encode_flow_latents
 from lorakit.models.flux import names as _names
-from lorakit.models.loading import dtype_kwargs, freeze, hub_kwargs, load_error, target_dtype
+from lorakit.models.loading import (
+    dtype_kwargs,
+    freeze,
+    from_pretrained_streamed,
+    hub_kwargs,
+    load_error,
+    target_dtype,
+)
 from lorakit.models.text_encoders import (
     CLIP_L_TEXT,
     T5_XXL,
@@ -326,9 +333,10 @@ class Flux:
                 name, subfolder="text_encoder_2", **weights, **dtype_kwargs("t5", "transformers")
             )
             vae = diffusers.AutoencoderKL.from_pretrained(name, subfolder="vae", **weights)
-            transformer = diffusers.FluxTransformer2DModel.from_pretrained(
+            transformer = from_pretrained_streamed(
+                diffusers.FluxTransformer2DModel,
                 name,
-                subfolder="transformer",
+                "transformer",
                 **{**weights, **dtype_kwargs("denoiser"), **quantized_kwargs(quantize)},
             )
             sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(

@@ -59,7 +59,14 @@ from lorakit.models import flow
 from lorakit.models.base import AdapterTarget, PlanArch
 from lorakit.models.flow import check_flow_sampler
 from lorakit.models.flux2_klein import names as _names
-from lorakit.models.loading import dtype_kwargs, freeze, hub_kwargs, load_error, target_dtype
+from lorakit.models.loading import (
+    dtype_kwargs,
+    freeze,
+    from_pretrained_streamed,
+    hub_kwargs,
+    load_error,
+    target_dtype,
+)
 from lorakit.models.single_file import SplitPart
 
 
@@ -474,9 +481,10 @@ class Flux2Klein:
                 **dtype_kwargs("text_encoder", "transformers"),
             )
             vae = diffusers.AutoencoderKLFlux2.from_pretrained(name, subfolder="vae", **weights)
-            transformer = diffusers.Flux2Transformer2DModel.from_pretrained(
+            transformer = from_pretrained_streamed(
+                diffusers.Flux2Transformer2DModel,
                 name,
-                subfolder="transformer",
+                "transformer",
                 **{**weights, **dtype_kwargs("denoiser"), **quantized_kwargs(quantize)},
             )
             sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(

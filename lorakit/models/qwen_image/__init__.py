@@ -69,7 +69,13 @@ from lorakit.models import flow
 from lorakit.models import single_file as sf
 from lorakit.models.base import AdapterTarget, PlanArch
 from lorakit.models.flow import check_flow_sampler
-from lorakit.models.loading import freeze, hub_kwargs, load_error, target_dtype
+from lorakit.models.loading import (
+    freeze,
+    from_pretrained_streamed,
+    hub_kwargs,
+    load_error,
+    target_dtype,
+)
 from lorakit.models.qwen_image import names as _names
 from lorakit.models.single_file import SplitPart
 
@@ -627,8 +633,11 @@ class QwenImage:
                 ),
             )
             vae = diffusers.AutoencoderKLQwenImage.from_pretrained(name, subfolder="vae", **weights)
-            transformer = diffusers.QwenImageTransformer2DModel.from_pretrained(
-                name, subfolder="transformer", **dict(big, **quantized_kwargs(quantize))
+            transformer = from_pretrained_streamed(
+                diffusers.QwenImageTransformer2DModel,
+                name,
+                "transformer",
+                **dict(big, **quantized_kwargs(quantize)),
             )
             sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
                 name, subfolder="scheduler", **common

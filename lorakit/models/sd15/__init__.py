@@ -32,7 +32,13 @@ from lorakit.models.ddpm import (
     meta_inputs,
     preview_scheduler,
 )
-from lorakit.models.loading import dtype_kwargs, first_line, hub_kwargs, load_unconfigured
+from lorakit.models.loading import (
+    dtype_kwargs,
+    first_line,
+    from_pretrained_streamed,
+    hub_kwargs,
+    load_unconfigured,
+)
 from lorakit.models.sd15 import names as _names
 from lorakit.models.text_encoders import CLIP_L_TEXT, TINY_CLIP, clip_from_config, clip_l_modules
 from lorakit.models.vae import SD_VAE, TINY_VAE
@@ -225,8 +231,8 @@ class SD15:
                 **dtype_kwargs("text_encoder", "transformers"),
             )
             vae = AutoencoderKL.from_pretrained(name, subfolder="vae", **weights)
-            unet = UNet2DConditionModel.from_pretrained(
-                name, subfolder="unet", **weights, **dtype_kwargs("denoiser")
+            unet = from_pretrained_streamed(
+                UNet2DConditionModel, name, "unet", **weights, **dtype_kwargs("denoiser")
             )
             scheduler = load_scheduler(name, common)
         except (OSError, ValueError) as e:

@@ -36,7 +36,13 @@ from lorakit.config import ModelConfig, TrainConfig
 from lorakit.models import flow
 from lorakit.models.base import AdapterTarget, PlanArch
 from lorakit.models.flow import check_flow_sampler, encode_flow_latents, shift_mu
-from lorakit.models.loading import dtype_kwargs, freeze, hub_kwargs, load_error
+from lorakit.models.loading import (
+    dtype_kwargs,
+    freeze,
+    from_pretrained_streamed,
+    hub_kwargs,
+    load_error,
+)
 from lorakit.models.sd3 import names as _names
 from lorakit.models.text_encoders import (
     CLIP_L_TEXT,
@@ -280,9 +286,10 @@ class SD3:
                     **dtype_kwargs("t5", "transformers"),
                 )
             vae = diffusers.AutoencoderKL.from_pretrained(name, subfolder="vae", **weights)
-            transformer = diffusers.SD3Transformer2DModel.from_pretrained(
+            transformer = from_pretrained_streamed(
+                diffusers.SD3Transformer2DModel,
                 name,
-                subfolder="transformer",
+                "transformer",
                 **{**weights, **dtype_kwargs("denoiser"), **quantized_kwargs(quantize)},
             )
             sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(

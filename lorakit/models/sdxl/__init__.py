@@ -38,7 +38,13 @@ from lorakit.models.ddpm import (
     meta_inputs,
     preview_scheduler,
 )
-from lorakit.models.loading import dtype_kwargs, first_line, hub_kwargs, load_unconfigured
+from lorakit.models.loading import (
+    dtype_kwargs,
+    first_line,
+    from_pretrained_streamed,
+    hub_kwargs,
+    load_unconfigured,
+)
 from lorakit.models.sdxl import names as _names
 from lorakit.models.text_encoders import (
     CLIP_L_TEXT,
@@ -262,8 +268,8 @@ class SDXL:
         common, weights = hub_kwargs(revision, variant, allow_pickle)
         try:
             comps = SDXLComponents(
-                unet=UNet2DConditionModel.from_pretrained(
-                    name, subfolder="unet", **weights, **dtype_kwargs("denoiser")
+                unet=from_pretrained_streamed(
+                    UNet2DConditionModel, name, "unet", **weights, **dtype_kwargs("denoiser")
                 ),
                 vae=AutoencoderKL.from_pretrained(name, subfolder="vae", **weights),
                 text_encoder=CLIPTextModel.from_pretrained(

@@ -53,7 +53,13 @@ from lorakit.config import ModelConfig, TrainConfig
 from lorakit.models import flow
 from lorakit.models.base import AdapterTarget, PlanArch
 from lorakit.models.flow import check_flow_sampler, encode_flow_latents
-from lorakit.models.loading import dtype_kwargs, freeze, hub_kwargs, load_error
+from lorakit.models.loading import (
+    dtype_kwargs,
+    freeze,
+    from_pretrained_streamed,
+    hub_kwargs,
+    load_error,
+)
 from lorakit.models.single_file import SplitPart
 from lorakit.models.vae import FLOW_VAE, tiny_flow_vae
 from lorakit.models.z_image import names as _names
@@ -352,9 +358,10 @@ class ZImage:
                 **dtype_kwargs("text_encoder", "transformers"),
             )
             vae = diffusers.AutoencoderKL.from_pretrained(name, subfolder="vae", **weights)
-            transformer = diffusers.ZImageTransformer2DModel.from_pretrained(
+            transformer = from_pretrained_streamed(
+                diffusers.ZImageTransformer2DModel,
                 name,
-                subfolder="transformer",
+                "transformer",
                 **{**weights, **dtype_kwargs("denoiser"), **quantized_kwargs(quantize)},
             )
             sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
