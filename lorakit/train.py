@@ -206,6 +206,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
             cached, preview_spec, preview_embeds = _cache(c, spec, comps, data, accelerator)
         with phases("model"):
             _place_for_training(spec, comps, device)
+            _free_encoders(spec, comps)
             denoiser, params, text_encoders = _attach_lora(c, spec, comps, device)
             denoiser, optimizer, lr_schedule, params = _optimizer(
                 c, denoiser, params, accelerator, sharded
@@ -435,19 +436,12 @@ def _encode_all(c: Config, spec: RunSpec, comps, data: TrainingSet, accelerator)
 
 
 def _place_for_training(spec: RunSpec, comps, device: torch.device) -> None:
-    """Encoders off the device unless they encode every step (and out of memory altogether in a
-    run without previews); the denoiser onto it (only now: during caching the encoders have it
-    to themselves)."""
+    """Encoders off the device unless they encode every step; the denoiser onto it (only now:
+    during caching the encoders have it to themselves)."""
     family = spec.family
     if device.type != "cpu" and not spec.encoders_stay_on_device:
         for module in family.frozen_modules(comps).values():
             module.to("cpu")  # only the denoiser is needed from here on
-    if not spec.sampling and not spec.encoders_stay_on_device:
-        # No preview will decode or encode again and every caption is cached: the VAE and text
-        # encoders leave host memory too (meta tensors; the module objects and configs stay).
-        for module in family.frozen_modules(comps).values():
-            if module is not None:
-                module.to("meta")
     denoiser = getattr(comps, family.denoiser_name)
     from lorakit.models.quantize import is_fp8_stored
 
@@ -461,6 +455,17 @@ def _place_for_training(spec: RunSpec, comps, device: torch.device) -> None:
         denoiser.to(device)  # bitsandbytes / fp8-stored weights keep their storage dtypes
     else:
         denoiser.to(device, spec.weight_dtype)
+
+
+def _free_encoders(spec: RunSpec, comps) -> None:
+    """A run without previews never decodes or encodes again once every caption is cached: the
+    VAE and text encoders leave host memory too (meta tensors; module objects and configs
+    stay). With previews they stay (the pipeline runs the VAE and reads its device off them)."""
+    if spec.sampling or spec.encoders_stay_on_device:
+        return
+    for module in spec.family.frozen_modules(comps).values():
+        if module is not None:
+            module.to("meta")
 
 
 def _attach_lora(c: Config, spec: RunSpec, comps, device: torch.device):
