@@ -508,8 +508,9 @@ class _Scorer:
         from lorakit.data.training import load_training_set
         from lorakit.evaluate import eval_subset
         from lorakit.models import load_model, resolve_family
+        from lorakit.models.loading import load_in
         from lorakit.resume import data_fingerprint
-        from lorakit.spec import build_spec, frozen_dtype
+        from lorakit.spec import build_spec, place_frozen
 
         spec = build_spec(c, resolve_family(c.model)[0])
         use_cuda = c.train.device != "cpu" and torch.cuda.is_available()
@@ -526,9 +527,9 @@ class _Scorer:
                 "captions changed), so its held-out subset would not be the checkpoints'; pass "
                 "--data with the run's data folder"
             )
-        family, comps = load_model(c.model)
-        for name, module in family.frozen_modules(comps).items():
-            module.to(device, frozen_dtype(name, module, spec.weight_dtype))
+        with load_in(spec.weight_dtype):  # straight into the run's dtype, as train loads
+            family, comps = load_model(c.model)
+        place_frozen(family, comps, device, spec.weight_dtype)
 
         class _Main:  # the cache's writer check: this is the only process
             is_main_process = True

@@ -215,11 +215,28 @@ def frozen_dtype(
     """dtype of a frozen module (`Family.frozen_modules` name) under `weight_dtype`: VAEs stay
     fp32 (SD-family VAEs overflow in fp16); T5 overflows in fp16 too, so under fp16 it runs in
     bf16 where the device supports it (`bf16_supported`; None = ask CUDA), else fp32. Read by
-    train (placing the frozen modules) and the planner (their bytes)."""
+    train (placing the frozen modules), the planner (their bytes) and `loading.target_dtype`
+    (the dtype they load in; it passes the class name, `frozen_dtype_of`)."""
+    return frozen_dtype_of(name, type(module).__name__, weight_dtype, bf16_supported)
+
+
+def frozen_dtype_of(
+    name: str, class_name: str, weight_dtype: torch.dtype, bf16_supported: bool | None = None
+) -> torch.dtype:
+    """`frozen_dtype` of a module of class `class_name`, without the module."""
     if name == "vae":
         return torch.float32
-    if weight_dtype == torch.float16 and type(module).__name__.startswith("T5"):
+    if weight_dtype == torch.float16 and class_name.startswith("T5"):
         if bf16_supported is None:
             bf16_supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16_supported else torch.float32
     return weight_dtype
+
+
+def place_frozen(family, comps, device: torch.device, weight_dtype: torch.dtype) -> None:
+    """The frozen modules (VAE, text encoders) onto `device` in their `frozen_dtype`: what a
+    command that encodes or renders outside `train` (class images, post-hoc EMA scoring) does
+    before it starts."""
+    for name, module in family.frozen_modules(comps).items():
+        if module is not None:
+            module.to(device, frozen_dtype(name, module, weight_dtype))

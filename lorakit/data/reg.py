@@ -431,15 +431,16 @@ def generate_class_images(
 
     from lorakit.fileio import atomic_write_text
     from lorakit.models import load_model
+    from lorakit.models.loading import load_in
     from lorakit.sampling import GridSpec, PromptRow, render_cells, save_png
-    from lorakit.spec import WEIGHT_DTYPES, frozen_dtype
+    from lorakit.spec import WEIGHT_DTYPES, place_frozen
 
-    family, comps = load_model(c.model)
     use_cuda = c.train.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda" if use_cuda else "cpu")
     dtype = WEIGHT_DTYPES[c.train.mixed_precision] if use_cuda else torch.float32
-    for name, module in family.frozen_modules(comps).items():
-        module.to(device, frozen_dtype(name, module, dtype))
+    with load_in(dtype):  # straight into the dtype it renders in, as train loads
+        family, comps = load_model(c.model)
+    place_frozen(family, comps, device, dtype)
     denoiser = getattr(comps, family.denoiser_name)
     if getattr(denoiser, "is_quantized", False):
         denoiser.to(device)  # bitsandbytes weights keep their storage dtype

@@ -35,13 +35,10 @@ def target_dtype(part: str):
     dtype = _LOAD_DTYPE.get()
     if dtype is None or dtype == torch.float32 or part == "vae":
         return None  # fp32 is the libraries' own default: their loading path, unchanged
-    if part == "t5" and dtype == torch.float16:
-        from lorakit.spec import frozen_dtype
+    if part == "t5":
+        from lorakit.spec import frozen_dtype_of
 
-        class T5:  # frozen_dtype reads the class name
-            pass
-
-        return frozen_dtype("text_encoder", T5(), dtype)
+        return frozen_dtype_of("text_encoder", "T5EncoderModel", dtype)
     return dtype
 
 
