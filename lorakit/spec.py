@@ -98,6 +98,13 @@ class RunSpec:
     """`train.block_swap`: how many of the denoiser's last transformer blocks stream their
     frozen weights from host memory (0 = off); checked against the family here. Read by train
     (`_place_for_training`, `blockswap.enable_block_swap`) and the planner."""
+    fp8_storage: bool
+    """`model.quantize = "fp8"`: the denoiser's frozen Linear/Conv weights are stored in float8
+    once its weights are read (`quantize.enable_fp8_storage`). Read by train (`_load_model`,
+    `_place_for_training`)."""
+    fp8_matmul: bool
+    """`model.fp8_matmul`: the fp8-stored Linear layers multiply in fp8 (`quantize.
+    enable_fp8_matmul`), applied with the fp8 storage. Read by train (`_store_fp8`)."""
     stream_encoders: bool
     """`train.stream_encoders`: while caching, the frozen text encoders stay in host memory and
     their repeated layers' weights are streamed to the device as they run
@@ -201,6 +208,8 @@ def build_spec(config: Config, family: Family) -> RunSpec:
         preview_embeds=sampling and not te and pre_encodes(family),
         encoders_stay_on_device=encode_each_step,
         block_swap=c.train.block_swap,
+        fp8_storage=c.model.quantize == "fp8",
+        fp8_matmul=c.model.fp8_matmul,
         stream_encoders=c.train.stream_encoders,
         preservation=preservation(c),
         prior_weight=c.train.prior_weight if c.data.reg_folder else 0.0,

@@ -57,6 +57,7 @@ from lorakit.evaluate import (
 from lorakit.export import EXPORTERS, write_adapter
 from lorakit.export.metadata import training_metadata
 from lorakit.fileio import atomic_write_text
+from lorakit.hostmem import keep_freed_memory, release_host_memory
 from lorakit.lora import (
     extract_adapter,
     inject_lora,
@@ -178,6 +179,8 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     # class images that cannot be used are refused before the run folder is touched
     check_reg_folder(data_dir, c.data, c.model.name, files=True)
     accelerator = _accelerator(c, spec)
+    if accelerator.device.type == "cpu":  # step buffers reuse their pages (lorakit/hostmem.py)
+        keep_freed_memory()
     sharded = is_sharded(accelerator)  # FSDP: extraction, checkpoints, samples are collectives
     from lorakit.planner import check_before_training  # cheap; returns at once on CPU / tiny
 
@@ -205,8 +208,8 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
         with phases("cache"):
             cached, preview_spec, preview_embeds = _cache(c, spec, comps, data, accelerator)
         with phases("model"):
+            _free_encoders(spec, comps)  # first: their memory is gone before the denoiser's read
             _place_for_training(spec, comps, device)
-            _free_encoders(spec, comps)
             denoiser, params, text_encoders = _attach_lora(c, spec, comps, device)
             denoiser, optimizer, lr_schedule, params = _optimizer(
                 c, denoiser, params, accelerator, sharded
@@ -351,9 +354,16 @@ def _resume_point(out: Path, c: Config, accelerator, warn):
 def _load_model(c: Config, spec: RunSpec, accelerator, out: Path):
     """The base components; the frozen encoders on the device (for caching), the run's
     config.toml written."""
-    from lorakit.models.loading import load_in
+    from lorakit.models.loading import deferred, is_deferred, load_in
 
-    with load_in(spec.weight_dtype):  # straight into the run's dtype: no fp32 copy in RAM first
+    if spec.fp8_matmul:  # a GPU without fp8 tensor cores: refused before minutes of loading
+        from lorakit.models.quantize import check_fp8_matmul
+
+        check_fp8_matmul(accelerator.device)
+
+    # straight into the run's dtype (no fp32 copy in RAM first); a local denoiser is read only
+    # after caching (`_place_for_training`), so it never sits in RAM beside the encoders
+    with load_in(spec.weight_dtype), deferred():
         _, comps = load_model(c.model)
     family, device = spec.family, accelerator.device
     denoiser = getattr(comps, family.denoiser_name)
@@ -374,11 +384,8 @@ def _load_model(c: Config, spec: RunSpec, accelerator, out: Path):
             module.to(dtype=dtype)  # host memory; `_cache` streams it (`encoder_stream`)
         else:
             module.to(device, dtype)
-    if c.model.quantize == "fp8":  # fp8 storage from here on, still in host memory; see quantize
-        from lorakit.models.quantize import enable_fp8_storage
-
-        denoiser.to(dtype=spec.weight_dtype)  # the layers it skips (norms, ...) stay in this
-        enable_fp8_storage(denoiser, spec.weight_dtype)
+    if spec.fp8_storage and not is_deferred(denoiser):  # fp8 from here on, in host memory
+        _store_fp8(spec, denoiser)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.toml", c.to_toml())
@@ -438,12 +445,19 @@ def _encode_all(c: Config, spec: RunSpec, comps, data: TrainingSet, accelerator)
 def _place_for_training(spec: RunSpec, comps, device: torch.device) -> None:
     """Encoders off the device unless they encode every step; the denoiser onto it (only now:
     during caching the encoders have it to themselves)."""
+    from lorakit.models.loading import is_deferred, materialize
+    from lorakit.models.quantize import is_fp8_stored
+
     family = spec.family
     if device.type != "cpu" and not spec.encoders_stay_on_device:
         for module in family.frozen_modules(comps).values():
-            module.to("cpu")  # only the denoiser is needed from here on
+            if module is not None and not _on_meta(module):  # `_free_encoders` freed them
+                module.to("cpu")  # only the denoiser is needed from here on
     denoiser = getattr(comps, family.denoiser_name)
-    from lorakit.models.quantize import is_fp8_stored
+    if is_deferred(denoiser):  # read now, after caching (`_load_model`)
+        materialize(denoiser)
+        if spec.fp8_storage:
+            _store_fp8(spec, denoiser)
 
     if spec.block_swap:
         # Cast in host memory; `blockswap.enable_block_swap` moves all but the streamed blocks
@@ -457,6 +471,21 @@ def _place_for_training(spec: RunSpec, comps, device: torch.device) -> None:
         denoiser.to(device, spec.weight_dtype)
 
 
+def _on_meta(module) -> bool:
+    return any(p.is_meta for p in module.parameters())
+
+
+def _store_fp8(spec: RunSpec, denoiser) -> None:
+    """fp8 storage of the denoiser's frozen Linear/Conv weights, in host memory, and with
+    `model.fp8_matmul` fp8 matmuls on them (see quantize)."""
+    from lorakit.models.quantize import enable_fp8_matmul, enable_fp8_storage
+
+    denoiser.to(dtype=spec.weight_dtype)  # the layers it skips (norms, ...) stay in this
+    enable_fp8_storage(denoiser, spec.weight_dtype)
+    if spec.fp8_matmul:
+        enable_fp8_matmul(denoiser)
+
+
 def _free_encoders(spec: RunSpec, comps) -> None:
     """A run without previews never decodes or encodes again once every caption is cached: the
     VAE and text encoders leave host memory too (meta tensors; module objects and configs
@@ -466,6 +495,7 @@ def _free_encoders(spec: RunSpec, comps) -> None:
     for module in spec.family.frozen_modules(comps).values():
         if module is not None:
             module.to("meta")
+    release_host_memory()
 
 
 def _attach_lora(c: Config, spec: RunSpec, comps, device: torch.device):

@@ -66,7 +66,8 @@ def module_identity(*modules) -> str:
             t = t.detach().to("cpu").contiguous()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
             # reshape: a 0-dim buffer (BatchNorm's num_batches_tracked) has no byte view
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            # the bytes in place (buffer protocol), not a `tobytes()` copy of every tensor
+            h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
     return h.hexdigest()[:32]
 
 

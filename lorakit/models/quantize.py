@@ -25,6 +25,7 @@ re-loaded from there (`quantize_loaded`). CUDA only: `check_quantize` fails up f
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -230,3 +231,117 @@ def fp8_layers(denoiser) -> list[torch.nn.Module]:
 
     visit(denoiser, "")
     return out
+
+
+# --- fp8 matmul (`model.fp8_matmul`) -------------------------------------------------------------
+
+E4M3_MAX = 448.0
+E5M2_MAX = 57344.0
+
+
+def check_fp8_matmul(device: torch.device) -> None:
+    """Refuse `model.fp8_matmul` on a device without fp8 matmul, before anything is loaded."""
+    if device.type != "cuda":
+        return  # the CPU runs torch's reference kernel: slow, exact to its rounding (tests)
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ConfigError(
+            f"model.fp8_matmul computes with fp8 tensor cores, which this GPU "
+            f"({torch.cuda.get_device_name(device)}, compute capability {major}.{minor}) does not "
+            "have (they start at 8.9: Ada, Hopper, Blackwell). Set model.fp8_matmul = false: "
+            "model.quantize = 'fp8' alone still halves the frozen weights' memory."
+        )
+
+
+def enable_fp8_matmul(denoiser) -> int:
+    """Make the fp8-stored Linear layers of `denoiser` multiply in fp8 with their stored e4m3
+    weights (`torch._scaled_mm`) instead of widening them to the compute dtype first; returns how
+    many. Call after `enable_fp8_storage`, before the LoRA is injected (peft then wraps these
+    layers as it wraps any Linear; the LoRA product stays in its own dtype).
+
+    Per call, the input is scaled by its absolute maximum into e4m3 (tensor-wise dynamic
+    scaling, the recipe of torchao's `Float8Linear`); the stored weight is used as it is (scale
+    1: `enable_fp8_storage` casts without a scale). Backward computes only the input's gradient,
+    from the e5m2-scaled output gradient and the same stored weight: the base weights are
+    frozen. (torchao's `Float8Linear` also computes the weight's gradient in its backward, a
+    third matmul per layer that a frozen base never uses; so lorakit calls the kernel torchao
+    calls, `torch._scaled_mm`, itself: `scaled_mm`.) Layers whose sizes are not multiples of 16
+    (the kernel's requirement) keep the widening path."""
+    from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK
+
+    n = 0
+    for m in denoiser.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        hook = registry.get_hook(_LAYERWISE_CASTING_HOOK) if registry is not None else None
+        if (
+            hook is None
+            or type(m) is not torch.nn.Linear
+            or m.weight.dtype != torch.float8_e4m3fn
+            or m.in_features % 16
+            or m.out_features % 16
+        ):
+            continue
+        ref = hook.fn_ref
+        ref.pre_forward = _unchanged_args
+        ref.post_forward = _unchanged_output
+        ref.forward = functools.partial(_fp8_linear, m)
+        n += 1
+    return n
+
+
+def _unchanged_args(module, *args, **kwargs):
+    return args, kwargs
+
+
+def _unchanged_output(module, output):
+    return output
+
+
+def _fp8_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    dtype = getattr(module, "compute_dtype", x.dtype)
+    y = _Fp8FrozenLinear.apply(x.to(dtype), module.weight)
+    return y if module.bias is None else y + module.bias.to(y.dtype)
+
+
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, out_dtype: torch.dtype):
+    """(a @ b) · scale_a in `out_dtype` for fp8 `a` [M, K] (row-major) and `b` [K, N] (column-
+    major, as the kernel requires; checked everywhere, so a CPU test catches a wrong layout). On
+    CUDA: `torch._scaled_mm`. Elsewhere the same product of the same fp8 values in fp32 (torch's
+    CPU `_scaled_mm` is a reference kernel, ~1000x slower than a matmul: 11 s for one 3072-wide
+    layer); `tests/test_fp8_matmul.py` checks the two agree."""
+    if a.stride(1) != 1 or b.stride(0) != 1:
+        raise ValueError("scaled_mm: a must be row-major and b column-major")
+    if a.is_cuda:
+        one = torch.ones((), device=a.device, dtype=torch.float32)
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=one, out_dtype=out_dtype)
+    return (a.float() @ b.float() * scale_a).to(out_dtype)
+
+
+def _to_fp8(t: torch.Tensor, dtype: torch.dtype, top: float):
+    """(t scaled into `dtype`'s range by its absolute maximum, the inverse scale as fp32)."""
+    amax = t.detach().abs().amax().float().clamp(min=1e-12)
+    scale = top / amax
+    # row-major, as the kernel's first operand must be (a transposed input or gradient is not)
+    return (t.float() * scale).clamp(-top, top).to(dtype).contiguous(), scale.reciprocal()
+
+
+class _Fp8FrozenLinear(torch.autograd.Function):
+    """y = x @ W.T with x [..., in] in the compute dtype and W [out, in] stored e4m3 (frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        shape = x.shape
+        x8, inv = _to_fp8(x.reshape(-1, shape[-1]), torch.float8_e4m3fn, E4M3_MAX)
+        # mat2 must be column-major: W.T of a row-major W is
+        y = scaled_mm(x8, weight.t(), inv, x.dtype)
+        return y.reshape(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        shape = grad.shape
+        g8, inv = _to_fp8(grad.reshape(-1, shape[-1]), torch.float8_e5m2, E5M2_MAX)
+        w = weight.t().contiguous().t()  # [out, in] column-major, as mat2 must be
+        gx = scaled_mm(g8, w, inv, grad.dtype)
+        return gx.reshape(*shape[:-1], weight.shape[1]), None
