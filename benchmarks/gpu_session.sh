@@ -18,9 +18,14 @@
 #   real_size   #17: real-width SD3.5 / SDXL / SD1.5 CLI runs, 8-bit AdamW, checkpoint, resume,
 #               export --format all, inspect (FLUX passed on 2026-12-04; ~100 each)
 #   reference   lorakit vs diffusers' train_text_to_image_lora.py, real SD1.5, 512 px, fp16 (~200)
+#   reference_sdxl  vs train_text_to_image_lora_sdxl.py, real SDXL, 1024 px, bf16 (est. ~250)
+#   reference_flux  vs train_dreambooth_lora_flux.py, FLUX.1 width (4+8 blocks), 1024 px, lorakit
+#               on fp8 and on NF4 bases, the script bf16 (est. ~200 each)
+#   reference_compile  the SD1.5 row with torch.compile on both sides (est. ~250)
 #   fsdp        FSDP2 train + resume through presets/accelerate/fsdp.yaml, tiny model (~60 each)
 #   deepspeed   DeepSpeed ZeRO-2 through presets/accelerate/deepspeed-zero2.yaml (~60)
 #   block_swap_fp8  FLUX.1-dev fp8 base, 20 blocks streamed as fp8, with/without (est. ~120)
+#   fp8_matmul  FLUX.1-dev fp8 base, model.fp8_matmul on/off, 1024 px, 2 rounds (est. ~120)
 #   families    SD1.5 / SDXL / FLUX NF4 rows (done 2026-12-04: BENCHMARKS.md)
 #   pytest_gpu  `pytest -m gpu` (passed 2026-12-04)
 #
@@ -32,10 +37,12 @@
 #   DS_BUILD_OPS=0 pip wheel -q --no-deps deepspeed -w .whl   # pure-Python DeepSpeed (~2 MB)
 #   bash benchmarks/gpu_session.sh --dry-run                  # CPU: checks the script itself
 #
-# and, for `reference`, put diffusers' examples/text_to_image/train_text_to_image_lora.py at .ref/
-# (git-ignored; not in the wheel; `fetch` of github:huggingface/diffusers has it):
+# and, for the `reference*` steps, put diffusers' example scripts at .ref/ (git-ignored; not in the
+# wheel; `fetch` of github:huggingface/diffusers has them):
 #
-#   mkdir -p .ref && cp /path/to/diffusers/examples/text_to_image/train_text_to_image_lora.py .ref/
+#   mkdir -p .ref && cp /path/to/diffusers/examples/text_to_image/train_text_to_image_lora.py \
+#     /path/to/diffusers/examples/text_to_image/train_text_to_image_lora_sdxl.py \
+#     /path/to/diffusers/examples/dreambooth/train_dreambooth_lora_flux.py .ref/
 #
 # then one device `run`: command "bash benchmarks/gpu_session.sh", carry [".whl", ".ref"],
 # timeout_s 600. Results under $OUT (the device returns at most 8 files): summary.txt (one line
@@ -44,7 +51,7 @@
 set -u
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1 && shift
-STEPS=${*:-offload block_swap real_size reference fsdp deepspeed block_swap_fp8}
+STEPS=${*:-offload block_swap real_size reference reference_sdxl reference_flux fsdp deepspeed block_swap_fp8 fp8_matmul reference_compile}
 OUT=${OUT:-$PWD/gpu-session-out}
 mkdir -p "$OUT"
 : > "$OUT/summary.txt"
@@ -111,6 +118,35 @@ if want reference && [ -f .ref/train_text_to_image_lora.py ]; then
 elif want reference; then
   echo "no .ref/train_text_to_image_lora.py: reference step skipped" | tee -a "$OUT/summary.txt"
 fi
+# #19's other side-by-side rows: SDXL 1024 bf16 against train_text_to_image_lora_sdxl.py; FLUX.1
+# 1024 (real width, 4 double + 8 single blocks) against train_dreambooth_lora_flux.py, lorakit on
+# an fp8 and an NF4 base (the script has neither: its side stays bf16); SD1.5 512 fp16 with
+# torch.compile on both sides (lorakit train.compile, the reference through accelerate's
+# ACCELERATE_DYNAMO_BACKEND). Each: s/it, whole command, peak allocated.
+SIDE=(python3 benchmarks/reference_script.py --rounds 1 --device cuda --resolution 1024 --steps 8
+  --warmup 2)
+[ "$DRY" = 1 ] && SIDE=(python3 benchmarks/reference_script.py --rounds 1 --steps 3 --resolution 64
+  --warmup 1)
+REAL=(--arch real); [ "$DRY" = 1 ] && REAL=(--arch tiny)
+if want reference_sdxl && [ -f .ref/train_text_to_image_lora_sdxl.py ]; then
+  step reference_sdxl 300 "${SIDE[@]}" "${REAL[@]}" --family sdxl \
+    --reference .ref/train_text_to_image_lora_sdxl.py --json "$OUT/reference_sdxl.json" \
+    $([ "$DRY" = 0 ] && echo --mixed-precision bf16 --checkpointing)
+fi
+if want reference_flux && [ -f .ref/train_dreambooth_lora_flux.py ]; then
+  for Q in fp8 nf4; do
+    [ "$DRY" = 1 ] && [ "$Q" = nf4 ] && continue  # bitsandbytes NF4 needs CUDA
+    step "reference_flux_$Q" 300 "${SIDE[@]}" "${REAL[@]}" --family flux --flux-depth 4,8 \
+      --reference .ref/train_dreambooth_lora_flux.py --quantize "$Q" \
+      --json "$OUT/reference_flux_$Q.json" \
+      $([ "$DRY" = 0 ] && echo --mixed-precision bf16 --checkpointing)
+  done
+fi
+if want reference_compile && [ -f .ref/train_text_to_image_lora.py ] && [ "$DRY" = 0 ]; then
+  step reference_compile 300 python3 benchmarks/reference_script.py --rounds 1 --device cuda \
+    --reference .ref/train_text_to_image_lora.py --arch sd15 --mixed-precision fp16 \
+    --resolution 512 --steps 12 --compile --json "$OUT/reference_compile.json"
+fi
 # FSDP2 and DeepSpeed ZeRO-2 through the shipped accelerate configs, one process each, tiny
 # model, 4 steps with a checkpoint at step 2 (DeepSpeed: no checkpoints, lorakit refuses them).
 TINY=(samples/brand --preset tiny-cpu --set "train.device='$DEVICE'"
@@ -134,6 +170,10 @@ fi
 want block_swap_fp8 && step block_swap_fp8 150 python3 benchmarks/block_swap.py "${TINY_FLAG[@]}" \
   --family flux --blocks "$([ "$DRY" = 1 ] && echo 3 || echo 20)" --quantize fp8 \
   --resolution 1024 --steps 3 --json "$OUT/block_swap_fp8.json"
+# model.fp8_matmul (#19's fp8 fast path): FLUX.1-dev real width on an fp8 base, the layers
+# widened before each matmul vs multiplied in fp8, alternating (needs sm_89+: H100/H200 have it).
+want fp8_matmul && step fp8_matmul 150 python3 benchmarks/fp8_matmul.py "${TINY_FLAG[@]}" \
+  --family flux --resolution 1024 --steps 3 --rounds 2 --json "$OUT/fp8_matmul.json"
 ls "$OUT"/fsdp-run "$OUT"/deepspeed-run 2>/dev/null | tee -a "$OUT/summary.txt"
 # The device returns at most 8 files: every log and run listing goes into one archive, beside
 # summary.txt and the JSON reports.

@@ -42,9 +42,9 @@ CLIP-L with random weights, for a lent GPU: `--arch sd15 --device cuda --mixed-p
 
 torchvision is the reference's only extra import. If it is missing or cannot load (on this
 project's CPU machine the only torchvision wheel for torch 2.13 is a CUDA build), the child
-process supplies PIL equivalents of the six transforms the script uses (Resize, CenterCrop,
-RandomCrop, RandomHorizontalFlip, Lambda, ToTensor, Normalize), which is what torchvision does
-on PIL images too; this is printed in the report.
+process supplies PIL equivalents of the transforms the scripts use (Resize, CenterCrop,
+RandomCrop, RandomHorizontalFlip, Lambda, ToTensor, Normalize, Compose, functional.crop), which is
+what torchvision does on PIL images too; this is printed in the report.
 """
 
 from __future__ import annotations
@@ -74,36 +74,74 @@ BATCH = 2
 # --- the shared inputs ---------------------------------------------------------------------------
 
 
-def write_model(folder: Path, arch: str) -> None:
-    """An SD1.5-shaped pipeline with random weights (offline tokenizer) as a diffusers folder.
+SCRIPTS = {
+    "sd15": "examples/text_to_image/train_text_to_image_lora.py",
+    "sdxl": "examples/text_to_image/train_text_to_image_lora_sdxl.py",
+    "flux": "examples/dreambooth/train_dreambooth_lora_flux.py",
+}
+"""The diffusers example each family is compared with (`--reference`: that file)."""
+MIXED = {"sd15": "fp16", "sdxl": "bf16", "flux": "bf16"}  # the GPU rows' precisions (#19)
+CONDITIONING_KEYS = ("in_channels", "out_channels", "joint_attention_dim",
+                     "pooled_projection_dim", "guidance_embeds")  # fmt: skip
 
-    tiny = lorakit's test model; mid = the same with a wider UNet; sd15 = the real SD1.5 UNet,
-    VAE and CLIP-L text encoder (random weights, saved in fp16: a GPU comparison).
+
+def write_model(folder: Path, arch: str, family: str = "sd15", flux_depth=(19, 38)) -> None:
+    """A pipeline of `family` with random weights (offline tokenizers) as a diffusers folder.
+
+    tiny = lorakit's test model; mid (SD1.5) = the same with a wider UNet; real (or sd15) = the
+    real SD1.5 / SDXL UNet, VAE and CLIP text encoders (random weights, saved in fp16: a GPU
+    comparison); FLUX real = FLUX.1-dev's transformer width and `flux_depth` (double, single)
+    blocks (19, 38 = the real depth) on the tiny VAE and text encoders (T5-XXL alone would be
+    9.5 GB to write per session), in bf16.
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from lorakit.models import FAMILIES
-    from lorakit.models.sd15 import SD15_VAE
-    from lorakit.models.text_encoders import CLIP_L_TEXT
 
-    family = FAMILIES["sd15"]
-    comps = family.build_tiny(seed=0)
+    fam = FAMILIES[family]
+    comps = fam.build_tiny(seed=0)
     torch.manual_seed(0)
-    if arch == "mid":  # planner_cpu.py's mid UNet, attending to the tiny text encoder's width
+    if arch == "sd15":
+        arch = "real"
+
+    def clip(cfg, cls=CLIPTextModel):
+        return cls(CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"}))
+
+    if family == "sd15" and arch == "mid":  # planner_cpu.py's mid UNet, tiny text width
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from planner_cpu import MID_UNET
 
         comps.unet = UNet2DConditionModel(**dict(MID_UNET, cross_attention_dim=32))
-    elif arch == "sd15":
-        comps.unet = UNet2DConditionModel.from_config(family.single_file_configs()["unet"])
-        comps.vae = AutoencoderKL.from_config(SD15_VAE)
-        text = CLIPTextConfig(**{k: v for k, v in CLIP_L_TEXT.items() if k != "architectures"})
-        comps.text_encoder = CLIPTextModel(text)  # the tiny tokenizer's ids are < its vocab
-        for m in (comps.unet, comps.vae, comps.text_encoder):
+    elif arch == "mid":
+        sys.exit("--arch mid is an SD1.5 size; use tiny or real for this family")
+    elif arch == "real" and family in ("sd15", "sdxl"):
+        configs = fam.single_file_configs()
+        comps.unet = UNet2DConditionModel.from_config(configs["unet"])
+        comps.vae = AutoencoderKL.from_config(configs["vae"])
+        if family == "sd15":
+            from lorakit.models.text_encoders import CLIP_L_TEXT
+
+            comps.text_encoder = clip(CLIP_L_TEXT)  # the tiny tokenizer's ids are < its vocab
+            parts = (comps.unet, comps.vae, comps.text_encoder)
+        else:
+            comps.text_encoder = clip(configs["text_encoder"])
+            comps.text_encoder_2 = clip(configs["text_encoder_2"], CLIPTextModelWithProjection)
+            parts = (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2)
+        for m in parts:
             m.to(torch.float16)
-    family.save(comps, str(folder))
+    elif arch == "real":  # flux
+        from lorakit import planner
+
+        small, real = comps.transformer, planner.build_denoiser(family)  # meta: config only
+        cfg = {k: v for k, v in dict(real.config).items() if not k.startswith("_")}
+        cfg.update({k: small.config[k] for k in CONDITIONING_KEYS if k in small.config})
+        cfg.update(num_layers=flux_depth[0], num_single_layers=flux_depth[1])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.device(device):
+            comps.transformer = type(real).from_config(cfg).to(torch.bfloat16).to("cpu")
+    fam.save(comps, str(folder))
 
 
 def write_imagefolder(src: Path, dst: Path) -> int:
@@ -119,8 +157,9 @@ def write_imagefolder(src: Path, dst: Path) -> int:
 
 
 def reference_argv(reference: str, model: Path, data: Path, out: Path, a) -> list[str]:
+    family = getattr(a, "family", "sd15")
     argv = [
-        reference, "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
+        reference, "--pretrained_model_name_or_path", str(model),
         "--output_dir", str(out), "--resolution", str(a.resolution), "--center_crop",
         "--train_batch_size", str(BATCH), "--max_train_steps", str(a.steps),
         "--learning_rate", str(LR), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
@@ -128,6 +167,17 @@ def reference_argv(reference: str, model: Path, data: Path, out: Path, a) -> lis
         "--max_grad_norm", "1.0", "--report_to", "tensorboard",
         "--mixed_precision", a.mixed_precision,
     ]  # fmt: skip
+    if family == "flux":
+        # per-image captions from the imagefolder (the script's --dataset_name path); the
+        # instance prompt is required but unused then; lorakit's default targets and alpha
+        from lorakit.models import FAMILIES
+
+        argv += ["--dataset_name", str(data), "--image_column", "image", "--caption_column",
+                 "text", "--instance_prompt", "brand", "--lora_alpha", str(RANK),
+                 "--lora_layers", ",".join(FAMILIES["flux"].default_targets),
+                 "--optimizer", "AdamW", "--adam_weight_decay", "1e-2"]  # fmt: skip
+    else:
+        argv += ["--train_data_dir", str(data)]
     if a.checkpointing:
         argv.append("--gradient_checkpointing")
     return argv
@@ -145,6 +195,10 @@ def lorakit_argv(model: Path, out: Path, a, cache: Path | None = None) -> list[s
         "train.save_every=0", "sample.every=0", "eval.images=0", "eval.palette_colors=0",
         "log.tensorboard=false", "train.log_every=1000",
     ]  # fmt: skip
+    if getattr(a, "quantize", "none") != "none":
+        sets.append(f"model.quantize='{a.quantize}'")
+    if getattr(a, "compile", False):
+        sets.append("train.compile=true")
     if cache is not None:
         sets.append(f"data.cache_dir='{cache}'")
     argv = ["train", str(ROOT / "samples" / "brand"), "--preset", "tiny-cpu", "--out", str(out)]
@@ -196,8 +250,12 @@ def _pil_transforms() -> types.ModuleType:
             return im.crop((left, top, left + self.size, top + self.size))
 
     class RandomHorizontalFlip:
+        def __init__(self, p=0.5):
+            self.p = p
+
         def __call__(self, im):
-            return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if torch.rand(()) < 0.5 else im
+            flip = torch.rand(()) < self.p
+            return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
 
     class Lambda:
         def __init__(self, fn):
@@ -226,10 +284,15 @@ def _pil_transforms() -> types.ModuleType:
                 x = t(x)
             return x
 
+    def crop(im, top, left, height, width):  # torchvision.transforms.functional.crop
+        return im.crop((left, top, left + width, top + height))
+
     mod = types.ModuleType("torchvision.transforms")
     for obj in (InterpolationMode, Resize, CenterCrop, RandomCrop, RandomHorizontalFlip, Lambda,
                 ToTensor, Normalize, Compose):  # fmt: skip
         setattr(mod, obj.__name__, obj)
+    mod.functional = types.ModuleType("torchvision.transforms.functional")
+    mod.functional.crop = crop
     return mod
 
 
@@ -252,6 +315,7 @@ def _torchvision_or_stand_in() -> str:
         pkg.transforms = _pil_transforms()
         sys.modules["torchvision"] = pkg
         sys.modules["torchvision.transforms"] = pkg.transforms
+        sys.modules["torchvision.transforms.functional"] = pkg.transforms.functional
         return "PIL stand-in"
 
 
@@ -293,6 +357,8 @@ def child(side: str, argv: list[str], result: Path) -> None:
 def run_side(side: str, argv: list[str], work: Path, i) -> dict:
     result = work / f"{side}-{i}.json"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+    if side == "lorakit":  # `--compile`: lorakit compiles through train.compile, not accelerate
+        env.pop("ACCELERATE_DYNAMO_BACKEND", None)
     cmd = [sys.executable, __file__, "--child", side, "--result", str(result), "--", *argv]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode != 0 or not result.exists():
@@ -312,12 +378,30 @@ def median_step(r: dict, warmup: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reference", help="train_text_to_image_lora.py from a diffusers checkout")
+    ap.add_argument("--reference", help="the family's diffusers example script (SCRIPTS)")
+    ap.add_argument("--family", choices=sorted(SCRIPTS), default="sd15")
+    ap.add_argument(
+        "--quantize",
+        choices=["none", "fp8", "nf4"],
+        default="none",
+        help="lorakit's base (model.quantize); the reference scripts have none",
+    )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile on both sides: train.compile / ACCELERATE_DYNAMO_BACKEND",
+    )
+    ap.add_argument("--flux-depth", default="19,38", help="FLUX --arch real: double,single blocks")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--steps2", type=int, default=0, help="second step count: fixed vs per step")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--resolution", type=int, default=128)
-    ap.add_argument("--arch", choices=["tiny", "mid", "sd15"], default="tiny")
+    ap.add_argument(
+        "--arch",
+        choices=["tiny", "mid", "real", "sd15"],
+        default="tiny",
+        help="sd15 = real (kept for the recorded commands)",
+    )
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -332,15 +416,17 @@ def main() -> None:
         return
     if not a.reference or not Path(a.reference).is_file():
         sys.exit(
-            "benchmarks/reference_script.py needs --reference PATH: diffusers' "
-            "examples/text_to_image/train_text_to_image_lora.py from a diffusers checkout (it is "
-            "not in the diffusers wheel): git clone --depth 1 https://github.com/huggingface/diffusers"
+            f"benchmarks/reference_script.py needs --reference PATH: diffusers' "
+            f"{SCRIPTS[a.family]} from a diffusers checkout (it is not in the diffusers wheel): "
+            "git clone --depth 1 https://github.com/huggingface/diffusers"
         )
+    if a.compile:  # the reference's Accelerator compiles what it prepares (accelerate's own knob)
+        os.environ["ACCELERATE_DYNAMO_BACKEND"] = "inductor"
     if a.device == "cpu" and a.mixed_precision != "no":
         sys.exit("--mixed-precision needs --device cuda (the CPU comparison runs fp32)")
     work = Path(tempfile.mkdtemp(prefix="lorakit-ref-"))
     model, data = work / "model", work / "imagefolder"
-    write_model(model, a.arch)
+    write_model(model, a.arch, a.family, tuple(int(x) for x in a.flux_depth.split(",")))
     n = write_imagefolder(ROOT / "samples" / "brand", data)
     if a.steps2:
         split_costs(a, model, data, work, n)
@@ -374,7 +460,8 @@ def main() -> None:
     rss = {s: best(s, lambda r: r["peak_rss_gib"]) for s in runs}
     print(
         f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"{n} images at {a.resolution} px, batch {BATCH}, {a.steps} steps, model {a.arch}, "
+        f"{n} images at {a.resolution} px, batch {BATCH}, {a.steps} steps, {a.family} {a.arch}, "
+        f"lorakit base {a.quantize}, compile {'on' if a.compile else 'off'}, "
         f"checkpointing {'on' if a.checkpointing else 'off'}, {a.device}, "
         f"mixed precision {a.mixed_precision}; reference transforms: "
         f"{runs['reference'][0]['transforms']}"
@@ -458,7 +545,8 @@ def split_costs(a, model: Path, data: Path, work: Path, n: int) -> None:
     ref, lk = cost["reference"], cost["lorakit"]
     print(
         f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {n} images "
-        f"at {a.resolution} px, batch {BATCH}, {a.steps} and {a.steps2} steps, model {a.arch}, "
+        f"at {a.resolution} px, batch {BATCH}, {a.steps} and {a.steps2} steps, {a.family} "
+        f"{a.arch}, "
         f"checkpointing {'on' if a.checkpointing else 'off'}, {a.device}; mean of {a.rounds} "
         "round(s), each computed within its round"
     )
