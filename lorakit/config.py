@@ -56,8 +56,9 @@ class ModelConfig:
     quantize: Literal["none", "nf4", "int8", "fp8"] = "none"
     """`fp8` (every family, CPU too): store the frozen denoiser's Linear/Conv weights as float8
     e4m3 and compute in the training dtype layer by layer (diffusers' layerwise casting; about
-    half the bf16/fp16 bytes). `nf4` / `int8`, every family but SD1.5: load the frozen denoiser's
-    Linear layers 4-bit NF4 or 8-bit (bitsandbytes, CUDA only)."""
+    half the bf16/fp16 bytes). `nf4` / `int8`: load the frozen denoiser's Linear
+    layers 4-bit NF4 or 8-bit (bitsandbytes, CUDA only; SD1.5's UNet is mostly convolutions,
+    which stay in the compute dtype: fp8 is smaller there, and the run says so)."""
     fp8_matmul: bool = False
     """With `quantize = "fp8"`: the fp8-stored Linear layers multiply in fp8 (`torch._scaled_mm`
     on the stored e4m3 weights, inputs scaled per call, torchao's tensor-wise recipe) instead of

@@ -65,6 +65,7 @@ from lorakit.lora import (
     text_encoder_targets,
 )
 from lorakit.models import Family, load_model, resolve_family
+from lorakit.models.quantize import bnb_advice
 from lorakit.optim import build_lr_schedule, build_optimizer, scaled_lr
 from lorakit.palette import (
     LabHistogram,
@@ -185,6 +186,7 @@ def train(config: Config, data_dir: str | Path, reporter: Reporter | None = None
     from lorakit.planner import check_before_training  # cheap; returns at once on CPU / tiny
 
     warnings = [check_before_training(c, accelerator.device, c.train.strict_memory)]
+    warnings.append(bnb_advice(c.model.quantize, spec.family))  # nf4 larger than fp8 would be
     torch.manual_seed(c.train.seed)
 
     # -- set-up -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Quantized frozen base: `model.quantize = nf4 | int8` (bitsandbytes: the families whose
-`quantizable` is true, every one but SD1.5) or `fp8` (all).
+"""Quantized frozen base: `model.quantize = nf4 | int8` (bitsandbytes, CUDA; every family) or
+`fp8` (every family, CPU too).
 
 fp8 (every family, CPU too): the frozen denoiser's Linear/Conv layers are stored as float8 e4m3
 and cast to the run's weight dtype layer by layer around each forward, by diffusers' layerwise
@@ -53,19 +53,14 @@ def check_quantize(mode: str, family: Family) -> None:
                 f"model.quantize = 'fp8' stores the frozen weights as torch.float8_e4m3fn, but "
                 f"this torch ({torch.__version__}) has no float8 dtypes. Upgrade torch (2.1 or "
                 "newer has them), or set model.quantize = 'none' (needs more memory); on a CUDA "
-                "GPU, model.quantize = 'nf4' also shrinks the base (every family but SD1.5)."
+                "GPU, model.quantize = 'nf4' also shrinks the base."
             )
         return
     if not family.quantizable:
-        from lorakit.models import FAMILIES
-
-        names = ", ".join(n for n, f in sorted(FAMILIES.items()) if f.quantizable)
         raise ConfigError(
-            f"model.quantize = '{mode}' is not offered for the '{family.name}' family: "
-            "bitsandbytes quantizes Linear layers only, and most of its denoiser's weights are "
-            "convolutions (SD1.5's UNet: 69%), so NF4 would keep 0.76 of the bf16 bytes. Set "
-            "model.quantize = 'fp8' instead (Linear and Conv weights in float8: 0.50 of bf16, any "
-            f"GPU or the CPU), or 'none'. '{mode}' is offered for: {names}."
+            f"model.quantize = '{mode}' is not offered for the '{family.name}' family "
+            "(bitsandbytes cannot quantize its denoiser). Set model.quantize = 'fp8' (float8 "
+            "storage, any GPU or the CPU) or 'none'."
         )
     if not torch.cuda.is_available():
         raise ConfigError(
@@ -74,6 +69,29 @@ def check_quantize(mode: str, family: Family) -> None:
             "model.quantize = 'none' (needs more memory), or run on a machine with an NVIDIA GPU "
             "and a CUDA build of torch."
         )
+
+
+def bnb_advice(mode: str, family: Family) -> str:
+    """A warning when `mode` (nf4/int8) keeps more of the frozen denoiser's bf16 bytes than fp8
+    would: bitsandbytes quantizes Linear layers only, fp8 storage Linear and Conv (SD1.5's UNet
+    is 69% convolutions: NF4 0.77 of bf16, fp8 0.50). Counted on the family's real denoiser on
+    the meta device by the planner's byte rules; "" when bitsandbytes is the smaller."""
+    if mode not in BNB_MODES:
+        return ""
+    from accelerate import init_empty_weights
+
+    from lorakit.planner import weight_bytes
+
+    with init_empty_weights():
+        real = family.build_real_denoiser()
+    bf16, bnb, fp8 = (weight_bytes(real, 2, m) for m in ("none", mode, FP8))
+    if bnb <= fp8:
+        return ""
+    return (
+        f"model.quantize = '{mode}' keeps {bnb / bf16:.2f} of the {family.real_label} denoiser's "
+        f"bf16 bytes: bitsandbytes quantizes Linear layers only, and this denoiser is mostly "
+        f"convolutions. model.quantize = 'fp8' stores both in float8: {fp8 / bf16:.2f}."
+    )
 
 
 def check_not_float8(module, mode: str) -> None:
