@@ -65,6 +65,21 @@ def real_denoiser(family: str, device: torch.device, dtype: torch.dtype) -> torc
     return den.requires_grad_(False)
 
 
+def model_for(a):
+    """(family, denoiser, tiny components or None, device, dtype, resolution) for the parsed
+    `--family`, `--tiny` and `--resolution`: the tiny model on the CPU in fp32, else the real
+    denoiser on CUDA in bf16 (`real_denoiser`). Shared with benchmarks/fp8_matmul.py."""
+    if a.family not in FAMILIES:
+        sys.exit(f"family '{a.family}' is not registered here ({', '.join(FAMILIES)})")
+    fam = FAMILIES[a.family]
+    device = torch.device("cpu" if a.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if a.tiny:
+        comps = fam.build_tiny(0)
+        return fam, getattr(comps, fam.denoiser_name), comps, device, dtype, fam.tiny_resolution
+    return fam, real_denoiser(a.family, device, dtype), None, device, dtype, a.resolution
+
+
 def inputs(family: str, den, comps, resolution: int, device, dtype):
     fam = FAMILIES[family]
     side = resolution // 8
@@ -127,19 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="fp8: the frozen base stored as float8 e4m3 (model.quantize)")  # fmt: skip
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
-    if a.family not in FAMILIES:
-        sys.exit(f"family '{a.family}' is not registered here ({', '.join(FAMILIES)})")
-    fam = FAMILIES[a.family]
-    device = torch.device("cpu" if a.tiny or not torch.cuda.is_available() else "cuda")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    comps = None
-    if a.tiny:
-        comps = fam.build_tiny(0)
-        den = getattr(comps, fam.denoiser_name)
-        resolution = fam.tiny_resolution
-    else:
-        den = real_denoiser(a.family, device, dtype)
-        resolution = a.resolution
+    fam, den, comps, device, dtype, resolution = model_for(a)
     if a.quantize == "fp8":  # as `train._load_model`: before the LoRA, in the compute dtype
         from lorakit.models.quantize import enable_fp8_storage
 

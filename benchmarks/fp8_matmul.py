@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from block_swap import inputs, real_denoiser, timed
+from block_swap import inputs, model_for, timed
 
 from lorakit.config import LoraConfigSection
 from lorakit.lora import inject_lora
-from lorakit.models import FAMILIES
 from lorakit.models.quantize import enable_fp8_matmul, enable_fp8_storage
 
 GIB = 2**30
@@ -60,19 +59,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (dry run)")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
-    if a.family not in FAMILIES:
-        sys.exit(f"family '{a.family}' is not registered here ({', '.join(FAMILIES)})")
-    fam = FAMILIES[a.family]
-    device = torch.device("cpu" if a.tiny or not torch.cuda.is_available() else "cuda")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    comps = None
-    if a.tiny:
-        comps = fam.build_tiny(0)
-        den = getattr(comps, fam.denoiser_name)
-        resolution = fam.tiny_resolution
-    else:
-        den = real_denoiser(a.family, device, dtype)
-        resolution = a.resolution
+    fam, den, comps, device, dtype, resolution = model_for(a)
     enable_fp8_storage(den.to(dtype=dtype), dtype)
     widened = hook_refs(den)
     switched = enable_fp8_matmul(den)
