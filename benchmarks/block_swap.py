@@ -80,6 +80,19 @@ def model_for(a):
     return fam, real_denoiser(a.family, device, dtype), None, device, dtype, a.resolution
 
 
+def for_training(a, fam, den, comps, device, dtype, resolution):
+    """(LoRA parameters, one batch): LoRA r16 on the family's default targets in fp32, the
+    denoiser on `device` with gradient checkpointing, as `lorakit train` runs it."""
+    lora = LoraConfigSection(rank=16, alpha=16.0, target_modules=list(fam.default_targets))
+    params = inject_lora(den, lora, 0)
+    for p in params:
+        p.data = p.data.float()
+    den.to(device)
+    den.enable_gradient_checkpointing()
+    den.train()
+    return params, inputs(a.family, den, comps, resolution, device, dtype)
+
+
 def inputs(family: str, den, comps, resolution: int, device, dtype):
     fam = FAMILIES[family]
     side = resolution // 8
@@ -147,14 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from lorakit.models.quantize import enable_fp8_storage
 
         enable_fp8_storage(den.to(dtype=dtype), dtype)
-    lora = LoraConfigSection(rank=16, alpha=16.0, target_modules=list(fam.default_targets))
-    params = inject_lora(den, lora, 0)
-    for p in params:
-        p.data = p.data.float()
-    den.to(device)
-    den.enable_gradient_checkpointing()
-    den.train()
-    batch = inputs(a.family, den, comps, resolution, device, dtype)
+    params, batch = for_training(a, fam, den, comps, device, dtype, resolution)
     rows = []
     for r in range(a.rounds):
         rows.append(dict(timed(fam, den, params, batch, device, a.steps, dtype), swap=0, round=r))

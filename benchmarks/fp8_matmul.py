@@ -27,10 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from block_swap import inputs, model_for, timed
+from block_swap import for_training, model_for, timed
 
-from lorakit.config import LoraConfigSection
-from lorakit.lora import inject_lora
 from lorakit.models.quantize import enable_fp8_matmul, enable_fp8_storage
 
 GIB = 2**30
@@ -69,14 +67,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for r, fwd, pre, post in refs:
             r.forward, r.pre_forward, r.post_forward = fwd, pre, post
 
-    lora = LoraConfigSection(rank=16, alpha=16.0, target_modules=list(fam.default_targets))
-    params = inject_lora(den, lora, 0)
-    for p in params:
-        p.data = p.data.float()
-    den.to(device)
-    den.enable_gradient_checkpointing()
-    den.train()
-    batch = inputs(a.family, den, comps, resolution, device, dtype)
+    params, batch = for_training(a, fam, den, comps, device, dtype, resolution)
     rows = []
     for r in range(a.rounds):
         for name, refs in (("widened", widened), ("fp8 matmul", fast)):
