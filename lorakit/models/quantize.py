@@ -72,12 +72,16 @@ def check_quantize(mode: str, family: Family) -> None:
 
 
 def bnb_advice(mode: str, family: Family) -> str:
+    """The start-up warning of `_bnb_advice` for `model.quantize = mode` ("" unless nf4/int8)."""
+    return _bnb_advice(mode, family) if mode in BNB_MODES else ""
+
+
+@functools.cache
+def _bnb_advice(mode: str, family: Family) -> str:
     """A warning when `mode` (nf4/int8) keeps more of the frozen denoiser's bf16 bytes than fp8
     would: bitsandbytes quantizes Linear layers only, fp8 storage Linear and Conv (SD1.5's UNet
     is 69% convolutions: NF4 0.77 of bf16, fp8 0.50). Counted on the family's real denoiser on
     the meta device by the planner's byte rules; "" when bitsandbytes is the smaller."""
-    if mode not in BNB_MODES:
-        return ""
     from accelerate import init_empty_weights
 
     from lorakit.planner import weight_bytes
