@@ -699,11 +699,14 @@ def failures(result: Agreement, setting: AgreementSetting) -> list[str]:
     return out
 
 
-# SDXL's default run (22 s on 2 cores) is slow-tier to keep the default run under 8 minutes: its
-# UNet, ε target and schedule are SD1.5's (default tier); its own conditioning (time ids, pooled
-# embeddings, two encoders) is checked against its pipeline in tests/test_sdxl.py
+# A support with `default_tier = False` runs its default setting in the slow tier (its reason is
+# in its agreement.py), to keep the default run under 8 minutes.
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "sdxl" else n for n in FAMILIES]
+    "name",
+    [
+        n if support_of(n).default_tier else pytest.param(n, marks=pytest.mark.slow)
+        for n in FAMILIES
+    ],
 )
 def test_trained_lora_samples_its_training_image(name, tmp_path):
     setting = support_of(name).default

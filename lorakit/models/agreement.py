@@ -123,8 +123,9 @@ class UNetAgreement:
     slow = EPSILON_SLOW
     faults = MappingProxyType({"target": ddpm_v_prediction, "schedule": ddpm_linear_betas})
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, default_tier: bool = True):
         self.name = name
+        self.default_tier = default_tier
 
     def components(self, pixels: torch.Tensor, seed: int = 0) -> Any:
         from lorakit.models import FAMILIES

@@ -322,6 +322,9 @@ class AgreementSupport(Protocol):
     prompts are fixed-length CLIP sequences."""
     default: AgreementSetting
     """The default-tier run (seconds on 2 CPU cores)."""
+    default_tier: bool
+    """False: the `default` run goes to the slow tier too (a family whose denoiser, target and
+    schedule another family's default run already covers), to keep the default run short."""
     slow: AgreementSetting
     """The slow-tier run, with the stricter thresholds."""
     faults: Mapping[str, Callable[[], AbstractContextManager[Any]]]

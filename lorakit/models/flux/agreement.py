@@ -37,6 +37,7 @@ class FluxAgreement:
     targets = (*JOINT_TARGETS, "x_embedder", "norm.linear", "proj_mlp")
     text_length = 64
     """The caption fits (52 tiny-T5 tokens); the default 512 would dominate the cost."""
+    default_tier = True
     default = AgreementSetting(steps=100, threshold=0.6, layout_threshold=0.5)
     slow = AgreementSetting(steps=400, threshold=0.95, layout_threshold=0.9, seeds=(0, 1, 2, 3))
     faults = MappingProxyType({"target": flow_epsilon_target, "ids": transposed_ids})

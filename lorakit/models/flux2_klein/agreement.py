@@ -43,6 +43,7 @@ class KleinAgreement:
     )  # fmt: skip
     text_length = 32
     """Captions are padded to it and the transformer attends to all of it: short keeps it cheap."""
+    default_tier = True
     default = AgreementSetting(steps=150, threshold=0.6, layout_threshold=0.6)
     slow = AgreementSetting(steps=400, threshold=0.7, layout_threshold=0.7)
     faults = MappingProxyType(

@@ -53,6 +53,7 @@ class QwenImageAgreement:
     text_length = 512
     """The pipeline's default: captions are cut to their own length before the transformer,
     so the padding costs nothing."""
+    default_tier = True
     default = AgreementSetting(steps=100, threshold=0.6, layout_threshold=0.6)
     slow = AgreementSetting(steps=400, threshold=0.95, layout_threshold=0.9, seeds=(0, 1, 2, 3))
     faults = MappingProxyType({"target": flow_epsilon_target, "pack": patch_channel_order})

@@ -33,6 +33,7 @@ class SD3Agreement:
     text_length = 64
     """The caption fits (52 tiny-T5 tokens), and the text stream does not cost 20–30× the 16
     image tokens (default 256)."""
+    default_tier = True
     default = AgreementSetting(steps=100, threshold=0.6, layout_threshold=0.5)
     slow = AgreementSetting(steps=400, threshold=0.95, layout_threshold=0.9, seeds=(0, 1, 2, 3))
     faults = MappingProxyType({"target": flow_epsilon_target})

@@ -33,6 +33,7 @@ class ZImageAgreement:
     )  # fmt: skip
     text_length = 128
     """`max_sequence_length` with the chat template included: the caption fits."""
+    default_tier = True
     default = AgreementSetting(steps=100, threshold=0.6, layout_threshold=0.5)
     slow = AgreementSetting(steps=400, threshold=0.95, layout_threshold=0.9)
     faults = MappingProxyType({"target": flow_epsilon_target, "caption_padding": padded_captions})
