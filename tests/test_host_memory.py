@@ -183,3 +183,22 @@ def test_cpu_training_keeps_freed_memory_and_trims_after_freeing_encoders(tmp_pa
     sets = ["train.steps=1", "train.save_every=0", "sample.every=0", f"train.out='{tmp_path}'"]
     tr.train(cfg.resolve(preset="tiny-cpu", sets=sets), SAMPLES)
     assert calls == ["keep", "trim"]
+
+
+@pytest.mark.slow  # ~6 s per family
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_trains_and_previews_from_a_folder_read_after_caching(name, tmp_path):
+    """The deferred read on every family: a local folder's denoiser is meta while the latents,
+    captions and preview prompts are encoded (the pipelines read devices and dtypes off it),
+    then read; one step and the step-0 and step-1 grids come out."""
+    from lorakit import config as cfg
+    from lorakit.train import train
+
+    fam, folder = _folder(tmp_path, name)
+    out = tmp_path / "out"
+    sets = ["train.steps=1", "train.save_every=0", "sample.every=1", "sample.steps=1",
+            f"train.out='{out}'", f"model.name='{folder}'", "data.resolution=64"]  # fmt: skip
+    result = train(cfg.resolve(preset="tiny-cpu", sets=sets), SAMPLES)
+    assert not loading.is_deferred(getattr(result.components, fam.denoiser_name))
+    grids = sorted(p.name for p in (out / "samples").glob("*.png"))
+    assert grids[:2] == ["step-000000.png", "step-000001.png"], grids
