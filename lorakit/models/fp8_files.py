@@ -56,11 +56,18 @@ FLOAT8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
     """(tensor name → {"dtype", "shape", ...}, `__metadata__`) from a safetensors header, without
     reading any tensor (and without needing torch to know the dtypes)."""
+    header, metadata, _ = read_header_at(path)
+    return header, metadata
+
+
+def read_header_at(path: str | Path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """`read_header` and the file offset where the tensor data starts (a tensor's
+    `data_offsets` count from there): for readers that seek to tensors themselves."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
     metadata = header.pop("__metadata__", None) or {}
-    return header, metadata
+    return header, metadata, 8 + size
 
 
 def float8_keys(header: dict[str, dict]) -> list[str]:

@@ -174,15 +174,11 @@ def _plan_streamed(files, expected: set[str]):
     """[(file, data start, key, dtype name, shape, begin, end)] of every tensor in safetensors
     `files` (headers only), in file order; None when their keys are not exactly `expected` (or a
     dtype is not a float lorakit reads)."""
-    import json
-    import struct
+    from lorakit.models.fp8_files import read_header_at
 
     plan = []
     for path in files:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
+        header, _, data = read_header_at(path)
         if not set(header) <= expected:
             return None
         for key, info in header.items():
@@ -190,7 +186,7 @@ def _plan_streamed(files, expected: set[str]):
             if kind is None:
                 return None
             begin, end = info["data_offsets"]
-            plan.append((path, 8 + size, key, kind, tuple(info["shape"]), begin, end))
+            plan.append((path, data, key, kind, tuple(info["shape"]), begin, end))
     if {row[2] for row in plan} != expected:
         return None
     return sorted(plan, key=lambda r: (str(r[0]), r[5]))  # sequential reads

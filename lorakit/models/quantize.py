@@ -271,7 +271,7 @@ E5M2_MAX = 57344.0
 def check_fp8_matmul(device: torch.device) -> None:
     """Refuse `model.fp8_matmul` on a device without fp8 matmul, before anything is loaded."""
     if device.type != "cuda":
-        return  # the CPU runs torch's reference kernel: slow, exact to its rounding (tests)
+        return  # the CPU computes the same fp8 products widened (`scaled_mm`): for checking
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         raise ConfigError(
