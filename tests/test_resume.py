@@ -145,18 +145,21 @@ def test_resume_refuses_a_changed_config(straight, tmp_path):
 def test_nan_stops_within_one_step_and_names_last_checkpoint(tmp_path, monkeypatch):
     from lorakit.models import FAMILIES
 
-    fam = FAMILIES["sd15"]
-    real_loss = fam.loss
+    # Patched on the class: monkeypatch's undo of an instance attribute would leave the
+    # registry's object with `loss` bound to itself, which `preserve.Recording`'s copy then
+    # calls instead of its own (bleed scoring in a later test in this process counts 0 calls).
+    cls = type(FAMILIES["sd15"])
+    real_loss = cls.loss
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
-        loss = real_loss(*args, **kwargs)
+    def poisoned(self, *args, **kwargs):
+        loss = real_loss(self, *args, **kwargs)
         if not torch.is_grad_enabled():
             return loss  # held-out scoring, not a training step
         calls["n"] += 1
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(fam, "loss", poisoned)
+    monkeypatch.setattr(cls, "loss", poisoned)
     out = tmp_path / "run"
     r = cli("train", SAMPLES, *RUN, "--out", out, "--steps", 10, "--set", "train.save_every=2",
             expect=1)  # fmt: skip
