@@ -58,6 +58,7 @@ SHARED_KEYS = (
     "modelspec.architecture",
     "modelspec.resolution",
     "ss_resolution",
+    "lorakit.text_length",
 )
 """Header keys the merged file keeps when every source has the same value."""
 

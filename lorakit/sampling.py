@@ -261,6 +261,11 @@ class GridSpec:
     scales: tuple[float, ...] = ()
     """LoRA-scale sweep; empty = one column per seed with the adapter as it is."""
     scheduler: str = "default"
+    text_length: int = 0
+    """Tokens the long text encoder encodes each prompt to (the pipeline's
+    `max_sequence_length`): the run's `RunSpec.text_length`, so a preview conditions the
+    denoiser as training did (FLUX attends to T5's padding: 256 and 512 tokens give different
+    images). 0: the pipeline's default; ignored by pipelines without the argument."""
 
     def prompt_rows(self) -> tuple[PromptRow, ...]:
         return self.rows or tuple(PromptRow(p) for p in self.prompts)
@@ -289,7 +294,7 @@ class GridSpec:
         return max(w, MIN_CELL), max(h, MIN_CELL)
 
 
-def grid_spec(cfg: SampleConfig, trigger: str, resolution: int) -> GridSpec:
+def grid_spec(cfg: SampleConfig, trigger: str, resolution: int, text_length: int = 0) -> GridSpec:
     rows = read_prompt_rows(cfg.prompts, trigger)
     return GridSpec(
         prompts=[r.text for r in rows],
@@ -302,6 +307,7 @@ def grid_spec(cfg: SampleConfig, trigger: str, resolution: int) -> GridSpec:
         rows=tuple(rows),
         scales=tuple(getattr(cfg, "scales", ()) or ()),
         scheduler=cfg.scheduler,
+        text_length=text_length,
     )
 
 
@@ -382,6 +388,8 @@ def pipeline_kwargs(pipe, spec: GridSpec, row: PromptRow) -> dict:
         kwargs["true_cfg_scale"] = row.cfg if row.cfg is not None else 1.0
     else:
         kwargs["guidance_scale"] = row.cfg if row.cfg is not None else spec.guidance
+    if spec.text_length:
+        kwargs["max_sequence_length"] = spec.text_length
     return {k: v for k, v in kwargs.items() if k in params}
 
 
@@ -426,11 +434,12 @@ def _embed_outputs(pipe) -> tuple[str | None, ...] | None:
 def encode_prompt_rows(pipe, spec: GridSpec) -> list[RowEmbeds] | None:
     """Embeddings of every prompt row of `spec` (prompt + negative), computed once by the
     pipeline's own `encode_prompt` with the arguments its `__call__` would pass for that row
-    (`pipeline_kwargs`: batch 1, no clip skip, no LoRA scale, the call's default
-    `max_sequence_length`), so `render_cells(pipe, spec, embeds)` gives the images the prompt
-    strings give, without running — or holding on the device — any text encoder. CFG pipelines
-    (SD1.5 / SDXL / SD3) get the negative's embeddings when `guidance_scale` > 1 (the pipeline's
-    own empty-prompt / zero rule when there is no negative); FLUX only when true CFG is on
+    (`pipeline_kwargs`: batch 1, no clip skip, no LoRA scale, `max_sequence_length` =
+    `spec.text_length` or the call's default), so `render_cells(pipe, spec, embeds)` gives the
+    images the prompt strings give, without running — or holding on the device — any text
+    encoder. CFG pipelines (SD1.5 / SDXL / SD3) get the negative's embeddings when
+    `guidance_scale` > 1 (the pipeline's own empty-prompt / zero rule when there is no
+    negative); FLUX only when true CFG is on
     (`--l` > 1 and a negative). Tensors are kept on the CPU, in the text encoders' output dtype.
     The text encoders must be able to run here, and must not change afterwards (text-encoder
     LoRA training: render from strings instead). None for a pipeline not in `EMBED_OUTPUTS`."""
@@ -447,7 +456,7 @@ def encode_prompt_rows(pipe, spec: GridSpec) -> list[RowEmbeds] | None:
         if "do_classifier_free_guidance" in enc:
             kw.update(do_classifier_free_guidance=cfg, negative_prompt=negative)
         if "max_sequence_length" in enc and "max_sequence_length" in call:
-            kw["max_sequence_length"] = call["max_sequence_length"].default
+            kw["max_sequence_length"] = spec.text_length or call["max_sequence_length"].default
         outputs = pipe.encode_prompt(**kw)
         return {
             prefix + name: value.detach().to("cpu")
@@ -820,7 +829,13 @@ def sample_adapter(
             resolution = build_spec(run_cfg, resolve_family(model_cfg)[0]).resolution
         else:
             resolution = int(meta.get("modelspec.resolution", "512x512").split("x")[0])
-    spec = grid_spec(sample_cfg, trigger, resolution)
+    if run_cfg:
+        from lorakit.models import resolve_family
+
+        text_length = run_cfg.model.text_length(resolve_family(model_cfg)[0].text_length)
+    else:  # what the adapter was trained with (0, the pipeline's default, if it does not say)
+        text_length = int(meta.get("lorakit.text_length", "0") or 0)
+    spec = grid_spec(sample_cfg, trigger, resolution, text_length)
 
     family = comps = None
     panels = []

@@ -434,7 +434,11 @@ def _encode_all(c: Config, spec: RunSpec, comps, data: TrainingSet, accelerator)
                 family, comps, captions + extra, spec.cache_empty_caption, cache_dir, accelerator
             )
         )
-    preview_spec = grid_spec(c.sample, c.data.trigger, spec.resolution) if spec.sampling else None
+    preview_spec = (
+        grid_spec(c.sample, c.data.trigger, spec.resolution, spec.text_length)
+        if spec.sampling
+        else None
+    )
     preview_embeds = (
         encode_prompt_rows(family.pipeline(comps, c.sample.scheduler), preview_spec)
         if spec.preview_embeds

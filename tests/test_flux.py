@@ -208,7 +208,18 @@ def test_local_folder_loads_identical_weights(tmp_path):
     assert all(torch.allclose(ea[k], eb[k], atol=1e-6) for k in ea), "tokenizers round-trip"
 
 
-def test_cli_trains_tiny_flux_and_writes_grids_and_both_formats(tmp_path):
+def test_cli_trains_tiny_flux_and_writes_grids_and_both_formats(tmp_path, monkeypatch):
+    import lorakit.train as tr
+    from lorakit import sampling
+
+    seen = []  # (spec, embeddings) of every preview grid's prompt encoding
+
+    def spy_encode(pipe, spec):
+        embeds = sampling.encode_prompt_rows(pipe, spec)
+        seen.append((spec, embeds))
+        return embeds
+
+    monkeypatch.setattr(tr, "encode_prompt_rows", spy_encode)
     out = tmp_path / "run"
     cli(
         "train", SAMPLES, *FAST, "--model", "tiny:flux", "--out", out, "--steps", 2,
@@ -224,6 +235,31 @@ def test_cli_trains_tiny_flux_and_writes_grids_and_both_formats(tmp_path):
     assert (fmt, fmt2) == ("kohya", "diffusers") and kohya.family == "flux"
     assert kohya.modules.keys() == diff.modules.keys()
     assert any(p.startswith("single_transformer_blocks.") for _, p in kohya.modules)
+
+    # Previews condition FLUX as training did: T5 padded to the run's 16 tokens, not the
+    # pipeline's default 512 (FLUX attends to the padding, so the length changes the image).
+    assert seen and all(spec.text_length == 16 for spec, _ in seen)
+    assert {e["prompt_embeds"].shape[1] for _, rows in seen for e in rows} == {16}
+    # The adapter records it, and `lorakit sample` on the bare file renders with it.
+    assert kohya.metadata["lorakit.text_length"] == diff.metadata["lorakit.text_length"] == "16"
+    specs = []
+    real_render = sampling.render_cells
+    monkeypatch.setattr(
+        sampling,
+        "render_cells",
+        lambda pipe, spec, *a: specs.append(spec) or real_render(pipe, spec, *a),
+    )
+    cli(
+        "sample",
+        out / "lorakit.safetensors",
+        "--steps",
+        1,
+        "--seeds",
+        "0",
+        "--out",
+        tmp_path / "s.png",
+    )
+    assert [s.text_length for s in specs] == [16]
 
 
 @pytest.mark.parametrize("preset", ["flux-12gb", "flux-16gb", "flux-24gb"])

@@ -73,6 +73,35 @@ def test_grid_from_embeddings_matches_grid_from_strings(family):
     assert np.abs(_arrays(swapped)[2] - a[2]).max() > (0 if family == "qwen-image" else 8)
 
 
+LONG = (
+    "a red ceramic cup with a golden handle on a wooden table beside a window, soft morning "
+    "light, studio photograph, brand colours, minimal background, high detail"
+)
+
+
+@pytest.mark.parametrize("family", [n for n, f in FAMILIES.items() if f.text_length])
+def test_previews_encode_prompts_to_the_runs_text_length(family):
+    """`GridSpec.text_length` (training's `RunSpec.text_length`) reaches the pipeline on both
+    render paths: from strings (`pipeline_kwargs`) and from embeddings (`encode_prompt_rows`).
+    A caption longer than the length makes it matter for every family (truncation; FLUX, SD3
+    and klein also attend to the padding)."""
+    fam = FAMILIES[family]
+    comps = fam.build_tiny(seed=0)
+    pipe = fam.pipeline(comps)
+
+    def image(length: int, from_embeds: bool) -> np.ndarray:
+        spec = grid_spec(SampleConfig(prompts=[LONG], seeds=[0], steps=2), "", 64, length)
+        embeds = encode_prompt_rows(pipe, spec) if from_embeds else None
+        if embeds is not None and "prompt_embeds" in embeds[0]:
+            assert embeds[0]["prompt_embeds"].shape[1] in (16, 16 + 77)  # SD3: CLIP's 77 + T5
+        return _arrays(render_cells(pipe, spec, embeds))[0]
+
+    short = image(16, from_embeds=False)
+    assert np.abs(image(16, from_embeds=True) - short).max() <= 1
+    # (the tiny random Qwen-Image's text path moves its pixels by about one level only)
+    assert np.abs(image(0, from_embeds=False) - short).max() > (0 if family == "qwen-image" else 8)
+
+
 # The string path with text-encoder training is also what `lorakit sample` runs (tests there).
 @pytest.mark.parametrize("train_te", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_training_grids_use_embeddings_only_with_frozen_text_encoders(

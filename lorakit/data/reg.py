@@ -457,6 +457,7 @@ def generate_class_images(
         height=size,
         rows=(PromptRow(prompt),),
         scheduler=c.sample.scheduler,
+        text_length=c.model.text_length(family.text_length),  # as training encodes its captions
     )
     for done, i in enumerate(todo):
         cell = render_cells(pipe, replace(spec, seeds=[seed + i]))[0]

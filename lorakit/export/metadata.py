@@ -75,6 +75,8 @@ def training_metadata(
         "lorakit.base_model": c.model.name,
         "lorakit.family": family.name,
     }
+    if spec.text_length:  # the prompt length it learned with: `lorakit sample` renders with it
+        meta["lorakit.text_length"] = str(spec.text_length)
     if components is not None:
         meta |= variant_metadata(family, components)
     return meta
