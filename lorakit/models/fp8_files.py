@@ -44,7 +44,9 @@ from lorakit.errors import ConfigError, LorakitError
 
 FLOAT8_NAMES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 """safetensors dtype string → torch dtype name of the float8 dtypes lorakit dequantizes."""
-_WIDE = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+WIDE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+"""safetensors dtype name → torch dtype of the wide floats lorakit reads (the one table: the
+streamed reader and Qwen-Image's stored-dtype probe use it too)."""
 MARKER = "scaled_fp8"
 WEIGHT_SCALES = (".scale_weight", ".weight_scale")  # legacy, comfy_quant
 INPUT_SCALES = (".scale_input", ".input_scale")
@@ -77,8 +79,10 @@ def float8_keys(header: dict[str, dict]) -> list[str]:
 def compute_dtype(header: dict[str, dict], skip: set[str]) -> torch.dtype:
     """The dtype the file computes in: the most common floating dtype of its other tensors
     (bf16 when every weight is float8)."""
-    counts = Counter(v["dtype"] for k, v in header.items() if k not in skip and v["dtype"] in _WIDE)
-    return _WIDE[counts.most_common(1)[0][0]] if counts else torch.bfloat16
+    counts = Counter(
+        v["dtype"] for k, v in header.items() if k not in skip and v["dtype"] in WIDE_DTYPES
+    )
+    return WIDE_DTYPES[counts.most_common(1)[0][0]] if counts else torch.bfloat16
 
 
 def _layer(key: str) -> str:

@@ -83,8 +83,6 @@ def hub_kwargs(revision: str, variant: str, allow_pickle: bool) -> tuple[dict, d
     return common, weights
 
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
 _DEFER: contextvars.ContextVar = contextvars.ContextVar("defer_denoiser", default=False)
 """True inside `deferred()`: `from_pretrained_streamed` returns the model on the meta device."""
 
@@ -174,7 +172,7 @@ def _plan_streamed(files, expected: set[str]):
     """[(file, data start, key, dtype name, shape, begin, end)] of every tensor in safetensors
     `files` (headers only), in file order; None when their keys are not exactly `expected` (or a
     dtype is not a float lorakit reads)."""
-    from lorakit.models.fp8_files import read_header_at
+    from lorakit.models.fp8_files import WIDE_DTYPES, read_header_at
 
     plan = []
     for path in files:
@@ -182,11 +180,11 @@ def _plan_streamed(files, expected: set[str]):
         if not set(header) <= expected:
             return None
         for key, info in header.items():
-            kind = _SAFETENSORS_DTYPES.get(info["dtype"])
-            if kind is None:
+            stored = WIDE_DTYPES.get(info["dtype"])
+            if stored is None:
                 return None
             begin, end = info["data_offsets"]
-            plan.append((path, data, key, kind, tuple(info["shape"]), begin, end))
+            plan.append((path, data, key, stored, tuple(info["shape"]), begin, end))
     if {row[2] for row in plan} != expected:
         return None
     return sorted(plan, key=lambda r: (str(r[0]), r[5]))  # sequential reads
@@ -206,9 +204,9 @@ def _read_planned(plan, dtype) -> dict:
     staging = torch.empty(largest, dtype=torch.uint8)
     for path, rows in groupby(plan, key=lambda r: r[0]):  # the plan is in file order
         with open(path, "rb") as handle:
-            for _, data, key, kind, shape, begin, end in rows:
+            for _, data, key, stored, shape, begin, end in rows:
                 handle.seek(data + begin)
-                stored, n = getattr(torch, kind), end - begin
+                n = end - begin
                 out = torch.empty(shape, dtype=dtype)
                 same = stored == dtype
                 raw = out.view(-1).view(torch.uint8) if same else staging[:n]

@@ -342,13 +342,12 @@ def _edit_file(checkpoint: dict[str, torch.Tensor], source: str) -> str:
     return ""
 
 
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
 def _stored_dtype(name: str, sub: str) -> torch.dtype:
     """The dtype of the first tensor in a local folder's `sub/*.safetensors` (fp32, bf16 or
     fp16); bf16 — Qwen-Image's published dtype — for a hub id or anything unreadable here."""
     from safetensors import safe_open
+
+    from lorakit.models.fp8_files import WIDE_DTYPES
 
     files = sorted((Path(name).expanduser() / sub).glob("*.safetensors"))
     if not files:
@@ -356,7 +355,7 @@ def _stored_dtype(name: str, sub: str) -> torch.dtype:
     try:
         with safe_open(str(files[0]), framework="pt") as f:
             key = next(iter(f.keys()))
-            return _DTYPES.get(f.get_slice(key).get_dtype(), torch.bfloat16)
+            return WIDE_DTYPES.get(f.get_slice(key).get_dtype(), torch.bfloat16)
     except Exception:  # a broken file: from_pretrained reports it
         return torch.bfloat16
 
