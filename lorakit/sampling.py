@@ -409,12 +409,41 @@ EMBED_OUTPUTS: dict[str, tuple[str | None, ...]] = {
     # Qwen-Image pads a batch's captions with a mask, which `__call__` takes beside the embeds
     "QwenImagePipeline": ("prompt_embeds", "prompt_embeds_mask"),
     "Flux2KleinPipeline": ("prompt_embeds", None),  # (text ids: rebuilt by `__call__`)
+    # Z-Image: a list with one [L_i, D] tensor per prompt (its L_i unmasked caption tokens)
+    "ZImagePipeline": ("prompt_embeds", "negative_prompt_embeds"),
 }  # fmt: skip
 
-RowEmbeds = dict[str, torch.Tensor]
+RowEmbeds = dict[str, "torch.Tensor | list[torch.Tensor]"]
 """`__call__` keyword → tensor (batch 1) for one prompt row: `prompt_embeds` [1, L, D], its
 `negative_prompt_embeds` when the row's call would use a negative, and the pooled [1, P] ones for
-SDXL / SD3 / FLUX."""
+SDXL / SD3 / FLUX; Z-Image's are one-element lists of [L, D] tensors, as its `encode_prompt`
+returns them."""
+
+
+def _to(value, device):
+    """A tensor, or a list of tensors (Z-Image's per-prompt embeddings), on `device`."""
+    if isinstance(value, list):
+        return [v.detach().to(device) for v in value]
+    return value.detach().to(device)
+
+
+def _runs_cfg(pipe, guidance_scale: float) -> bool:
+    """Whether a call with this `guidance_scale` runs classifier-free guidance, by the
+    pipeline's own `do_classifier_free_guidance` rule (SD: > 1 without a guidance embedding;
+    FLUX.2 klein: > 1 unless distilled; Z-Image: > 0); > 1 for a pipeline without one."""
+    rule = getattr(type(pipe), "do_classifier_free_guidance", None)
+    if not isinstance(rule, property):
+        return guidance_scale > 1
+    missing = object()
+    saved = getattr(pipe, "_guidance_scale", missing)
+    pipe._guidance_scale = guidance_scale
+    try:
+        return bool(rule.fget(pipe))
+    finally:
+        if saved is missing:
+            del pipe._guidance_scale
+        else:
+            pipe._guidance_scale = saved
 
 
 def pre_encodes(family) -> bool:
@@ -457,29 +486,33 @@ def encode_prompt_rows(pipe, spec: GridSpec) -> list[RowEmbeds] | None:
             kw.update(do_classifier_free_guidance=cfg, negative_prompt=negative)
         if "max_sequence_length" in enc and "max_sequence_length" in call:
             kw["max_sequence_length"] = spec.text_length or call["max_sequence_length"].default
-        outputs = pipe.encode_prompt(**kw)
+        outputs = pipe.encode_prompt(**{k: v for k, v in kw.items() if k in enc})
         return {
-            prefix + name: value.detach().to("cpu")
+            prefix + name: _to(value, "cpu")
             for name, value in zip(names, outputs, strict=True)
-            if name is not None and value is not None
+            # (None, or Z-Image's empty list: no negative without CFG)
+            if name is not None and value is not None and len(value)
         }
 
     rows = []
     for row in spec.prompt_rows():
         kwargs = pipeline_kwargs(pipe, spec, row)
         negative = kwargs.get("negative_prompt")
+        scale = kwargs.get("guidance_scale", 1.0)
         if "do_classifier_free_guidance" in enc:
-            rows.append(encode(row.text, negative, kwargs.get("guidance_scale", 1.0) > 1))
+            rows.append(encode(row.text, negative, _runs_cfg(pipe, scale)))
             continue
         embeds = encode(row.text, None, False)
         if negative is not None and kwargs.get("true_cfg_scale", 1.0) > 1:
             embeds.update(encode(negative, None, False, prefix="negative_"))
-        elif "negative_prompt" not in call and "negative_prompt_embeds" in call:
+        elif (
+            "negative_prompt" not in call
+            and "negative_prompt_embeds" in call
+            and _runs_cfg(pipe, scale)
+        ):
             # a pipeline whose CFG negative is always the empty prompt (FLUX.2 klein base;
             # its distilled models run no CFG): encoded when the call would run CFG
-            scale = kwargs.get("guidance_scale", call["guidance_scale"].default)
-            if scale > 1 and not pipe.config.get("is_distilled", False):
-                embeds.update(encode("", None, False, prefix="negative_"))
+            embeds.update(encode("", None, False, prefix="negative_"))
         rows.append(embeds)
     return rows
 
@@ -501,7 +534,7 @@ def render_cells(pipe, spec: GridSpec, embeds: list[RowEmbeds] | None = None) ->
             raise ValueError(f"{len(embeds)} prompt embeddings for {len(rows)} prompt rows")
         # FLUX / SD3 use given embeddings where they are: bring them to the denoiser's device.
         device = pipe._execution_device
-        embeds = [{k: v.to(device) for k, v in e.items()} for e in embeds]
+        embeds = [{k: _to(v, device) for k, v in e.items()} for e in embeds]
     out: list[Cell] = []
     try:
         with _eval_mode(modules):

@@ -14,10 +14,11 @@ from lorakit.config import SampleConfig
 from lorakit.models import FAMILIES
 from lorakit.sampling import encode_prompt_rows, grid_spec, render_cells
 
-# Row 0: no negative (CFG pipelines encode "" or SDXL's zeros); row 1: a negative; row 2: SD
-# families: CFG off (`--l 1`, no negative used); FLUX: true CFG with its negative (`--l 2`).
+# Row 0: no negative (CFG pipelines encode "" or SDXL's zeros); row 1: a negative; row 2: CFG
+# pipelines: CFG off (`--l 0`: off by every pipeline's rule, Z-Image's `> 0` included; no
+# negative used); FLUX: true CFG with its negative (`--l 2`).
 PROMPTS = {
-    "sd": ["a cup", "a bag --n blurry, dark --d 5", "a box --n noise --l 1"],
+    "sd": ["a cup", "a bag --n blurry, dark --d 5", "a box --n noise --l 0"],
     "flux": ["a cup", "a bag --n blurry, dark --d 5", "a box --n noise --l 2"],
 }
 NEG = {"negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_embeds_mask"}
@@ -35,7 +36,7 @@ def _arrays(cells) -> list[np.ndarray]:
     return [np.asarray(c.image.convert("RGB"), dtype=np.int16) for c in cells]
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux", "qwen-image", "flux2-klein"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_grid_from_embeddings_matches_grid_from_strings(family):
     fam = FAMILIES[family]
     comps = fam.build_tiny(seed=0)
@@ -92,8 +93,10 @@ def test_previews_encode_prompts_to_the_runs_text_length(family):
     def image(length: int, from_embeds: bool) -> np.ndarray:
         spec = grid_spec(SampleConfig(prompts=[LONG], seeds=[0], steps=2), "", 64, length)
         embeds = encode_prompt_rows(pipe, spec) if from_embeds else None
-        if embeds is not None and "prompt_embeds" in embeds[0]:
-            assert embeds[0]["prompt_embeds"].shape[1] in (16, 16 + 77)  # SD3: CLIP's 77 + T5
+        if embeds is not None:
+            pe = embeds[0]["prompt_embeds"]  # (Z-Image: a list of one [tokens, D] tensor)
+            tokens = pe[0].shape[0] if isinstance(pe, list) else pe.shape[1]
+            assert tokens in (16, 16 + 77)  # SD3: CLIP's 77 + T5's 16
         return _arrays(render_cells(pipe, spec, embeds))[0]
 
     short = image(16, from_embeds=False)
@@ -103,9 +106,16 @@ def test_previews_encode_prompts_to_the_runs_text_length(family):
 
 
 # The string path with text-encoder training is also what `lorakit sample` runs (tests there).
-@pytest.mark.parametrize("train_te", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "model,train_te",
+    [
+        ("tiny:sd15", False),
+        pytest.param("tiny:sd15", True, marks=pytest.mark.slow),
+        ("tiny:z-image", False),  # per-prompt lists of embeddings
+    ],
+)
 def test_training_grids_use_embeddings_only_with_frozen_text_encoders(
-    tmp_path, monkeypatch, train_te
+    tmp_path, monkeypatch, model, train_te
 ):
     """`lorakit train` with sample.every: grids are written; rendered from embeddings encoded
     once when the text encoders are frozen, from the strings when they are trained."""
@@ -118,8 +128,9 @@ def test_training_grids_use_embeddings_only_with_frozen_text_encoders(
 
     monkeypatch.setattr(sampling, "render_cells", spy)
     out = tmp_path / "run"
-    cli("train", SAMPLES, *FAST, "--out", out, "--steps", 1, "--set", "sample.every=1",
-        "--set", f"lora.train_text_encoder={str(train_te).lower()}")  # fmt: skip
+    te = f"lora.train_text_encoder={str(train_te).lower()}"
+    cli("train", SAMPLES, *FAST, "--model", model, "--out", out, "--steps", 1,
+        "--set", "sample.every=1", "--set", te)  # fmt: skip
     grids = sorted(p.name for p in (out / "samples").glob("*.png"))
     assert grids == ["step-000000.png", "step-000001.png"]
     assert calls == [not train_te] * 2
