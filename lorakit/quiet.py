@@ -1,4 +1,5 @@
-"""Silence import-time noise of the stack (bitsandbytes, transformers, diffusers) for users.
+"""Silence import-time noise of the stack (bitsandbytes, transformers, diffusers) for users, and
+keep it from fetching code off the Hub (`no_hub_kernels`).
 
 Call `quiet()` before importing torch-heavy libraries. Real errors still surface: only warnings
 and informational logs of third-party libraries are lowered.
@@ -8,10 +9,23 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 
+def no_hub_kernels() -> None:
+    """Make the `kernels` package unimportable in this process (unless something imported it
+    already). On CPUs with AVX512-BF16, bitsandbytes' CPU backend calls
+    `kernels.get_kernel("kernels-community/quantization-bitsandbytes")` on every import whenever
+    `kernels` is installed (transformers installs it): a request to the Hugging Face Hub and, for
+    a trusted publisher, compiled code downloaded and loaded — on every run, hub model or not.
+    lorakit never uses hub kernels; bitsandbytes falls back to its own CPU code, and
+    transformers/diffusers see `kernels` as not installed."""
+    sys.modules.setdefault("kernels", None)  # a None entry: `import kernels` raises ImportError
+
+
 def quiet() -> None:
+    no_hub_kernels()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
