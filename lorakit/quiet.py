@@ -14,14 +14,20 @@ import warnings
 
 
 def no_hub_kernels() -> None:
-    """Make the `kernels` package unimportable in this process (unless something imported it
-    already). On CPUs with AVX512-BF16, bitsandbytes' CPU backend calls
-    `kernels.get_kernel("kernels-community/quantization-bitsandbytes")` on every import whenever
-    `kernels` is installed (transformers installs it): a request to the Hugging Face Hub and, for
-    a trusted publisher, compiled code downloaded and loaded — on every run, hub model or not.
-    lorakit never uses hub kernels; bitsandbytes falls back to its own CPU code, and
-    transformers/diffusers see `kernels` as not installed."""
-    sys.modules.setdefault("kernels", None)  # a None entry: `import kernels` raises ImportError
+    """No compiled "hub kernels" (code downloaded from the Hugging Face Hub and loaded), which
+    two libraries of the stack reach for by default:
+    - transformers (5.x) kernelizes every model it loads (`use_kernels` defaults to on) unless
+      `USE_HUB_KERNELS` says no: set to `NO` here unless the user set it;
+    - bitsandbytes' CPU backend, on CPUs with AVX512-BF16, calls
+      `kernels.get_kernel("kernels-community/quantization-bitsandbytes")` on every import when
+      the `kernels` package is installed (transformers installs it): a Hub request per run, hub
+      model or not. With hub kernels off, `kernels` is made unimportable in this process
+      (unless something imported it already); bitsandbytes then uses its own CPU code, and
+      transformers/diffusers see `kernels` as not installed.
+    `USE_HUB_KERNELS=YES` in the environment opts back in to both."""
+    choice = os.environ.setdefault("USE_HUB_KERNELS", "NO")
+    if choice.lower() not in ("true", "1", "y", "yes", "on"):  # transformers' reading of it
+        sys.modules.setdefault("kernels", None)  # a None entry: `import kernels` fails
 
 
 def quiet() -> None:

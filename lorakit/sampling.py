@@ -466,10 +466,10 @@ def encode_prompt_rows(pipe, spec: GridSpec) -> list[RowEmbeds] | None:
     (`pipeline_kwargs`: batch 1, no clip skip, no LoRA scale, `max_sequence_length` =
     `spec.text_length` or the call's default), so `render_cells(pipe, spec, embeds)` gives the
     images the prompt strings give, without running — or holding on the device — any text
-    encoder. CFG pipelines (SD1.5 / SDXL / SD3) get the negative's embeddings when
-    `guidance_scale` > 1 (the pipeline's own empty-prompt / zero rule when there is no
-    negative); FLUX only when true CFG is on
-    (`--l` > 1 and a negative). Tensors are kept on the CPU, in the text encoders' output dtype.
+    encoder. CFG pipelines (SD1.5 / SDXL / SD3 / Z-Image) get the negative's embeddings when
+    the call runs CFG by the pipeline's own rule (`_runs_cfg`; the pipeline's empty-prompt /
+    zero rule when there is no negative); FLUX only when true CFG is on (`--l` > 1 and a
+    negative). Tensors are kept on the CPU, in the text encoders' output dtype.
     The text encoders must be able to run here, and must not change afterwards (text-encoder
     LoRA training: render from strings instead). None for a pipeline not in `EMBED_OUTPUTS`."""
     names = _embed_outputs(pipe)

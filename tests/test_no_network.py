@@ -107,3 +107,31 @@ def test_without_quiet_bitsandbytes_does_fetch(tmp_path):
     if not fetched:
         pytest.skip("bitsandbytes asks for no hub kernel on this CPU (no AVX512-BF16)")
     assert fetched.split() == ["kernels-community/quantization-bitsandbytes"]
+
+
+KERNELIZED = """
+import sys
+{setup}
+from transformers import CLIPTextConfig, CLIPTextModel
+cfg = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                     num_hidden_layers=1, vocab_size=99)
+CLIPTextModel(cfg).save_pretrained(sys.argv[1])
+print(CLIPTextModel.from_pretrained(sys.argv[1]).use_kernels)
+"""
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_transformers_loads_without_hub_kernels(tmp_path, guarded):
+    """transformers 5.x kernelizes every model it loads unless `USE_HUB_KERNELS` says no;
+    after `quiet()` it does not (unguarded: the control, where this transformers does)."""
+    setup = "from lorakit.quiet import quiet; quiet()" if guarded else ""
+    env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    out = subprocess.run(
+        [sys.executable, "-c", KERNELIZED.format(setup=setup), str(tmp_path / "clip")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    if guarded:
+        assert out.stdout.split()[-1] == "False"
+    elif out.stdout.split()[-1] != "True":
+        pytest.skip("this transformers does not kernelize by default")
