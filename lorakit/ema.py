@@ -540,7 +540,13 @@ class _Scorer:
             {}
             if spec.encode_each_step
             else encode_captions(
-                family, comps, [captions[i] for i in idx], False, spec.cache_dir, _Main()
+                family,
+                comps,
+                [captions[i] for i in idx],
+                False,
+                spec.cache_dir,
+                _Main(),
+                text_length=spec.text_length,
             )
         )
         image_cond = image_conditioning(family, comps, data.records)

@@ -431,7 +431,13 @@ def _encode_all(c: Config, spec: RunSpec, comps, data: TrainingSet, accelerator)
             {}
             if spec.encode_each_step  # captions vary per step: no text cache
             else encode_captions(
-                family, comps, captions + extra, spec.cache_empty_caption, cache_dir, accelerator
+                family,
+                comps,
+                captions + extra,
+                spec.cache_empty_caption,
+                cache_dir,
+                accelerator,
+                text_length=spec.text_length,
             )
         )
     preview_spec = (

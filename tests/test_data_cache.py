@@ -124,3 +124,36 @@ def test_text_encoder_cache(tmp_path, tiny):
     assert torch.equal(again[next(iter(again))][0], out[next(iter(out))][1])
     assert TextEncoderCache(tmp_path, "other-encoder").get_or_compute(["tdwl, a cup"], compute)
     assert calls[-1] == ["tdwl, a cup"]
+
+
+def test_caption_cache_is_keyed_on_the_text_length(tmp_path):
+    """Two runs sharing a cache folder at different `model.t5_max_length`: the second encodes
+    its captions at its own length instead of reading the first run's (same encoders, so the
+    encoders' identity alone did not tell them apart); each length is then read, not encoded."""
+    from lorakit.data.cache import encode_captions
+    from lorakit.models import FAMILIES
+
+    fam = FAMILIES["flux"]
+    comps = fam.build_tiny(seed=0)
+    calls = []
+    real = type(fam).encode_prompts
+
+    class Main:
+        is_main_process = True
+
+    def encode(length: int) -> torch.Tensor:
+        comps.t5_max_length = length  # what the loader sets from model.t5_max_length
+        out = encode_captions(fam, comps, ["tdwl, a cup"], False, tmp_path, Main(),
+                              text_length=length)  # fmt: skip
+        return out["encoder_hidden_states"]["tdwl, a cup"]
+
+    def counting(self, components, prompts):
+        calls.append(components.t5_max_length)
+        return real(self, components, prompts)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(fam), "encode_prompts", counting)
+        assert encode(16).shape[0] == 16
+        assert encode(24).shape[0] == 24
+        assert encode(16).shape[0] == 16 and encode(24).shape[0] == 24
+    assert calls == [16, 24]

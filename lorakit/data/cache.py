@@ -5,7 +5,8 @@ metadata (checked on read). Keys:
 
 - latents: `Record.key` (sha256 of the normalised pixels + bucket + crop) + the VAE identity +
   dtype. A changed image changes its pixels, hence its key; a different VAE changes the identity.
-- text-encoder outputs: the caption text + the encoder identity.
+- text-encoder outputs: the caption text + `text_identity` (the encoders' identity, the family
+  and the run's text length).
 
 `module_identity(*modules)` is sha256 over each module's class, config and every parameter and
 buffer's name, dtype, shape and bytes (≈0.3 s for an SD1.5 VAE on CPU, once per run), so a
@@ -69,6 +70,15 @@ def module_identity(*modules) -> str:
             # the bytes in place (buffer protocol), not a `tobytes()` copy of every tensor
             h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
     return h.hexdigest()[:32]
+
+
+def text_identity(family: Family, comps, text_length: int) -> str:
+    """Identity of what a cached caption encoding depends on: the text encoders
+    (`module_identity`), the family (its encoding convention: which hidden states, template,
+    padding) and the run's text length (`RunSpec.text_length`: T5/Qwen tokens per caption; the
+    same encoders at another `model.t5_max_length` give other embeddings)."""
+    encoders = [m for n, m in family.frozen_modules(comps).items() if n != "vae"]
+    return f"{module_identity(*encoders)}:{family.name}:text_length={text_length}"
 
 
 def vae_identity(vae) -> str:
@@ -236,12 +246,18 @@ def _no_write(*args, **kwargs) -> None:
 
 @torch.no_grad()
 def encode_captions(
-    family: Family, comps, captions: list[str], with_empty: bool, cache_dir: Path, accelerator
+    family: Family,
+    comps,
+    captions: list[str],
+    with_empty: bool,
+    cache_dir: Path,
+    accelerator,
+    *,
+    text_length: int,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """{name: {caption: tensor}} for every distinct caption (plus "" for caption dropout),
-    through the on-disk text cache keyed by caption text and text-encoder identity."""
-    encoders = [m for n, m in family.frozen_modules(comps).items() if n != "vae"]
-    store = TextEncoderCache(cache_dir / "text", module_identity(*encoders))
+    through the on-disk text cache keyed by caption text and `text_identity`."""
+    store = TextEncoderCache(cache_dir / "text", text_identity(family, comps, text_length))
     if not accelerator.is_main_process:
         store.write = _no_write  # type: ignore[method-assign]
     unique = sorted(set(captions) | ({""} if with_empty else set()))
