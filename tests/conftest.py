@@ -52,11 +52,12 @@ def pytest_xdist_auto_num_workers(config) -> int:
     """Workers for `-n auto` (pyproject's addopts): one per core for the default tier, at most
     one per 4 GiB of available memory (the largest process of a default run peaked at 3.2 GiB);
     none (this process) for the slow and gpu tiers (real-size models side by side could exhaust
-    memory; one GPU) and for runs that name single tests (starting workers costs more than they
-    save). `-n 0` runs anything in this process."""
+    memory; one GPU) and for runs of one file or of single tests (starting workers costs more
+    than they save). `-n 0` runs anything in this process."""
     import psutil
 
-    if config.option.markexpr != DEFAULT_TIER or any("::" in a for a in config.args):
+    one_file = len(config.args) == 1 and Path(config.args[0]).is_file()  # loadfile: 1 worker
+    if config.option.markexpr != DEFAULT_TIER or one_file or any("::" in a for a in config.args):
         return 0
     by_memory = psutil.virtual_memory().available // (4 * 2**30)
     workers = min(os.cpu_count() or 1, by_memory)
