@@ -1105,8 +1105,9 @@ def plan(c: Config, images: int = VAE_ENCODE_CHUNK) -> Plan:
         # or the pipeline re-encodes its prompts (`spec.preview_embeds` false).
         pre = spec.preview_embeds and not resident
         with_previews = frozen_bytes["vae"] if pre else sum(frozen_bytes.values())
-        # The pipeline's own T5 length (its `__call__` default), not the training captions'.
-        sample_t5 = fam.text_length
+        # Previews encode their prompts at the run's text length, as training does
+        # (`GridSpec.text_length`).
+        sample_t5 = spec.text_length
         sample_phase = (
             keep
             + with_previews
