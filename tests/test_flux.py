@@ -240,7 +240,8 @@ def test_cli_trains_tiny_flux_and_writes_grids_and_both_formats(tmp_path, monkey
     # pipeline's default 512 (FLUX attends to the padding, so the length changes the image).
     assert seen and all(spec.text_length == 16 for spec, _ in seen)
     assert {e["prompt_embeds"].shape[1] for _, rows in seen for e in rows} == {16}
-    # The adapter records it, and `lorakit sample` on the bare file renders with it.
+    # The adapter records it, and `lorakit sample` renders with it: from the bare file (its
+    # metadata) and from the run folder (its config).
     assert kohya.metadata["lorakit.text_length"] == diff.metadata["lorakit.text_length"] == "16"
     specs = []
     real_render = sampling.render_cells
@@ -249,17 +250,9 @@ def test_cli_trains_tiny_flux_and_writes_grids_and_both_formats(tmp_path, monkey
         "render_cells",
         lambda pipe, spec, *a: specs.append(spec) or real_render(pipe, spec, *a),
     )
-    cli(
-        "sample",
-        out / "lorakit.safetensors",
-        "--steps",
-        1,
-        "--seeds",
-        "0",
-        "--out",
-        tmp_path / "s.png",
-    )
-    assert [s.text_length for s in specs] == [16]
+    for source in (out / "lorakit.safetensors", out):
+        cli("sample", source, "--steps", 1, "--seeds", "0", "--out", tmp_path / "s.png")
+    assert [s.text_length for s in specs] == [16, 16]
 
 
 @pytest.mark.parametrize("preset", ["flux-12gb", "flux-16gb", "flux-24gb"])
