@@ -258,17 +258,14 @@ def call_kwargs(pipe, support: AgreementSupport, caption: str, res: int) -> dict
     """The pipeline's arguments for the caption: `lorakit.sampling.pipeline_kwargs` (what the
     previews pass) with CFG off — guidance 0 is off in every pipeline (ZImagePipeline runs CFG
     for any guidance > 0, the others above 1) — the training's embedded guidance, the latents
-    returned, and the components' text length where the call takes one."""
+    returned, and the components' text length (`GridSpec.text_length`, as a run's previews
+    pass it)."""
     spec = GridSpec(
         prompts=[caption], seeds=[0], steps=SAMPLE_STEPS, guidance=0.0, negative="",
-        width=res, height=res,
+        width=res, height=res, text_length=support.text_length,
     )  # fmt: skip
     row = PromptRow(caption, cfg=0.0, guidance=TrainConfig().guidance)
-    kw = pipeline_kwargs(pipe, spec, row)
-    params = inspect.signature(pipe.__call__).parameters
-    if support.text_length and "max_sequence_length" in params:
-        kw["max_sequence_length"] = support.text_length
-    return dict(kw, output_type="latent")
+    return dict(pipeline_kwargs(pipe, spec, row), output_type="latent")
 
 
 def _stop_after(step: int):
