@@ -854,19 +854,16 @@ def sample_adapter(
         sample_cfg.scales = [scale]
     if trigger is None:
         trigger = run_cfg.data.trigger if run_cfg else meta.get("modelspec.trigger_phrase", "")
-    if resolution is None:
-        if run_cfg:
-            from lorakit.models import resolve_family
-            from lorakit.spec import build_spec
-
-            resolution = build_spec(run_cfg, resolve_family(model_cfg)[0]).resolution
-        else:
-            resolution = int(meta.get("modelspec.resolution", "512x512").split("x")[0])
-    if run_cfg:
+    if run_cfg:  # the run's own decisions, as it trained
         from lorakit.models import resolve_family
+        from lorakit.spec import build_spec
 
-        text_length = run_cfg.model.text_length(resolve_family(model_cfg)[0].text_length)
-    else:  # what the adapter was trained with (0, the pipeline's default, if it does not say)
+        run_spec = build_spec(run_cfg, resolve_family(model_cfg)[0])
+        resolution = run_spec.resolution if resolution is None else resolution
+        text_length = run_spec.text_length
+    else:  # what the adapter records (text length 0: the pipeline's default)
+        if resolution is None:
+            resolution = int(meta.get("modelspec.resolution", "512x512").split("x")[0])
         text_length = int(meta.get("lorakit.text_length", "0") or 0)
     spec = grid_spec(sample_cfg, trigger, resolution, text_length)
 
